@@ -1,0 +1,43 @@
+"""Turn a pytest-benchmark JSON file into the ratio tables of bench/RESULTS.md.
+
+    python -m pytest bench/bench_linear.py --benchmark-json=/tmp/b.json
+    python bench/report.py /tmp/b.json
+
+Every benchmark sets ``benchmark.group`` (one row of a table: the cases measured side by side)
+and ``benchmark.extra_info["role"]`` ("rslora", "numpy", "base", or a peer's name). Within each
+group, times are quoted as ratios to the ``rslora`` entry, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import OrderedDict
+
+
+def tables(path: str) -> str:
+    data = json.load(open(path))
+    groups: "OrderedDict[str, dict]" = OrderedDict()
+    for b in data["benchmarks"]:
+        role = b.get("extra_info", {}).get("role", b["name"])
+        groups.setdefault(b["group"] or b["name"], {})[role] = b["stats"]["median"]
+    roles = []
+    for g in groups.values():
+        roles += [r for r in g if r not in roles and r != "rslora"]
+    head = "| case | rslora (ms) | " + " | ".join(f"{r} / rslora" for r in roles) + " |"
+    lines = [head, "|" + "---|" * (2 + len(roles))]
+    for name, g in groups.items():
+        ref = g.get("rslora")
+        cells = [f"{ref * 1e3:.3f}" if ref else "-"]
+        for r in roles:
+            cells.append(f"{g[r] / ref:.2f}" if ref and r in g else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    m = data.get("machine_info", {})
+    lines.append("")
+    lines.append(f"Machine: {m.get('cpu', {}).get('brand_raw', '?')}, "
+                 f"{m.get('cpu', {}).get('count', '?')} cores; {data.get('datetime', '')}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(tables(sys.argv[1]))

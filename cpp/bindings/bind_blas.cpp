@@ -1,0 +1,25 @@
+// Binding to the process's BLAS (chosen in python/rslora/_blas.py) and what it reports.
+#include "pybind.hpp"
+#include "rslora/blas.hpp"
+
+namespace rslora::bind {
+
+void bind_blas(py::module_& m) {
+  m.def("blas_load", [](const std::string& path) { blas::load(path); }, py::arg("path"),
+        "Bind the core to the CBLAS/LAPACK in the shared library at path (once per process).");
+  m.def("blas_loaded", &blas::loaded);
+  m.def("blas_info", []() {
+    const auto& in = blas::info();
+    py::dict d;
+    d["path"] = in.path;
+    d["symbol_prefix"] = in.prefix;
+    d["symbol_suffix"] = in.cblas_suffix;
+    d["int64"] = in.int64;
+    d["config"] = in.config;
+    d["num_threads"] = blas::num_threads();
+    return d;
+  });
+  m.def("blas_num_threads", &blas::num_threads);
+}
+
+}  // namespace rslora::bind

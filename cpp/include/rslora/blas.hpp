@@ -1,0 +1,55 @@
+// BLAS/LAPACK bound at run time to the library NumPy already loaded in the process (one thread
+// pool per process: two OpenBLAS pools called alternately on 2 cores double each other's time).
+// The library is chosen by the Python layer and handed to load(); symbols are resolved by name,
+// whatever prefix/suffix and integer width the library uses (scipy-openblas64: scipy_cblas_sgemm64_
+// with int64; scipy-openblas32: scipy_cblas_sgemm with int32; MKL/reference: cblas_sgemm).
+//
+// All matrix arguments are Mat views; gemm() picks transposes and leading dimensions, and copies
+// a view only when BLAS cannot read it as it is. LAPACK wrappers take column-major buffers
+// (the Fortran interface) and do their own workspace queries.
+#pragma once
+#include <string>
+
+#include "rslora/view.hpp"
+
+namespace rslora::blas {
+
+struct Info {
+  std::string path;        // the shared library
+  std::string prefix;      // symbol prefix ("scipy_" or "")
+  std::string cblas_suffix;  // "64_" or ""
+  bool int64 = false;      // ILP64 integer interface
+  std::string config;      // openblas_get_config() when the library has it
+};
+
+// Bind to the library at `path` (dlopen; a library already loaded is reused). Throws
+// std::runtime_error naming what is missing when the library lacks CBLAS or LAPACK.
+void load(const std::string& path);
+bool loaded();
+const Info& info();
+// Threads of the BLAS pool (openblas_get_num_threads / mkl_get_max_threads), -1 if unknown.
+int num_threads();
+// The address of a symbol by its plain name ("cblas_sgemm", "sgeqrf"), nullptr when absent.
+void* symbol(const std::string& plain_name, bool cblas);
+
+// C = alpha * op(A) op(B) + beta * C, op = transpose when ta/tb. C must be writable; any views.
+// k == 0 gives C = beta * C (beta == 0 writes zeros, never reads C).
+template <class T>
+void gemm(T alpha, Mat<const T> A, bool ta, Mat<const T> B, bool tb, T beta, Mat<T> C);
+
+// --- LAPACK, column-major buffers; info != 0 becomes std::runtime_error -------------------------
+// QR: A (m x n, lda) is overwritten by the Householder form; tau has min(m, n) entries.
+template <class T> void geqrf(i64 m, i64 n, T* a, i64 lda, T* tau);
+// Form the first n columns of Q (m x n) from geqrf's output with k reflectors.
+template <class T> void orgqr(i64 m, i64 n, i64 k, T* a, i64 lda, const T* tau);
+// LU with partial pivoting; returns the LAPACK info (> 0: exactly singular, still usable).
+template <class T> i64 getrf(i64 m, i64 n, T* a, i64 lda, i64* ipiv);
+// Thin SVD A = U diag(s) Vt by divide and conquer (jobz 'S'). A is destroyed.
+template <class T>
+void gesdd(i64 m, i64 n, T* a, i64 lda, T* s, T* u, i64 ldu, T* vt, i64 ldvt);
+// Cholesky of the upper triangle; returns info (> 0: not positive definite).
+template <class T> i64 potrf_upper(i64 n, T* a, i64 lda);
+// Symmetric eigen-decomposition (jobz 'V', upper): w ascending, a overwritten by eigenvectors.
+template <class T> void syevd(i64 n, T* a, i64 lda, T* w);
+
+}  // namespace rslora::blas

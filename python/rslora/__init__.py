@@ -1,0 +1,52 @@
+"""rslora: rank-stabilized LoRA kernels for NumPy.
+
+Scaling rules (``alpha / r`` and rsLoRA's ``alpha / sqrt(r)``), a fused LoRA linear layer and
+in-place merge, built on the BLAS that NumPy itself uses (one thread pool per process).
+"""
+
+from __future__ import annotations
+
+from . import _blas, _core
+
+_blas.bind()
+
+from ._scaling import format_scale_table, scale, scale_table  # noqa: E402
+from .linear import lora_linear, merge, unmerge  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "scale",
+    "scale_table",
+    "format_scale_table",
+    "lora_linear",
+    "merge",
+    "unmerge",
+    "show_config",
+]
+
+
+def show_config(print_: bool = True) -> dict:
+    """Which BLAS the core is bound to (and why), its threads, and the backends built.
+
+    Returns the same facts as a dict; prints them unless ``print_=False``.
+    """
+    import numpy as np
+
+    cfg = {"version": __version__, "numpy": np.__version__, "blas": _blas.config()}
+    try:
+        from . import _cuda  # noqa: F401
+
+        cfg["cuda"] = "built"
+    except ImportError as e:
+        cfg["cuda"] = f"not built ({e})"
+    if print_:
+        b = cfg["blas"]
+        print(f"rslora {cfg['version']} (numpy {cfg['numpy']})")
+        print(f"  BLAS:    {b['path']}")
+        print(f"  source:  {b['reason']}")
+        print(f"  symbols: prefix={b['symbol_prefix']!r} suffix={b['symbol_suffix']!r} "
+              f"int64={b['int64']}")
+        print(f"  threads: {b['num_threads']}")
+        print(f"  CUDA:    {cfg['cuda']}")
+    return cfg

@@ -1,0 +1,1 @@
+"""Subcommands of the ``rslora`` command line, one module each (see rslora.cli)."""
