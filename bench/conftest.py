@@ -1,8 +1,3 @@
-"""Shared helpers for the benchmark suites. Each benchmark also asserts correctness, so
-``pytest bench --benchmark-disable`` runs them as tests."""
-
-from __future__ import annotations
-
 import numpy as np
 import pytest
 
@@ -10,10 +5,3 @@ import pytest
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
-
-
-def set_case(benchmark, group: str, role: str, **info) -> None:
-    """Name the side-by-side group and this entry's role in it (see bench/report.py)."""
-    benchmark.group = group
-    benchmark.extra_info["role"] = role
-    benchmark.extra_info.update(info)

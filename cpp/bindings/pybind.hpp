@@ -59,9 +59,9 @@ inline void require_ndim(const py::array& a, const char* name, py::ssize_t nd) {
 template <class T>
 i64 elem_stride(const py::array& a, int axis, const char* name) {
   py::ssize_t s = a.strides(axis);
-  if (s % static_cast<py::ssize_t>(sizeof(T)) != 0 || (s < 0 && a.shape(axis) > 1))
-    throw std::invalid_argument(std::string(name) +
-                                " has negative or misaligned strides; pass a copy");
+  // Negative strides are fine: the core copies what BLAS cannot read in place.
+  if (s % static_cast<py::ssize_t>(sizeof(T)) != 0)
+    throw std::invalid_argument(std::string(name) + " has misaligned strides; pass a copy");
   return s / static_cast<py::ssize_t>(sizeof(T));
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 _KDL_CPU = 1  # DLPack device type of host memory
@@ -67,9 +69,10 @@ def check_no_alias(target: np.ndarray, target_name: str, **inputs) -> None:
 
 def prepare_out(out, shape: tuple, dtype: np.dtype, **inputs):
     """Validate a user's out= (or allocate one). Returns (out, out2d, needs_copy_back)."""
+    rows = math.prod(shape[:-1])
     if out is None:
         res = np.empty(shape, dtype=dtype)
-        return res, res.reshape(-1, shape[-1]) if len(shape) else res, False
+        return res, res.reshape(rows, shape[-1]), False
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
     if out.shape != tuple(shape):
@@ -81,7 +84,7 @@ def prepare_out(out, shape: tuple, dtype: np.dtype, **inputs):
     check_no_alias(out, "out", **inputs)
     flat = out.view()
     try:
-        flat.shape = (-1, shape[-1])  # a view when out's layout allows it; else work in a copy
+        flat.shape = (rows, shape[-1])  # a view when out's layout allows it; else work in a copy
     except AttributeError:
-        return out, np.empty((int(np.prod(shape[:-1])), shape[-1]), dtype=dtype), True
+        return out, np.empty((rows, shape[-1]), dtype=dtype), True
     return out, flat, False

@@ -8,6 +8,8 @@ the result; an Inf in A or B with ``scale=0`` gives NaN (0 * Inf), as in the Num
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _arrays, _core
@@ -79,8 +81,8 @@ def lora_linear(x, W, A, B, *, scale=None, alpha=None, rule="rslora", bias=None,
     s = resolve(scale, alpha, rule, A.shape[0])
 
     d_in, d_out, r = x.shape[-1], W.shape[0], A.shape[0]
-    x2 = x.reshape(-1, d_in)
     batch = x.shape[:-1]
+    x2 = x.reshape(math.prod(batch), d_in)  # a view when x's layout allows it
     out, out2, copy_back = _arrays.prepare_out(out, batch + (d_out,), dtype, x=x, W=W, A=A, B=B,
                                                bias=bias)
     xa = np.empty((x2.shape[0], r), dtype=dtype)
