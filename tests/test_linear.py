@@ -186,3 +186,56 @@ def test_peak_memory_beyond_output_is_n_by_r(rng):
     _, peak_np = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak_np - y2.nbytes >= n * d * 4  # the contrast the fused kernel removes
+
+
+def _layouts(draw, shape, dtype):
+    """A float array with the given values' shape in a random memory layout."""
+    from hypothesis import strategies as st
+
+    kind = draw(st.sampled_from(["c", "f", "row-step", "col-step", "reversed", "both-step"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    base = rng.standard_normal(shape).astype(dtype)
+    if kind == "f":
+        return np.asfortranarray(base)
+    if kind == "row-step" and len(shape) == 2:
+        big = np.zeros((shape[0] * 2, shape[1]), dtype)
+        big[::2] = base
+        return big[::2]
+    if kind == "col-step" and len(shape) == 2:
+        big = np.zeros((shape[0], shape[1] * 3), dtype)
+        big[:, ::3] = base
+        return big[:, ::3]
+    if kind == "reversed" and len(shape) == 2:
+        return base[::-1, ::-1].copy()[::-1, ::-1]
+    if kind == "both-step" and len(shape) == 2:
+        big = np.zeros((shape[0] * 2, shape[1] * 2), dtype)
+        big[::2, ::2] = base
+        return big[::2, ::2]
+    return base
+
+
+def test_property_any_layout_any_shape_matches_reference():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.data())
+    def check(data):
+        dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+        n, d_in, d_out, r = (data.draw(st.integers(0, 9)) for _ in range(4))
+        d_in, d_out = max(d_in, 1), max(d_out, 1)
+        draw = data.draw
+        x = _layouts(draw, (n, d_in), dtype)
+        W = _layouts(draw, (d_out, d_in), dtype)
+        A = _layouts(draw, (r, d_in), dtype)
+        B = _layouts(draw, (d_out, r), dtype)
+        bias = _layouts(draw, (d_out,), dtype) if draw(st.booleans()) else None
+        s = draw(st.floats(-4, 4))
+        y = rslora.lora_linear(x, W, A, B, scale=s, bias=bias)
+        assert_close(y, reference(x, W, A, B, s, bias), dtype)
+        W2 = W.copy(order=draw(st.sampled_from(["C", "F"])))
+        rslora.merge(W2, A, B, scale=s)
+        ref = W.astype(np.float64) + s * B.astype(np.float64) @ A.astype(np.float64)
+        assert_close(W2, ref, dtype)
+
+    check()
