@@ -12,6 +12,7 @@ _blas.bind()
 
 from ._scaling import format_scale_table, scale, scale_table  # noqa: E402
 from .linear import lora_linear, merge, unmerge  # noqa: E402
+from .backward import lora_linear_backward  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "lora_linear",
     "merge",
     "unmerge",
+    "lora_linear_backward",
     "show_config",
 ]
 
