@@ -5,6 +5,7 @@ namespace rslora::bind {
 void bind_blas(py::module_& m);
 void bind_linear(py::module_& m);
 void bind_backward(py::module_& m);
+void bind_multi(py::module_& m);
 }  // namespace rslora::bind
 
 namespace {
@@ -30,4 +31,5 @@ PYBIND11_MODULE(_core, m) {
   rslora::bind::bind_blas(m);
   rslora::bind::bind_linear(m);
   rslora::bind::bind_backward(m);
+  rslora::bind::bind_multi(m);
 }
