@@ -20,9 +20,10 @@ void check_adapter_ids(const i64* ids, i64 n, i64 n_adapters);
 
 // y[i] += scales[a] (x[i] A_a^T) B_a^T for every row i with a = ids[i] != -1 (-1: base only).
 // Rows are grouped by adapter with a counting sort (stable: rows keep their order inside a
-// group); each group is one shrink and one expand GEMM, read straight from x and into y when its
-// rows are consecutive, gathered and scattered otherwise; a group of one or two rows uses gemv
-// per row (a decode batch: no copies at all). Every adapter's A and B is read once per call.
+// group). Groups of up to 32 rows with unit-stride rows use the kernels of multi_kernels.hpp,
+// which read x and write y in place and each adapter element once (gemv expand for one or two
+// rows, as in a decode batch); bigger groups are GEMM-shaped: one shrink and one expand GEMM,
+// straight on x and y when the rows are consecutive, gathered and scattered otherwise.
 template <class T>
 void lora_add_multi(Mat<T> y, Mat<const T> x, Stack<const T> A, Stack<const T> B, const i64* ids,
                     const double* scales);

@@ -7,12 +7,13 @@
 
 #include "rslora/blas.hpp"
 #include "rslora/errors.hpp"
+#include "multi_kernels.hpp"
 
 namespace rslora {
 namespace {
 
-// Groups of at most this many rows go through gemv row by row: no gather/scatter copies, and
-// the adapter (r * d_in) stays in cache between the rows.
+// Small groups whose rows are not unit-stride go through gemv row by row (no gather/scatter
+// copies; the adapter stays in cache between the rows).
 constexpr i64 kGemvRows = 2;
 
 template <class T>
@@ -77,13 +78,33 @@ void lora_add_multi(Mat<T> y, Mat<const T> x, Stack<const T> A, Stack<const T> B
       if (ids[i] >= 0) order[next[ids[i]]++] = i;
   }
 
-  std::vector<T> xbuf, ybuf, xabuf;
+  // The small-group kernels need unit-stride rows of x, y, A_a and B_a.
+  const bool unit_rows = (x.cs == 1 || d_in <= 1) && (y.cs == 1 || d_out <= 1) &&
+                         (A.cs == 1 || d_in <= 1) && (B.cs == 1 || r <= 1);
+  std::vector<T> xbuf, ybuf, xabuf, btbuf(static_cast<size_t>(detail::kExpandBlock * r)),
+      accbuf(static_cast<size_t>(detail::kShrinkScratch * r));
+  std::vector<const T*> xp;
+  std::vector<T*> yp;
   for (i64 a = 0; a < na; ++a) {
     const i64 c = start[a + 1] - start[a];
     if (c == 0) continue;
     const i64* rows = order.data() + start[a];
     const T s = static_cast<T>(scales[a]);
     xabuf.resize(static_cast<size_t>(c * r));
+    if (c <= detail::kSmallGroup && unit_rows) {  // memory-bound: read A_a, B_a once, in place
+      xp.resize(static_cast<size_t>(c));
+      yp.resize(static_cast<size_t>(c));
+      for (i64 k = 0; k < c; ++k) xp[k] = &x(rows[k], 0), yp[k] = &y(rows[k], 0);
+      detail::shrink(xp.data(), c, A[a].data, r, A.rs, d_in, xabuf.data(), accbuf.data());
+      if (c <= kGemvRows) {  // BLAS gemv beats the blocked transpose when it is not amortized
+        for (i64 k = 0; k < c; ++k)
+          blas::gemv<T>(s, B[a], false, Vec<const T>{xabuf.data() + k * r, r, 1}, T(1),
+                        Vec<T>{yp[k], d_out, 1});
+      } else {
+        detail::expand(yp.data(), c, B[a].data, r, B.rs, d_out, xabuf.data(), s, btbuf.data());
+      }
+      continue;
+    }
     if (c <= kGemvRows) {
       add_rows_gemv(y, x, A[a], B[a], s, rows, c, xabuf.data());
       continue;
