@@ -17,9 +17,9 @@ namespace {
 
 constexpr int kLanes = 16;  // partial sums per dot product: one AVX-512 register of floats
 
-constexpr i64 kChunk = 512;  // columns of x per pass: 4 rows of it stay in L1 for all r rows of A
+constexpr i64 kChunk = 256;  // columns of x per pass: 8 rows of it stay in L1 for all r rows of A
 
-// acc[k][l] += x_k[j] * a[j] over one chunk [j0, j1) (a multiple of kLanes long), for K rows
+// acc[k][l] += x_k[j] * a[j] over one chunk [j0, j1) (a multiple of kLanes long), for K <= 8 rows
 // sharing each load of a (the adapter row). acc: K blocks of kLanes, acc_stride apart.
 template <class T, int K>
 RSLORA_INLINE void dots_chunk(const T* const* x, const T* a, i64 j0, i64 j1, T* acc,
@@ -60,6 +60,7 @@ template <class T>
 RSLORA_INLINE void shrink_impl(const T* const* x, i64 c, const T* A, i64 r, i64 A_rs, i64 d,
                                T* xa, T* acc) {
   i64 k = 0;
+  for (; k + 8 <= c; k += 8) shrink_rows<T, 8>(x + k, A, r, A_rs, d, xa + k * r, acc);
   for (; k + 4 <= c; k += 4) shrink_rows<T, 4>(x + k, A, r, A_rs, d, xa + k * r, acc);
   for (; k < c; ++k) shrink_rows<T, 1>(x + k, A, r, A_rs, d, xa + k * r, acc);
 }

@@ -12,7 +12,7 @@ constexpr i64 kSmallGroup = 32;
 
 // xa (c, r) = x_rows A^T, with x_rows[k] pointing at a unit-stride row of length d and A
 // (r, d) read with unit column stride (row stride A_rs). acc: scratch of kShrinkScratch * r.
-constexpr i64 kShrinkScratch = 4 * 16;
+constexpr i64 kShrinkScratch = 8 * 16;
 void shrink(const float* const* x_rows, i64 c, const float* A, i64 r, i64 A_rs, i64 d, float* xa,
             float* acc);
 void shrink(const double* const* x_rows, i64 c, const double* A, i64 r, i64 A_rs, i64 d,
