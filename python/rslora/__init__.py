@@ -12,6 +12,9 @@ _blas.bind()
 
 from ._scaling import format_scale_table, scale, scale_table  # noqa: E402
 from .linear import lora_linear, merge, unmerge  # noqa: E402
+from .backward import lora_linear_backward  # noqa: E402
+from .multi import lora_add_multi, lora_linear_multi  # noqa: E402
+from .layer import LoRAGrads, LoRALinear  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -22,6 +25,11 @@ __all__ = [
     "lora_linear",
     "merge",
     "unmerge",
+    "lora_linear_backward",
+    "lora_linear_multi",
+    "lora_add_multi",
+    "LoRALinear",
+    "LoRAGrads",
     "show_config",
 ]
 

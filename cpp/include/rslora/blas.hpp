@@ -37,6 +37,11 @@ void* symbol(const std::string& plain_name, bool cblas);
 template <class T>
 void gemm(T alpha, Mat<const T> A, bool ta, Mat<const T> B, bool tb, T beta, Mat<T> C);
 
+// y = alpha op(A) x + beta y, op = transpose when ta; x and y strided vectors (positive strides).
+// For matrix-times-one-vector work (a decode row through an adapter) without gathering rows.
+template <class T>
+void gemv(T alpha, Mat<const T> A, bool ta, Vec<const T> x, T beta, Vec<T> y);
+
 // --- LAPACK, column-major buffers; info != 0 becomes std::runtime_error -------------------------
 // QR: A (m x n, lda) is overwritten by the Householder form; tau has min(m, n) entries.
 template <class T> void geqrf(i64 m, i64 n, T* a, i64 lda, T* tau);

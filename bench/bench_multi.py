@@ -1,0 +1,174 @@
+"""Multi-adapter LoRA (SGMV/BGMV) against NumPy formulations, the base GEMM and a memory floor.
+
+    python -m pytest bench/bench_multi.py --benchmark-json=/tmp/multi.json
+    python bench/report.py /tmp/multi.json
+
+float32, d_in = d_out = 4096, r = 16, 64 adapters (A_all and B_all: 34 MB together).
+- "numpy masks": a Python loop over adapters with boolean masks (what one writes by hand).
+- "numpy einsum gather": gather each row's A and B (n * 2 * r * d floats) and einsum.
+- "floor: read adapters": streaming every adapter once (a dot product over A_all and B_all),
+  the memory traffic no implementation can avoid when every adapter is used.
+- "base x @ W.T" and "lora_linear": the whole op against the base GEMM alone, and against the
+  single-adapter fused forward when every row is on one adapter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import set_case
+
+import rslora
+
+D, R, NA = 4096, 16, 64
+DT = np.float32
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    A_all = (rng.standard_normal((NA, R, D), dtype=DT) / np.float32(np.sqrt(D)))
+    B_all = rng.standard_normal((NA, D, R), dtype=DT)
+    W = rng.standard_normal((D, D), dtype=DT) / np.float32(np.sqrt(D))
+    scales = np.array([rslora.scale(a, R) for a in rng.uniform(8, 32, NA)])
+    return dict(A=A_all, B=B_all, W=W, scales=scales, rng=rng)
+
+
+def batch(data, kind):
+    rng = np.random.default_rng(1)
+    if kind == "n=512 random ids":
+        n, ids = 512, rng.integers(0, NA, 512)
+    elif kind == "n=512 sorted ids":
+        n, ids = 512, np.sort(rng.integers(0, NA, 512))
+    elif kind == "decode n=64, one adapter each":
+        n, ids = 64, rng.permutation(NA)
+    else:
+        raise ValueError(kind)
+    x = rng.standard_normal((n, D), dtype=DT)
+    y0 = rng.standard_normal((n, D), dtype=DT)
+    return x, y0, ids
+
+
+def reference_add(y0, x, data, ids):
+    """float64, one adapter at a time."""
+    y = y0.astype(np.float64)
+    x64 = x.astype(np.float64)
+    for a in np.unique(ids[ids >= 0]):
+        m = ids == a
+        y[m] += data["scales"][a] * (x64[m] @ data["A"][a].T.astype(np.float64)) @ data["B"][a].T.astype(np.float64)
+    return y
+
+
+def assert_close(got, want, tol=2e-4):
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < tol, err
+
+
+def numpy_masks(y, x, A_all, B_all, ids, scales):
+    for a in range(A_all.shape[0]):
+        m = ids == a
+        if m.any():
+            y[m] += scales[a] * (x[m] @ A_all[a].T) @ B_all[a].T
+    return y
+
+
+def numpy_einsum(y, x, A_all, B_all, ids, scales):
+    xa = np.einsum("ni,nri->nr", x, A_all[ids]) * scales[ids][:, None]
+    y += np.einsum("nr,nor->no", xa, B_all[ids])
+    return y
+
+
+ADD_KINDS = ["n=512 random ids", "n=512 sorted ids", "decode n=64, one adapter each"]
+PEERS = {"numpy masks": numpy_masks, "numpy einsum gather": numpy_einsum}
+
+
+def run(benchmark, fn, rounds=10):
+    return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("kind", ADD_KINDS)
+def test_add_rslora(benchmark, data, kind):
+    x, y0, ids = batch(data, kind)
+    set_case(benchmark, f"lora_add_multi {kind}", "rslora")
+    y = y0.copy()
+    rslora.lora_add_multi(y, x, data["A"], data["B"], ids, scales=data["scales"])
+    assert_close(y, reference_add(y0, x, data, ids))
+    run(benchmark, lambda: rslora.lora_add_multi(y, x, data["A"], data["B"], ids,
+                                                 scales=data["scales"]), rounds=20)
+
+
+@pytest.mark.parametrize("kind", ADD_KINDS)
+@pytest.mark.parametrize("peer", list(PEERS))
+def test_add_numpy(benchmark, data, kind, peer):
+    x, y0, ids = batch(data, kind)
+    set_case(benchmark, f"lora_add_multi {kind}", peer)
+    fn, sc = PEERS[peer], data["scales"].astype(DT)
+    y = fn(y0.copy(), x, data["A"], data["B"], ids, sc)
+    assert_close(y, reference_add(y0, x, data, ids))
+    run(benchmark, lambda: fn(y, x, data["A"], data["B"], ids, sc),
+        rounds=3 if peer == "numpy einsum gather" else 10)
+
+
+@pytest.mark.parametrize("kind", ADD_KINDS)
+def test_add_floor(benchmark, data, kind):
+    """Reading each adapter that the batch uses once (every adapter here but for decode)."""
+    _, _, ids = batch(data, kind)
+    used = np.unique(ids)
+    A_used, B_used = data["A"][used].reshape(-1), data["B"][used].reshape(-1)
+    ones = np.ones_like(A_used)
+    set_case(benchmark, f"lora_add_multi {kind}", "floor: read adapters",
+             mbytes=(A_used.nbytes + B_used.nbytes) / 1e6)
+    total = run(benchmark, lambda: A_used @ ones + B_used @ ones, rounds=20)
+    assert total == pytest.approx(A_used.astype(np.float64).sum() + B_used.astype(np.float64).sum(),
+                                  rel=1e-3, abs=1.0)
+
+
+# --- the whole op -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def whole(data):
+    x, _, ids = batch(data, "n=512 random ids")
+    x64, W64 = x.astype(np.float64), data["W"].astype(np.float64)
+    ref = reference_add(x64 @ W64.T, x, data, ids)
+    return x, ids, ref
+
+
+def test_linear_multi_rslora(benchmark, data, whole):
+    x, ids, ref = whole
+    set_case(benchmark, "lora_linear_multi n=512 over 64 adapters", "rslora")
+    y = run(benchmark, lambda: rslora.lora_linear_multi(x, data["W"], data["A"], data["B"], ids,
+                                                        scales=data["scales"]), rounds=5)
+    assert_close(y, ref)
+
+
+def test_linear_multi_base(benchmark, data, whole):
+    x, ids, ref = whole
+    set_case(benchmark, "lora_linear_multi n=512 over 64 adapters", "base x @ W.T")
+    y = run(benchmark, lambda: x @ data["W"].T, rounds=5)
+    assert_close(rslora.lora_add_multi(y, x, data["A"], data["B"], ids, scales=data["scales"]), ref)
+
+
+@pytest.fixture(scope="module")
+def one(data):
+    x, _, _ = batch(data, "n=512 random ids")
+    ids = np.full(x.shape[0], 7)
+    x64 = x.astype(np.float64)
+    ref = x64 @ data["W"].T.astype(np.float64) + data["scales"][7] * (
+        (x64 @ data["A"][7].T.astype(np.float64)) @ data["B"][7].T.astype(np.float64))
+    return x, ids, ref
+
+
+def test_one_adapter_rslora(benchmark, data, one):
+    x, ids, ref = one
+    set_case(benchmark, "lora_linear_multi n=512, every row on one adapter", "rslora")
+    y = run(benchmark, lambda: rslora.lora_linear_multi(x, data["W"], data["A"], data["B"], ids,
+                                                        scales=data["scales"]), rounds=5)
+    assert_close(y, ref)
+
+
+def test_one_adapter_lora_linear(benchmark, data, one):
+    x, ids, ref = one
+    set_case(benchmark, "lora_linear_multi n=512, every row on one adapter", "lora_linear")
+    y = run(benchmark, lambda: rslora.lora_linear(x, data["W"], data["A"][7], data["B"][7],
+                                                  scale=data["scales"][7]), rounds=5)
+    assert_close(y, ref)

@@ -1,0 +1,111 @@
+// Loops written so the compiler vectorizes them (fixed-width lane accumulators, unit strides);
+// target_clones compiles each for AVX-512, AVX2+FMA and baseline x86-64 and picks one at load
+// time (no -march=native in wheels).
+#include "multi_kernels.hpp"
+
+#include <algorithm>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define RSLORA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RSLORA_CLONES
+#endif
+#define RSLORA_INLINE inline __attribute__((always_inline))
+
+namespace rslora::detail {
+namespace {
+
+constexpr int kLanes = 16;  // partial sums per dot product: one AVX-512 register of floats
+
+constexpr i64 kChunk = 256;  // columns of x per pass: 8 rows of it stay in L1 for all r rows of A
+
+// acc[k][l] += x_k[j] * a[j] over one chunk [j0, j1) (a multiple of kLanes long), for K <= 8 rows
+// sharing each load of a (the adapter row). acc: K blocks of kLanes, acc_stride apart.
+template <class T, int K>
+RSLORA_INLINE void dots_chunk(const T* const* x, const T* a, i64 j0, i64 j1, T* acc,
+                              i64 acc_stride) {
+  T loc[K][kLanes];
+  for (int k = 0; k < K; ++k)
+    for (int l = 0; l < kLanes; ++l) loc[k][l] = acc[k * acc_stride + l];
+  for (i64 j = j0; j < j1; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const T av = a[j + l];
+      for (int k = 0; k < K; ++k) loc[k][l] += x[k][j + l] * av;
+    }
+  for (int k = 0; k < K; ++k)
+    for (int l = 0; l < kLanes; ++l) acc[k * acc_stride + l] = loc[k][l];
+}
+
+// xa[k][q] for K rows: chunks of d outer, adapter rows inner, lane sums reduced at the end.
+template <class T, int K>
+RSLORA_INLINE void shrink_rows(const T* const* x, const T* A, i64 r, i64 A_rs, i64 d, T* xa,
+                               T* acc) {
+  const i64 stride = r * kLanes, dv = d - d % kLanes;
+  for (i64 t = 0; t < K * stride; ++t) acc[t] = T(0);
+  for (i64 j0 = 0; j0 < dv; j0 += kChunk) {
+    const i64 j1 = std::min(dv, j0 + kChunk);
+    for (i64 q = 0; q < r; ++q) dots_chunk<T, K>(x, A + q * A_rs, j0, j1, acc + q * kLanes, stride);
+  }
+  for (int k = 0; k < K; ++k)
+    for (i64 q = 0; q < r; ++q) {
+      const T* lanes = acc + k * stride + q * kLanes;
+      T sum = T(0);
+      for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+      for (i64 j = dv; j < d; ++j) sum += x[k][j] * A[q * A_rs + j];
+      xa[k * r + q] = sum;
+    }
+}
+
+template <class T>
+RSLORA_INLINE void shrink_impl(const T* const* x, i64 c, const T* A, i64 r, i64 A_rs, i64 d,
+                               T* xa, T* acc) {
+  i64 k = 0;
+  for (; k + 8 <= c; k += 8) shrink_rows<T, 8>(x + k, A, r, A_rs, d, xa + k * r, acc);
+  for (; k + 4 <= c; k += 4) shrink_rows<T, 4>(x + k, A, r, A_rs, d, xa + k * r, acc);
+  for (; k < c; ++k) shrink_rows<T, 1>(x + k, A, r, A_rs, d, xa + k * r, acc);
+}
+
+template <class T>
+RSLORA_INLINE void expand_impl(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, i64 d_out,
+                               const T* xa, T s, T* bt) {
+  constexpr i64 J = kExpandBlock;
+  for (i64 j0 = 0; j0 < d_out; j0 += J) {
+    const i64 jb = std::min(J, d_out - j0);
+    // bt (r, J) = this block of B transposed (zero-padded), so the loop below is unit-stride.
+    for (i64 jj = 0; jj < jb; ++jj)
+      for (i64 q = 0; q < r; ++q) bt[q * J + jj] = B[(j0 + jj) * B_rs + q];
+    for (i64 jj = jb; jj < J; ++jj)
+      for (i64 q = 0; q < r; ++q) bt[q * J + jj] = T(0);
+    for (i64 k = 0; k < c; ++k) {
+      T acc[J] = {};
+      for (i64 q = 0; q < r; ++q) {
+        const T w = xa[k * r + q];
+        const T* b = bt + q * J;
+        for (i64 jj = 0; jj < J; ++jj) acc[jj] += w * b[jj];
+      }
+      T* yk = y[k] + j0;
+      for (i64 jj = 0; jj < jb; ++jj) yk[jj] += s * acc[jj];
+    }
+  }
+}
+
+}  // namespace
+
+RSLORA_CLONES void shrink(const float* const* x, i64 c, const float* A, i64 r, i64 A_rs, i64 d,
+                          float* xa, float* acc) {
+  shrink_impl(x, c, A, r, A_rs, d, xa, acc);
+}
+RSLORA_CLONES void shrink(const double* const* x, i64 c, const double* A, i64 r, i64 A_rs, i64 d,
+                          double* xa, double* acc) {
+  shrink_impl(x, c, A, r, A_rs, d, xa, acc);
+}
+RSLORA_CLONES void expand(float* const* y, i64 c, const float* B, i64 r, i64 B_rs, i64 d_out,
+                          const float* xa, float s, float* bt) {
+  expand_impl(y, c, B, r, B_rs, d_out, xa, s, bt);
+}
+RSLORA_CLONES void expand(double* const* y, i64 c, const double* B, i64 r, i64 B_rs, i64 d_out,
+                          const double* xa, double s, double* bt) {
+  expand_impl(y, c, B, r, B_rs, d_out, xa, s, bt);
+}
+
+}  // namespace rslora::detail
