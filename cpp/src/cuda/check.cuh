@@ -11,6 +11,8 @@
 namespace rslora::cuda {
 
 [[noreturn]] void fail(const char* call, const char* file, int line, const std::string& why);
+// fail() for a CUDA runtime error, with a hint when there is no usable driver or GPU.
+[[noreturn]] void fail_cuda(const char* call, const char* file, int line, cudaError_t err);
 const char* cusolver_status_string(int status);
 
 }  // namespace rslora::cuda
@@ -18,9 +20,7 @@ const char* cusolver_status_string(int status);
 #define RSLORA_CUDA_CHECK(call)                                                              \
   do {                                                                                       \
     cudaError_t err_ = (call);                                                               \
-    if (err_ != cudaSuccess)                                                                 \
-      ::rslora::cuda::fail(#call, __FILE__, __LINE__,                                        \
-                           std::string(cudaGetErrorName(err_)) + ": " + cudaGetErrorString(err_)); \
+    if (err_ != cudaSuccess) ::rslora::cuda::fail_cuda(#call, __FILE__, __LINE__, err_);     \
   } while (0)
 
 // After every <<<...>>>: launch-configuration errors surface here, not at the next sync.

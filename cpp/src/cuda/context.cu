@@ -16,6 +16,13 @@ void fail(const char* call, const char* file, int line, const std::string& why) 
                    "): " + why);
 }
 
+void fail_cuda(const char* call, const char* file, int line, cudaError_t err) {
+  std::string why = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+  if (err == cudaErrorInsufficientDriver || err == cudaErrorNoDevice)
+    why += " (no usable NVIDIA GPU: this needs a GPU and a driver for CUDA 13)";
+  fail(call, file, line, why);
+}
+
 const char* cusolver_status_string(int status) {
   switch (status) {  // cusolverStatus_t values (cuSOLVER has no string function of its own)
     case 1: return "CUSOLVER_STATUS_NOT_INITIALIZED";
