@@ -271,29 +271,30 @@ def _multi_args(x, A_all, B_all, adapter_ids, scales, d_out_name, d_out):
                          f"{d_out_name} need ({na}, {d_out}, {r})")
     batch = tuple(x.shape[:-1])
     n = int(np.prod(batch, dtype=np.int64))
-    # adapter ids: a device integer array (checked on the device) or host integers (checked here)
-    if dev.on_gpu(adapter_ids):
+    # Everything on the host is checked before anything is uploaded.
+    if dev.on_gpu(adapter_ids):  # checked on the device, before any output is written
         dev.check_device_arrays(x=x, adapter_ids=adapter_ids)
-        if dev.dtype_name(adapter_ids) not in ("int32", "int64", "int16", "int8", "uint8"):
+        if dev.dtype_name(adapter_ids) not in ("int64", "int32", "int16", "int8", "uint8"):
             raise TypeError(f"adapter_ids must be integers, got {dev.dtype_name(adapter_ids)}")
-        ids = adapter_ids
+        ids_host = None
+        ids_shape = tuple(adapter_ids.shape)
     else:
-        host = np.asarray(adapter_ids)
-        if host.dtype.kind not in "iu":
-            raise TypeError(f"adapter_ids must be integers, got {host.dtype}")
-        if host.size and (host.min() < -1 or host.max() >= na):
-            bad = int(np.flatnonzero((host.reshape(-1) < -1) | (host.reshape(-1) >= na))[0])
-            raise IndexError(f"adapter_ids[{bad}] = {int(host.reshape(-1)[bad])} is outside "
-                             f"[-1, {na}) for {na} adapters")
-        ids = fw.from_host(np.ascontiguousarray(host, dtype=np.int64), x)
-    if tuple(ids.shape) != batch:
-        raise ValueError(f"adapter_ids has shape {dev.shape_str(ids.shape)} but x has "
+        ids_host = np.asarray(adapter_ids)
+        if ids_host.dtype.kind not in "iu":
+            raise TypeError(f"adapter_ids must be integers, got {ids_host.dtype}")
+        ids_shape = ids_host.shape
+    if ids_shape != batch:
+        raise ValueError(f"adapter_ids has shape {dev.shape_str(ids_shape)} but x has "
                          f"{dev.shape_str(batch)} rows")
-    if dev.dtype_name(ids) != "int64":
-        ids = fw.astype(ids, "int64")
-    ids = fw.reshape(ids, (n,))
+    if ids_host is not None and ids_host.size:
+        flat = ids_host.reshape(-1)
+        bad = np.flatnonzero((flat < -1) | (flat >= na))
+        if bad.size:
+            raise IndexError(f"adapter_ids[{int(bad[0])}] = {int(flat[bad[0]])} is outside "
+                             f"[-1, {na}) for {na} adapters")
     # per-adapter scales: a number, host values or a device vector -> float32 on the device
     if dev.on_gpu(scales):
+        dev.check_device_arrays(x=x, scales=scales)
         if tuple(scales.shape) != (na,):
             raise ValueError(f"scales has shape {dev.shape_str(scales.shape)} but there are "
                              f"{na} adapters")
@@ -308,6 +309,12 @@ def _multi_args(x, A_all, B_all, adapter_ids, scales, d_out_name, d_out):
         if not np.all(np.isfinite(host)):
             raise ValueError("scales must be finite")
         sc = fw.from_host(host.astype(np.float32), x)
+    if ids_host is None:
+        ids = adapter_ids if dev.dtype_name(adapter_ids) == "int64" else fw.astype(adapter_ids,
+                                                                                   "int64")
+    else:
+        ids = fw.from_host(np.ascontiguousarray(ids_host, dtype=np.int64), x)
+    ids = fw.reshape(ids, (n,))
     x2 = _readable(fw, fw.reshape(x, (n, d_in)))
     return fw, ids, sc, x2, fw.contiguous(A_all), fw.contiguous(B_all), batch
 
