@@ -184,9 +184,12 @@ PYBIND11_MODULE(_cuda, m) {
                                       std::to_string(na) + ", " + std::to_string(d_out) + ", " +
                                       std::to_string(r) + ")");
         // The stacks are read with fixed strides by the kernels: C-contiguous only.
-        for (const Arr* a : {&aA, &aB})
-          if (a->stride(2) != 1 || a->stride(1) != a->dim(2) || a->stride(0) != a->dim(1) * a->dim(2))
-            throw std::invalid_argument(std::string(a->name) + " must be C-contiguous on the GPU");
+        for (const Arr* a : {&aA, &aB}) {
+          std::int64_t want = 1;  // strides of size-1 dimensions do not matter
+          for (int d = 2; d >= 0; want *= a->dim(d), --d)
+            if (a->dim(d) > 1 && a->stride(d) != want)
+              throw std::invalid_argument(std::string(a->name) + " must be C-contiguous on the GPU");
+        }
         if (ay.dim(0) != n) expect(ay, n, d_out, "x");
         if (ai.dim(0) != n)
           throw std::invalid_argument("adapter_ids has shape " + ai.shape() + " but x has " +
