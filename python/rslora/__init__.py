@@ -42,12 +42,15 @@ def show_config(print_: bool = True) -> dict:
     import numpy as np
 
     cfg = {"version": __version__, "numpy": np.__version__, "blas": _blas.config()}
-    try:
-        from . import _cuda  # noqa: F401
+    from . import cuda
 
-        cfg["cuda"] = "built"
+    try:  # loads the CUDA module (finding cuBLAS in the nvidia wheels) and asks for devices
+        cfg["cuda"] = "built; devices: " + (
+            ", ".join(d["name"] for d in cuda.info()["devices"]) or "none")
     except ImportError as e:
-        cfg["cuda"] = f"not built ({e})"
+        cfg["cuda"] = f"not available ({e})"
+    except RuntimeError as e:
+        cfg["cuda"] = f"built; no usable GPU ({e})"
     if print_:
         b = cfg["blas"]
         print(f"rslora {cfg['version']} (numpy {cfg['numpy']})")
