@@ -100,8 +100,14 @@ def lora_linear_multi(x, W, A_all, B_all, adapter_ids, *, scales, bias=None, out
     The base GEMM runs once for the whole batch; rows are then grouped by adapter inside the
     core (a counting sort, no Python loop) and each adapter is applied with one shrink and one
     expand GEMM over its rows (gemv for groups of one or two rows, as in a decode batch).
-    See :func:`lora_add_multi` for the adapter part alone.
+    See :func:`lora_add_multi` for the adapter part alone. GPU arrays (DLPack: torch, CuPy)
+    run on the GPU through :mod:`rslora.cuda`.
     """
+    if _arrays.on_gpu(x):
+        from . import cuda
+
+        return cuda.lora_linear_multi(x, W, A_all, B_all, adapter_ids, scales=scales, bias=bias,
+                                      out=out)
     x = _arrays.as_array(x, "x")
     W = _arrays.as_array(W, "W")
     bias = None if bias is None else _arrays.as_array(bias, "bias")
@@ -143,6 +149,10 @@ def lora_add_multi(y, x, A_all, B_all, adapter_ids, *, scales):
     y : ndarray
         The same array.
     """
+    if _arrays.on_gpu(y):
+        from . import cuda
+
+        return cuda.lora_add_multi(y, x, A_all, B_all, adapter_ids, scales=scales)
     if not isinstance(y, np.ndarray):
         raise TypeError(f"y must be a NumPy array (updated in place), got {type(y).__name__}")
     x = _arrays.as_array(x, "x")
