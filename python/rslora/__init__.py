@@ -12,6 +12,10 @@ _blas.bind()
 
 from ._scaling import format_scale_table, scale, scale_table  # noqa: E402
 from .linear import lora_linear, merge, unmerge  # noqa: E402
+from .adapter import LoraAdapter, LoraModule, load_adapter, save_adapter  # noqa: E402
+from .adapter_merge import merge_adapter, merge_checkpoint  # noqa: E402
+from .checkpoint import Checkpoint, CheckpointError  # noqa: E402
+from .extract import extract_adapter  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -22,6 +26,15 @@ __all__ = [
     "lora_linear",
     "merge",
     "unmerge",
+    "load_adapter",
+    "save_adapter",
+    "merge_adapter",
+    "merge_checkpoint",
+    "extract_adapter",
+    "LoraAdapter",
+    "LoraModule",
+    "Checkpoint",
+    "CheckpointError",
     "show_config",
 ]
 
