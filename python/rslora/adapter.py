@@ -247,7 +247,9 @@ def write_adapter_files(folder: Path, factors: dict, config: dict, dtype: str = 
         tensors[f"{PREFIX}{name}.lora_A.weight"] = (A, code)
         tensors[f"{PREFIX}{name}.lora_B.weight"] = (B, code)
     save_tensors(folder / WEIGHTS_NAME, tensors)
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # Top-level keys sorted as PEFT writes them; rank_pattern keeps its order (PEFT takes the
+    # first matching key, so json's sort_keys would change which rank a module gets).
+    (folder / CONFIG_NAME).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
 
 
 def save_adapter(out_dir, factors: dict, *, alpha: float, rule: str = "rslora", base_model=None,
