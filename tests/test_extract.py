@@ -139,6 +139,19 @@ def test_include_exclude_sharded_and_summary(tmp_path, capsys):
     assert set(rslora.load_adapter(tmp_path / "out")) == {"model.layers.1.proj", "model.layers.3.proj"}
 
 
+def test_changed_biases_and_norms_are_reported(tmp_path, capsys):
+    base, tuned = make_pair(tmp_path)
+    base["model.layers.0.proj.bias"] = np.zeros(40, np.float32)
+    tuned["model.layers.0.proj.bias"] = np.full(40, 0.5, np.float32)
+    tuned["model.norm.weight"] = tuned["model.norm.weight"] * 2
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    assert extract(tmp_path, "--rank", "2", "-q") == 0
+    err = capsys.readouterr().err
+    assert "2 tensor(s) that are not 2-D weights differ and are not in the adapter" in err
+    assert "model.layers.0.proj.bias" in err and "model.norm.weight" in err
+
+
 def test_same_seed_same_files_and_dtype(tmp_path):
     make_pair(tmp_path)
     assert extract(tmp_path, "--rank", "4", "-q", "--dtype", "float16", out="a") == 0

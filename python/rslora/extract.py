@@ -44,6 +44,8 @@ class ExtractResult:
     skipped: dict = field(default_factory=dict)  # module -> why
     only_in_base: list = field(default_factory=list)
     only_in_tuned: list = field(default_factory=list)
+    #: Tensors of other shapes (biases, norms) that differ: a LoRA adapter cannot carry them.
+    changed_not_extracted: list = field(default_factory=list)
 
     @property
     def error(self) -> float:
@@ -108,6 +110,11 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
             result.skipped[m] = "an embedding (PEFT stores embedding LoRA differently)"
             continue
         modules.append(m)
+    for key in base.keys():  # biases, norms: small, so compared in full
+        if key in tuned and len(base.shape(key)) <= 1 and base.shape(key) == tuned.shape(key) \
+                and base.dtype(key) in FLOAT_CODES and tuned.dtype(key) in FLOAT_CODES \
+                and not np.array_equal(base.read(key), tuned.read(key)):
+            result.changed_not_extracted.append(key)
     return modules
 
 

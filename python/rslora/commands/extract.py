@@ -65,6 +65,11 @@ def run(args) -> int:
         if names:
             print(f"rslora extract: skipped {len(names)} weight(s) only in {side}: "
                   + ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""), file=sys.stderr)
+    if res.changed_not_extracted:
+        names = res.changed_not_extracted
+        print(f"rslora extract: note: {len(names)} tensor(s) that are not 2-D weights differ and are "
+              "not in the adapter: " + ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""),
+              file=sys.stderr)
     if not args.quiet:
         print(res.summary())
     cfg = res.config
