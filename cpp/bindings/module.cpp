@@ -4,6 +4,7 @@
 namespace rslora::bind {
 void bind_blas(py::module_& m);
 void bind_linear(py::module_& m);
+void bind_svd(py::module_& m);
 }  // namespace rslora::bind
 
 namespace {
@@ -28,4 +29,5 @@ PYBIND11_MODULE(_core, m) {
   rslora::set_interrupt_checker(&python_signal_pending);
   rslora::bind::bind_blas(m);
   rslora::bind::bind_linear(m);
+  rslora::bind::bind_svd(m);
 }
