@@ -32,14 +32,21 @@ void Sides<T>::mul_t(const T* Y, i64 c, T* Z) const {
 }
 
 template <class T>
-SmallSvd<T> small_svd(std::vector<T>& W, i64 q, i64 L) {
+SmallSvd<T> small_svd(const std::vector<T>& W, i64 q, i64 L, i64 cols) {
   SmallSvd<T> sv;
   sv.q = q, sv.L = L;
   sv.s.resize(static_cast<size_t>(L));
-  sv.Uw.resize(static_cast<size_t>(q * L));
+  sv.Uw.resize(static_cast<size_t>(q * cols));
   sv.Vwt.resize(static_cast<size_t>(L * L));
-  if (L > 0)
-    blas::gesdd<T>(q, L, W.data(), q, sv.s.data(), sv.Uw.data(), q, sv.Vwt.data(), L);
+  if (L == 0) return sv;
+  std::vector<T> Qw(W.begin(), W.begin() + q * L), R(static_cast<size_t>(L * L)),
+      Ur(static_cast<size_t>(L * L));
+  orthonormalize(Qw.data(), q, L);
+  auto Qv = ccolmajor(Qw.data(), q, L, q);
+  blas::gemm<T>(T(1), Qv, true, ccolmajor(W.data(), q, L, q), false, T(0), colmajor(R.data(), L, L, L));
+  blas::gesdd<T>(L, L, R.data(), L, sv.s.data(), Ur.data(), L, sv.Vwt.data(), L);
+  blas::gemm<T>(T(1), Qv, false, ccolmajor(Ur.data(), L, cols, L), false, T(0),
+                colmajor(sv.Uw.data(), q, cols, q));
   return sv;
 }
 
@@ -154,13 +161,13 @@ void rsvd(Mat<const T> M, i64 k, const RsvdOptions& opt, Mat<T> U, T* S, Mat<T> 
   std::vector<T> Q, W;
   const i64 L = opt.method == RsvdMethod::krylov ? krylov(sd, l, iters, opt.seed, Q, W)
                                                  : subspace(sd, l, iters, opt.normalizer, opt.seed, Q, W);
-  const auto sv = detail::small_svd(W, sd.q, L);
+  const auto sv = detail::small_svd(W, sd.q, L, k);
   detail::write_factors(sd, Q.data(), sv, k, U, S, Vt);
 }
 
 #define RSLORA_INSTANTIATE(T)                                                                   \
   template struct detail::Sides<T>;                                                             \
-  template detail::SmallSvd<T> detail::small_svd<T>(std::vector<T>&, i64, i64);                 \
+  template detail::SmallSvd<T> detail::small_svd<T>(const std::vector<T>&, i64, i64, i64);                 \
   template void detail::write_factors<T>(const detail::Sides<T>&, const T*,                     \
                                          const detail::SmallSvd<T>&, i64, Mat<T>, T*, Mat<T>);  \
   template void rsvd<T>(Mat<const T>, i64, const RsvdOptions&, Mat<T>, T*, Mat<T>);

@@ -62,14 +62,16 @@ struct Sides {
   void mul_t(const T* Y, i64 c, T* Z) const;
 };
 
-// Thin SVD of the q x L block W = A^T Q (= B^T with B = Q^T A): W = Uw diag(s) Vwt. W is destroyed.
+// Thin SVD of the q x L block W = A^T Q (= B^T with B = Q^T A): W = Uw diag(s) Vwt, the first
+// `cols` left vectors only. Done as W = Qw R (CholeskyQR, BLAS-3), then gesdd of the L x L R:
+// LAPACK's own tall SVD spends its time in threaded BLAS-2 calls that crawl on a busy machine.
 template <class T>
 struct SmallSvd {
-  std::vector<T> s, Uw, Vwt;  // L; q x L column-major; L x L column-major
+  std::vector<T> s, Uw, Vwt;  // L; q x cols column-major; L x L column-major
   i64 q = 0, L = 0;
 };
 template <class T>
-SmallSvd<T> small_svd(std::vector<T>& W, i64 q, i64 L);
+SmallSvd<T> small_svd(const std::vector<T>& W, i64 q, i64 L, i64 cols);
 
 // M ~ U diag(S) Vt from A ~ (Q Vw) diag(s) Uw^T, first k triplets, with the sign convention.
 template <class T>

@@ -149,7 +149,7 @@ RsvdTolResult<T> rsvd_tol(Mat<const T> M, double tol, i64 max_rank, i64 block, i
   }
   E = std::max(E, 0.0);
 
-  auto sv = detail::small_svd(W, q, c);
+  auto sv = detail::small_svd(W, q, c, c);
   // err^2(r) = E + sum_{i > r} s_i^2 (adding positive terms: no cancellation)
   std::vector<double> tail(static_cast<size_t>(c + 1), 0.0);
   for (i64 i = c - 1; i >= 0; --i) tail[i] = tail[i + 1] + double(sv.s[i]) * double(sv.s[i]);
