@@ -12,6 +12,8 @@ _blas.bind()
 
 from ._scaling import format_scale_table, scale, scale_table  # noqa: E402
 from .linear import lora_linear, merge, unmerge  # noqa: E402
+from .spectrum import Spectrum, lora_from_delta, spectrum  # noqa: E402
+from .svd import RsvdTolResult, rsvd, rsvd_tol  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,12 @@ __all__ = [
     "merge",
     "unmerge",
     "show_config",
+    "rsvd",
+    "rsvd_tol",
+    "RsvdTolResult",
+    "lora_from_delta",
+    "spectrum",
+    "Spectrum",
 ]
 
 
