@@ -12,6 +12,8 @@ _blas.bind()
 
 from ._scaling import format_scale_table, scale, scale_table  # noqa: E402
 from .linear import lora_linear, merge, unmerge  # noqa: E402
+from .spectrum import Spectrum, lora_from_delta, spectrum  # noqa: E402
+from .svd import RsvdTolResult, rsvd, rsvd_tol  # noqa: E402
 from .adapter import LoraAdapter, LoraModule, load_adapter, save_adapter  # noqa: E402
 from .adapter_merge import merge_adapter, merge_checkpoint  # noqa: E402
 from .checkpoint import Checkpoint, CheckpointError  # noqa: E402
@@ -36,6 +38,12 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "show_config",
+    "rsvd",
+    "rsvd_tol",
+    "RsvdTolResult",
+    "lora_from_delta",
+    "spectrum",
+    "Spectrum",
 ]
 
 
