@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import set_case
+from benchutil import set_case
 
 import rslora
 from rslora.adapter import save_adapter
@@ -24,7 +24,7 @@ from rslora.checkpoint import Checkpoint, save_tensors
 FULL = dict(layers=24, d=2048, rank=64)
 SMALL = dict(layers=3, d=256, rank=16)
 # Relative error allowed above the Eckart-Young optimum (the full SVD's error).
-REL_SLACK = 1e-2
+REL_SLACK = 1e-3
 
 
 def spectrum(d: int, rank: int) -> np.ndarray:
