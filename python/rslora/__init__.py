@@ -15,6 +15,12 @@ from .linear import lora_linear, merge, unmerge  # noqa: E402
 from .backward import lora_linear_backward  # noqa: E402
 from .multi import lora_add_multi, lora_linear_multi  # noqa: E402
 from .layer import LoRAGrads, LoRALinear  # noqa: E402
+from .spectrum import Spectrum, lora_from_delta, spectrum  # noqa: E402
+from .svd import RsvdTolResult, rsvd, rsvd_tol  # noqa: E402
+from .adapter import LoraAdapter, LoraModule, load_adapter, save_adapter  # noqa: E402
+from .adapter_merge import merge_adapter, merge_checkpoint  # noqa: E402
+from .checkpoint import Checkpoint, CheckpointError  # noqa: E402
+from .extract import extract_adapter  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -30,7 +36,22 @@ __all__ = [
     "lora_add_multi",
     "LoRALinear",
     "LoRAGrads",
+    "load_adapter",
+    "save_adapter",
+    "merge_adapter",
+    "merge_checkpoint",
+    "extract_adapter",
+    "LoraAdapter",
+    "LoraModule",
+    "Checkpoint",
+    "CheckpointError",
     "show_config",
+    "rsvd",
+    "rsvd_tol",
+    "RsvdTolResult",
+    "lora_from_delta",
+    "spectrum",
+    "Spectrum",
 ]
 
 

@@ -1,0 +1,283 @@
+"""PEFT LoRA adapters on disk: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys follow PEFT's saved form, ``base_model.model.<module>.lora_A.weight`` (r, d_in) and
+``...lora_B.weight`` (d_out, r), where ``<module>`` is the module's name in the base model (the
+checkpoint key without ``.weight``). The scale of each module is computed as PEFT does:
+r and alpha from ``rank_pattern`` / ``alpha_pattern`` (first pattern key ``k`` in file order for
+which ``re.match(rf"(.*\\.)?({k})$", module)`` matches), else ``r`` / ``lora_alpha``; then
+``alpha / math.sqrt(r)`` with ``use_rslora`` and ``alpha / r`` without.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._outdir import atomic_output_dir
+from .checkpoint import DTYPE_CODES, Checkpoint, CheckpointError, save_tensors
+
+__all__ = ["LoraModule", "LoraAdapter", "load_adapter", "save_adapter", "pattern_key"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+
+
+def pattern_key(patterns, module: str) -> str | None:
+    """The key of ``patterns`` that PEFT applies to ``module`` (its ``get_pattern_key`` rule:
+    the first key ``k``, in order, with ``re.match(rf"(.*\\.)?({k})$", module)``), or None."""
+    for k in patterns:
+        if re.match(rf"(.*\.)?({k})$", module):
+            return k
+    return None
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: ``W' = W + scale * B @ A`` (``W.T`` for ``fan_in_fan_out``)."""
+
+    name: str
+    A: np.ndarray  # (r, d_in)
+    B: np.ndarray  # (d_out, r)
+    r: int
+    alpha: float
+    scale: float
+    fan_in_fan_out: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d_out, d_in) of the base weight (as stored: transposed for ``fan_in_fan_out``)."""
+        d_out, d_in = self.B.shape[0], self.A.shape[1]
+        return (d_in, d_out) if self.fan_in_fan_out else (d_out, d_in)
+
+    def delta(self) -> np.ndarray:
+        """``scale * B @ A`` in float32 (transposed for ``fan_in_fan_out``), the weight update."""
+        d = (self.B @ self.A) * np.float32(self.scale)
+        return d.T.copy() if self.fan_in_fan_out else d
+
+
+@dataclass
+class LoraAdapter:
+    """A loaded LoRA adapter: ``modules`` maps module names to :class:`LoraModule`.
+
+    Behaves as a read-only mapping (``adapter["model.layers.0.self_attn.q_proj"]``, ``len``,
+    iteration over names). ``config`` is the ``adapter_config.json`` content.
+    """
+
+    modules: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def __getitem__(self, name: str) -> LoraModule:
+        return self.modules[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self.modules
+
+    def __iter__(self):
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.config.get("use_rslora", False))
+
+    def __repr__(self) -> str:
+        ranks = sorted({m.r for m in self.modules.values()})
+        return (f"LoraAdapter({len(self)} modules, r={ranks}, use_rslora={self.use_rslora}"
+                + (f", path={str(self.path)!r})" if self.path else ")"))
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME} (is this a PEFT adapter folder?)")
+    try:
+        cfg = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise CheckpointError(f"{path}: peft_type is {cfg['peft_type']!r}; only LORA adapters "
+                              "are supported")
+    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "lora_bias"),
+                       ("use_qalora", "QALoRA")):
+        if cfg.get(flag):
+            raise CheckpointError(f"{path}: {what} adapters ({flag}=true) are not supported")
+    if cfg.get("layer_replication"):
+        raise CheckpointError(f"{path}: adapters with layer_replication are not supported")
+    for key in ("r", "lora_alpha"):
+        if key not in cfg:
+            raise CheckpointError(f"{path}: missing {key!r}")
+    return cfg
+
+
+def load_adapter(path) -> LoraAdapter:
+    """Load a PEFT LoRA adapter folder (written by PEFT's ``save_pretrained`` or by rslora).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+    Returns
+    -------
+    LoraAdapter
+        Per module: A (r, d_in), B (d_out, r) as float32 (float16/bfloat16 files are widened),
+        r and alpha after ``rank_pattern`` / ``alpha_pattern``, and the scale PEFT uses.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such folder or a file missing from it.
+    CheckpointError
+        An adapter rslora cannot use exactly (DoRA, lora_bias, embedding or other non-Linear
+        LoRA keys, a pickled ``adapter_model.bin``), an unreadable file, or shapes that disagree
+        with the config.
+    """
+    folder = Path(os.fspath(path))
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: an adapter is a folder with {CONFIG_NAME} and "
+                              f"{WEIGHTS_NAME}")
+    cfg = _read_config(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise CheckpointError(f"{folder}: only adapter_model.bin (a pickle) is present; "
+                                  f"rslora reads {WEIGHTS_NAME} (PEFT's default format)")
+        raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME}")
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    use_rslora = bool(cfg.get("use_rslora", False))
+    parts: dict[str, dict] = {}
+    with Checkpoint(weights) as ck:
+        for key in ck.keys():
+            m = _KEY.match(key)
+            if m is None:
+                raise CheckpointError(f"{weights}: tensor {key!r} is not a Linear LoRA factor "
+                                      "(lora_A/lora_B); embedding, DoRA and modules_to_save "
+                                      "weights are not supported")
+            parts.setdefault(m["module"], {})[m["part"]] = ck.read(key)
+    adapter = LoraAdapter(config=cfg, path=folder)
+    for name, p in parts.items():
+        if set(p) != {"lora_A", "lora_B"}:
+            missing = ({"lora_A", "lora_B"} - set(p)).pop()
+            raise CheckpointError(f"{weights}: module {name!r} has no {missing}.weight")
+        A, B = p["lora_A"], p["lora_B"]
+        rk, ak = pattern_key(rank_pattern, name), pattern_key(alpha_pattern, name)
+        r = int(rank_pattern[rk]) if rk is not None else int(cfg["r"])
+        alpha = alpha_pattern[ak] if ak is not None else cfg["lora_alpha"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != r or B.shape[1] != r:
+            raise CheckpointError(f"{weights}: module {name!r} has lora_A {A.shape} and lora_B "
+                                  f"{B.shape}, but the config gives it r={r}")
+        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        adapter.modules[name] = LoraModule(name, A, B, r, alpha, scale,
+                                           bool(cfg.get("fan_in_fan_out", False)))
+    return adapter
+
+
+def common_rank(ranks: dict) -> int:
+    """The most common value of ``{module: r}`` (the larger on ties; 1 if empty)."""
+    counts: dict[int, int] = {}
+    for k in ranks.values():
+        counts[k] = counts.get(k, 0) + 1
+    return max(counts, key=lambda k: (counts[k], k)) if counts else 1
+
+
+def peft_config(ranks: dict, alpha: float, use_rslora: bool, *, base_model=None,
+                r: int | None = None) -> dict:
+    """An ``adapter_config.json`` for modules with the given ranks (``{module: r}``).
+
+    ``r`` defaults to the most common rank; the others go to ``rank_pattern``, whose keys are
+    the module names (escaped as regexes only if PEFT's matching rule would otherwise give a
+    module another's rank). ``lora_alpha`` is the same for all modules, so no alpha_pattern.
+    """
+    r = common_rank(ranks) if r is None else r
+    differing = {m: k for m, k in ranks.items() if k != r}
+    # Longest names first: a name that is a dotted suffix of another must not be matched first.
+    rank_pattern = {m: differing[m] for m in sorted(differing, key=len, reverse=True)}
+    if any(ranks[m] != (rank_pattern[pattern_key(rank_pattern, m)]
+                        if pattern_key(rank_pattern, m) is not None else r) for m in ranks):
+        rank_pattern = {re.escape(m): k for m, k in rank_pattern.items()}
+    alpha = float(alpha)
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None if base_model is None else str(base_model),
+        "r": int(r),
+        "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
+        "use_rslora": bool(use_rslora),
+        "target_modules": sorted(ranks),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": {},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+    }
+
+
+def write_adapter_files(folder: Path, factors: dict, config: dict, dtype: str = "float32") -> None:
+    """Write ``{module: (A, B)}`` and ``config`` into ``folder`` (which must exist)."""
+    if dtype not in DTYPE_CODES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_CODES)}, got {dtype!r}")
+    code = DTYPE_CODES[dtype]
+    tensors = {}
+    for name, (A, B) in factors.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = (A, code)
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = (B, code)
+    save_tensors(folder / WEIGHTS_NAME, tensors)
+    # Top-level keys sorted as PEFT writes them; rank_pattern keeps its order (PEFT takes the
+    # first matching key, so json's sort_keys would change which rank a module gets).
+    (folder / CONFIG_NAME).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+
+
+def save_adapter(out_dir, factors: dict, *, alpha: float, rule: str = "rslora", base_model=None,
+                 dtype: str = "float32", force: bool = False) -> dict:
+    """Write a PEFT LoRA adapter folder atomically.
+
+    Parameters
+    ----------
+    out_dir : str or os.PathLike
+        Created (via a temporary sibling folder renamed into place). An existing folder is
+        replaced only with ``force=True``.
+    factors : dict
+        ``{module: (A, B)}``, A (r, d_in), B (d_out, r), for ``W' = W + s * B @ A`` with
+        ``s = alpha / sqrt(r)`` (``rule="rslora"``) or ``alpha / r`` (``"standard"``).
+    alpha : float
+        ``lora_alpha``, the same for every module.
+    dtype : {"float32", "float16", "bfloat16"}
+        Storage dtype of the factors.
+
+    Returns
+    -------
+    dict
+        The config written.
+    """
+    if rule not in ("rslora", "standard"):
+        raise ValueError(f"rule must be 'rslora' or 'standard', got {rule!r}")
+    ranks = {name: int(A.shape[0]) for name, (A, B) in factors.items()}
+    config = peft_config(ranks, alpha, rule == "rslora", base_model=base_model)
+    with atomic_output_dir(out_dir, force) as tmp:
+        write_adapter_files(tmp, factors, config, dtype)
+    return config

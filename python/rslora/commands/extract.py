@@ -1,0 +1,78 @@
+"""``rslora extract``: a PEFT LoRA adapter from the difference of two checkpoints."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """examples:
+  rslora extract base/ tuned/ -o adapter/ --rank 64
+  rslora extract base.safetensors tuned.safetensors -o adapter/ --tol 0.05 --max-rank 256
+  rslora extract base/ tuned/ -o adapter/ --rank 16 --rule standard --alpha 32 \\
+      --include 'self_attn' --exclude 'lm_head' --dtype bfloat16 --on-missing skip --force
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "extract", help="extract a LoRA adapter from a base and a fine-tuned checkpoint",
+        description="Factor tuned - base for every 2-D weight with the randomized SVD and write a "
+                    "PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors). "
+                    "Checkpoints: a .safetensors file, a folder, or a *.safetensors.index.json.",
+        epilog=USAGE, formatter_class=_formatter())
+    p.add_argument("base", metavar="BASE", help="the base checkpoint")
+    p.add_argument("tuned", metavar="TUNED", help="the fine-tuned checkpoint")
+    p.add_argument("-o", "--output", metavar="OUT_DIR", required=True, help="adapter folder to write")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, metavar="R", help="the same rank for every layer")
+    how.add_argument("--tol", type=float, metavar="T",
+                     help="per layer, the smallest rank with relative Frobenius error <= T")
+    p.add_argument("--max-rank", type=int, metavar="R", help="upper bound on the rank with --tol")
+    p.add_argument("--rule", choices=("rslora", "standard"), default="rslora",
+                   help="scaling written to the adapter: alpha/sqrt(r) (rslora, default) or alpha/r")
+    p.add_argument("--alpha", type=float, metavar="A",
+                   help="lora_alpha (default: the adapter's r); the merged weights do not depend on it")
+    p.add_argument("--include", metavar="REGEX", help="only modules whose name matches")
+    p.add_argument("--exclude", metavar="REGEX", help="leave out modules whose name matches")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="storage dtype of the adapter (computation is float32)")
+    p.add_argument("--on-missing", choices=("error", "skip"), default="error",
+                   help="weights present in only one checkpoint: stop (default) or skip them")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no table")
+    p.set_defaults(func=run)
+
+
+def _formatter():
+    import argparse
+
+    return argparse.RawDescriptionHelpFormatter
+
+
+def run(args) -> int:
+    from ..cli import UserError
+    from ..extract import extract_adapter
+
+    try:
+        res = extract_adapter(
+            args.base, args.tuned, args.output, rank=args.rank, tol=args.tol,
+            max_rank=args.max_rank, rule=args.rule, alpha=args.alpha, include=args.include,
+            exclude=args.exclude, dtype=args.dtype, on_missing=args.on_missing,
+            force=args.force, seed=args.seed, progress=not args.quiet)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        raise UserError(str(e)) from None
+    for side, names in (("BASE", res.only_in_base), ("TUNED", res.only_in_tuned)):
+        if names:
+            print(f"rslora extract: skipped {len(names)} weight(s) only in {side}: "
+                  + ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""), file=sys.stderr)
+    if res.changed_not_extracted:
+        names = res.changed_not_extracted
+        print(f"rslora extract: note: {len(names)} tensor(s) that are not 2-D weights differ and are "
+              "not in the adapter: " + ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""),
+              file=sys.stderr)
+    if not args.quiet:
+        print(res.summary())
+    cfg = res.config
+    print(f"wrote {args.output} (r={cfg['r']}, lora_alpha={cfg['lora_alpha']}, "
+          f"use_rslora={cfg['use_rslora']}, {len(res.layers)} modules)")
+    return 0
