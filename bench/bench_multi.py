@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import set_case
+from benchutil import set_case
 
 import rslora
 
