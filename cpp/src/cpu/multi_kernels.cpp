@@ -89,23 +89,56 @@ RSLORA_INLINE void expand_impl(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, 
   }
 }
 
+RSLORA_CLONES void shrink_portable(const float* const* x, i64 c, const float* A, i64 r, i64 A_rs,
+                                   i64 d, float* xa, float* acc) {
+  shrink_impl(x, c, A, r, A_rs, d, xa, acc);
+}
+RSLORA_CLONES void shrink_portable(const double* const* x, i64 c, const double* A, i64 r,
+                                   i64 A_rs, i64 d, double* xa, double* acc) {
+  shrink_impl(x, c, A, r, A_rs, d, xa, acc);
+}
+RSLORA_CLONES void expand_portable(float* const* y, i64 c, const float* B, i64 r, i64 B_rs,
+                                   i64 d_out, const float* xa, float s, float* bt) {
+  expand_impl(y, c, B, r, B_rs, d_out, xa, s, bt);
+}
+RSLORA_CLONES void expand_portable(double* const* y, i64 c, const double* B, i64 r, i64 B_rs,
+                                   i64 d_out, const double* xa, double s, double* bt) {
+  expand_impl(y, c, B, r, B_rs, d_out, xa, s, bt);
+}
+
+template <class T>
+void shrink_any(const T* const* x, i64 c, const T* A, i64 r, i64 A_rs, i64 d, T* xa, T* acc) {
+#if RSLORA_HAVE_AVX512_KERNELS
+  if (have_avx512()) return shrink_avx512(x, c, A, r, A_rs, d, xa);
+#endif
+  shrink_portable(x, c, A, r, A_rs, d, xa, acc);
+}
+template <class T>
+void expand_any(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, i64 d_out, const T* xa, T s,
+                T* bt) {
+#if RSLORA_HAVE_AVX512_KERNELS
+  if (have_avx512()) return expand_avx512(y, c, B, r, B_rs, d_out, xa, s, bt);
+#endif
+  expand_portable(y, c, B, r, B_rs, d_out, xa, s, bt);
+}
+
 }  // namespace
 
-RSLORA_CLONES void shrink(const float* const* x, i64 c, const float* A, i64 r, i64 A_rs, i64 d,
-                          float* xa, float* acc) {
-  shrink_impl(x, c, A, r, A_rs, d, xa, acc);
+void shrink(const float* const* x, i64 c, const float* A, i64 r, i64 A_rs, i64 d, float* xa,
+            float* acc) {
+  shrink_any(x, c, A, r, A_rs, d, xa, acc);
 }
-RSLORA_CLONES void shrink(const double* const* x, i64 c, const double* A, i64 r, i64 A_rs, i64 d,
-                          double* xa, double* acc) {
-  shrink_impl(x, c, A, r, A_rs, d, xa, acc);
+void shrink(const double* const* x, i64 c, const double* A, i64 r, i64 A_rs, i64 d, double* xa,
+            double* acc) {
+  shrink_any(x, c, A, r, A_rs, d, xa, acc);
 }
-RSLORA_CLONES void expand(float* const* y, i64 c, const float* B, i64 r, i64 B_rs, i64 d_out,
-                          const float* xa, float s, float* bt) {
-  expand_impl(y, c, B, r, B_rs, d_out, xa, s, bt);
+void expand(float* const* y, i64 c, const float* B, i64 r, i64 B_rs, i64 d_out, const float* xa,
+            float s, float* bt) {
+  expand_any(y, c, B, r, B_rs, d_out, xa, s, bt);
 }
-RSLORA_CLONES void expand(double* const* y, i64 c, const double* B, i64 r, i64 B_rs, i64 d_out,
-                          const double* xa, double s, double* bt) {
-  expand_impl(y, c, B, r, B_rs, d_out, xa, s, bt);
+void expand(double* const* y, i64 c, const double* B, i64 r, i64 B_rs, i64 d_out,
+            const double* xa, double s, double* bt) {
+  expand_any(y, c, B, r, B_rs, d_out, xa, s, bt);
 }
 
 }  // namespace rslora::detail
