@@ -1,8 +1,12 @@
 #include "rslora/multi.hpp"
 
+#include <algorithm>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "rslora/blas.hpp"
@@ -48,6 +52,46 @@ void add_row(const T* src, T* dst, i64 stride, i64 len) {
   }
 }
 
+// Per-thread scratch of the small-group kernels.
+template <class T>
+struct Scratch {
+  std::vector<T> xa, bt, acc;
+  std::vector<const T*> xp;
+  std::vector<T*> yp;
+  explicit Scratch(i64 r)
+      : bt(static_cast<size_t>(detail::kExpandBlock * r)),
+        acc(static_cast<size_t>(detail::kShrinkScratch * r)) {}
+};
+
+// One group of c <= kSmallGroup rows (unit-stride rows): the adapter is read once, in place.
+template <class T>
+void add_small_group(Mat<T> y, Mat<const T> x, Mat<const T> A, Mat<const T> B, T s,
+                     const i64* rows, i64 c, Scratch<T>& buf) {
+  const i64 r = A.rows;
+  buf.xa.resize(static_cast<size_t>(c * r));
+  buf.xp.resize(static_cast<size_t>(c));
+  buf.yp.resize(static_cast<size_t>(c));
+  for (i64 k = 0; k < c; ++k) buf.xp[k] = &x(rows[k], 0), buf.yp[k] = &y(rows[k], 0);
+  detail::shrink(buf.xp.data(), c, A.data, r, A.rs, x.cols, buf.xa.data(), buf.acc.data());
+  detail::expand(buf.yp.data(), c, B.data, r, B.rs, y.cols, buf.xa.data(), s, buf.bt.data());
+}
+
+// A group's fixed cost (reading its adapter) in rows: a row costs 2 r (d_in + d_out) flops
+// against r (d_in + d_out) adapter elements streamed from memory.
+constexpr i64 kAdapterCost = 2;
+
+// Threads of our own for `flops` of small-group work: as many as BLAS may use (so that
+// threadpoolctl's limits, and a limit of one, apply to us too), none below ~2 MFLOP, where
+// starting a thread costs more than it saves.
+int threads_for(double flops) {
+  if (flops < 2e6) return 1;
+  int nt = blas::num_threads();
+  const int hw = static_cast<int>(std::thread::hardware_concurrency());
+  if (nt <= 0) nt = hw > 0 ? hw : 1;
+  if (hw > 0) nt = std::min(nt, hw);
+  return std::max(1, std::min(nt, static_cast<int>(flops / 1e6)));
+}
+
 }  // namespace
 
 void check_adapter_ids(const i64* ids, i64 n, i64 n_adapters) {
@@ -81,30 +125,67 @@ void lora_add_multi(Mat<T> y, Mat<const T> x, Stack<const T> A, Stack<const T> B
   // The small-group kernels need unit-stride rows of x, y, A_a and B_a.
   const bool unit_rows = (x.cs == 1 || d_in <= 1) && (y.cs == 1 || d_out <= 1) &&
                          (A.cs == 1 || d_in <= 1) && (B.cs == 1 || r <= 1);
-  std::vector<T> xbuf, ybuf, xabuf, btbuf(static_cast<size_t>(detail::kExpandBlock * r)),
-      accbuf(static_cast<size_t>(detail::kShrinkScratch * r));
-  std::vector<const T*> xp;
-  std::vector<T*> yp;
+  auto count = [&](i64 a) { return start[a + 1] - start[a]; };
+  auto in_kernels = [&](i64 c) { return c > 0 && c <= detail::kSmallGroup && unit_rows; };
+
+  // Groups for the small-group kernels, shared out over threads of our own: they touch disjoint
+  // rows of y, call no BLAS, and the result does not depend on the split (each group is computed
+  // the same way whichever thread takes it). Cost of a group ~ its rows plus reading its adapter.
+  std::vector<i64> small;
+  i64 work = 0;
+  for (i64 a = 0; a < na; ++a)
+    if (in_kernels(count(a))) small.push_back(a), work += count(a) + kAdapterCost;
+  const int nt = threads_for(static_cast<double>(work) * r * (d_in + d_out));
+  auto run_small = [&](size_t g0, size_t g1) {
+    Scratch<T> buf(r);
+    for (size_t g = g0; g < g1; ++g) {
+      const i64 a = small[g], c = count(a);
+      add_small_group(y, x, A[a], B[a], static_cast<T>(scales[a]), order.data() + start[a], c,
+                      buf);
+    }
+  };
+  if (nt <= 1) {
+    run_small(0, small.size());
+  } else {
+    // Contiguous ranges of equal cost; thread t takes range t, this thread range 0.
+    std::vector<size_t> cut(static_cast<size_t>(nt + 1), small.size());
+    cut[0] = 0;
+    i64 acc = 0;
+    int t = 1;
+    for (size_t g = 0; g < small.size() && t < nt; ++g) {
+      acc += count(small[g]) + kAdapterCost;
+      if (acc * nt >= work * t) cut[static_cast<size_t>(t++)] = g + 1;
+    }
+    std::vector<std::thread> pool;
+    std::exception_ptr err;
+    std::mutex err_mutex;
+    for (int k = 1; k < nt; ++k)
+      pool.emplace_back([&, k] {
+        try {
+          run_small(cut[static_cast<size_t>(k)], cut[static_cast<size_t>(k + 1)]);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(err_mutex);
+          if (!err) err = std::current_exception();
+        }
+      });
+    try {
+      run_small(cut[0], cut[1]);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(err_mutex);
+      if (!err) err = std::current_exception();
+    }
+    for (auto& th : pool) th.join();
+    if (err) std::rethrow_exception(err);
+  }
+
+  // The rest (big groups, strided rows) through BLAS, which threads itself.
+  std::vector<T> xbuf, ybuf, xabuf;
   for (i64 a = 0; a < na; ++a) {
-    const i64 c = start[a + 1] - start[a];
-    if (c == 0) continue;
+    const i64 c = count(a);
+    if (c == 0 || in_kernels(c)) continue;
     const i64* rows = order.data() + start[a];
     const T s = static_cast<T>(scales[a]);
     xabuf.resize(static_cast<size_t>(c * r));
-    if (c <= detail::kSmallGroup && unit_rows) {  // memory-bound: read A_a, B_a once, in place
-      xp.resize(static_cast<size_t>(c));
-      yp.resize(static_cast<size_t>(c));
-      for (i64 k = 0; k < c; ++k) xp[k] = &x(rows[k], 0), yp[k] = &y(rows[k], 0);
-      detail::shrink(xp.data(), c, A[a].data, r, A.rs, d_in, xabuf.data(), accbuf.data());
-      if (c <= kGemvRows) {  // BLAS gemv beats the blocked transpose when it is not amortized
-        for (i64 k = 0; k < c; ++k)
-          blas::gemv<T>(s, B[a], false, Vec<const T>{xabuf.data() + k * r, r, 1}, T(1),
-                        Vec<T>{yp[k], d_out, 1});
-      } else {
-        detail::expand(yp.data(), c, B[a].data, r, B.rs, d_out, xabuf.data(), s, btbuf.data());
-      }
-      continue;
-    }
     if (c <= kGemvRows) {
       add_rows_gemv(y, x, A[a], B[a], s, rows, c, xabuf.data());
       continue;

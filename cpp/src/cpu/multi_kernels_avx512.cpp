@@ -179,7 +179,43 @@ RSLORA_AVX512 RSLORA_INLINE void expand_rows(T* const* y, i64 j0, i64 jb, const 
   }
 }
 
+// expand_rows for r == L with the transposed block of B still in registers (bt[q] = v[q]).
+template <class T, int K>
+RSLORA_AVX512 RSLORA_INLINE void expand_rows_reg(T* const* y, i64 j0, const typename Simd<T>::V* v,
+                                                 const T* xa, T s) {
+  using S = Simd<T>;
+  constexpr int L = S::L;
+  typename S::V acc[K];
+  for (int k = 0; k < K; ++k) acc[k] = S::zero();
+#pragma GCC unroll 16
+  for (int q = 0; q < L; ++q)
+    for (int k = 0; k < K; ++k) acc[k] = S::fma(S::set1(xa[k * L + q]), v[q], acc[k]);
+  const typename S::V sv = S::set1(s);
+  for (int k = 0; k < K; ++k) S::store(y[k] + j0, S::fma(sv, acc[k], S::load(y[k] + j0)));
+}
+
 constexpr i64 kPrefetch = 4;  // blocks of L rows of B ahead
+
+// v[i] = B[j0 + i, q0 .. q0 + qb) for i < jb, zero-padded to L x L.
+template <class T>
+RSLORA_AVX512 RSLORA_INLINE void load_block(typename Simd<T>::V* v, const T* B, i64 B_rs,
+                                            i64 d_out, i64 j0, i64 jb, i64 q0, int qb) {
+  using S = Simd<T>;
+  constexpr int L = S::L;
+  if (jb == L && qb == L) {
+    if (j0 + kPrefetch * L < d_out) {  // B streams from memory: ask for it early
+#pragma GCC unroll 16
+      for (int i = 0; i < L; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(B + (j0 + kPrefetch * L + i) * B_rs + q0),
+                     _MM_HINT_T0);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < L; ++i) v[i] = S::load(B + (j0 + i) * B_rs + q0);
+  } else {
+    for (int i = 0; i < L; ++i)
+      v[i] = i >= jb ? S::zero() : S::load(B + (j0 + i) * B_rs + q0, qb);
+  }
+}
 
 template <class T>
 RSLORA_AVX512 void expand_impl(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, i64 d_out,
@@ -187,24 +223,21 @@ RSLORA_AVX512 void expand_impl(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, 
   using S = Simd<T>;
   constexpr int L = S::L;
   const Transposer<T> transpose;
+  typename S::V v[L];
   for (i64 j0 = 0; j0 < d_out; j0 += L) {
     const i64 jb = std::min<i64>(L, d_out - j0);
+    if (r == L && jb == L) {  // the common case: the transposed block stays in registers
+      load_block<T>(v, B, B_rs, d_out, j0, jb, 0, L);
+      transpose(v);
+      i64 k = 0;
+      for (; k + 4 <= c; k += 4) expand_rows_reg<T, 4>(y + k, j0, v, xa + k * r, s);
+      for (; k < c; ++k) expand_rows_reg<T, 1>(y + k, j0, v, xa + k * r, s);
+      continue;
+    }
     // bt (r, L) = rows j0 .. j0 + jb of B transposed, zero-padded.
     for (i64 q0 = 0; q0 < r; q0 += L) {
       const int qb = static_cast<int>(std::min<i64>(L, r - q0));
-      typename S::V v[L];
-      if (jb == L && qb == L) {
-        if (j0 + kPrefetch * L < d_out) {  // B streams from memory: ask for it early
-#pragma GCC unroll 16
-          for (int i = 0; i < L; ++i)
-            _mm_prefetch(reinterpret_cast<const char*>(B + (j0 + kPrefetch * L + i) * B_rs + q0),
-                         _MM_HINT_T0);
-        }
-#pragma GCC unroll 16
-        for (int i = 0; i < L; ++i) v[i] = S::load(B + (j0 + i) * B_rs + q0);
-      } else {
-        for (int i = 0; i < L; ++i) v[i] = i >= jb ? S::zero() : S::load(B + (j0 + i) * B_rs + q0, qb);
-      }
+      load_block<T>(v, B, B_rs, d_out, j0, jb, q0, qb);
       transpose(v);
 #pragma GCC unroll 16
       for (int q = 0; q < L; ++q)
