@@ -245,3 +245,25 @@ def test_bad_shapes(ops):
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="y is read-only"):
         rslora.lora_add_multi(ro, x, A, B, ids, scales=scales)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("r", [16, 8, 12, 20])
+def test_groups_of_every_size_threaded_and_not(dtype, r):
+    """Group sizes 1..33 (every register tile and remainder of the small-group kernels, and the
+    first GEMM-sized group), d not a multiple of the SIMD width, r on and off the fast paths;
+    enough work for the threaded path, which must give the single-thread result bit for bit
+    (each group is computed the same way whichever thread takes it)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    rng = np.random.default_rng(r)
+    sizes = np.arange(1, 34)
+    na, d_in, d_out = len(sizes) + 1, 403, 317
+    ids = rng.permutation(np.concatenate([np.full(c, a) for a, c in enumerate(sizes)] + [[-1] * 5]))
+    x, W, A, B, scales = make(rng, len(ids), d_in, d_out, r, na, dtype)
+    y0 = rng.standard_normal((len(ids), d_out)).astype(dtype)
+    got = rslora.lora_add_multi(y0.copy(), x, A, B, ids, scales=scales)
+    want = y0 + reference(x, W, A, B, ids, scales) - reference(x, W, A[:, :0], B[:, :, :0], ids, scales)
+    close(got, want, dtype)
+    with threadpoolctl.threadpool_limits(1):
+        one = rslora.lora_add_multi(y0.copy(), x, A, B, ids, scales=scales)
+    np.testing.assert_array_equal(got, one)

@@ -20,10 +20,13 @@ void check_adapter_ids(const i64* ids, i64 n, i64 n_adapters);
 
 // y[i] += scales[a] (x[i] A_a^T) B_a^T for every row i with a = ids[i] != -1 (-1: base only).
 // Rows are grouped by adapter with a counting sort (stable: rows keep their order inside a
-// group). Groups of up to 32 rows with unit-stride rows use the kernels of multi_kernels.hpp,
-// which read x and write y in place and each adapter element once (gemv expand for one or two
-// rows, as in a decode batch); bigger groups are GEMM-shaped: one shrink and one expand GEMM,
-// straight on x and y when the rows are consecutive, gathered and scattered otherwise.
+// group). Groups of up to 32 rows with unit-stride rows use the kernels of multi_kernels.hpp
+// (AVX-512 where the CPU has it), which read x and write y in place and each adapter element
+// once; these groups are shared out over threads of our own (as many as BLAS may use, so a
+// threadpoolctl limit of 1 means one thread; spawned per call and joined, never spinning), with
+// a result independent of the thread count. Bigger groups are GEMM-shaped: one shrink and one
+// expand GEMM, straight on x and y when the rows are consecutive, gathered and scattered
+// otherwise.
 template <class T>
 void lora_add_multi(Mat<T> y, Mat<const T> x, Stack<const T> A, Stack<const T> B, const i64* ids,
                     const double* scales);
