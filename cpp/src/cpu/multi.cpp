@@ -6,6 +6,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -159,21 +160,21 @@ void lora_add_multi(Mat<T> y, Mat<const T> x, Stack<const T> A, Stack<const T> B
     std::vector<std::thread> pool;
     std::exception_ptr err;
     std::mutex err_mutex;
-    for (int k = 1; k < nt; ++k)
-      pool.emplace_back([&, k] {
-        try {
-          run_small(cut[static_cast<size_t>(k)], cut[static_cast<size_t>(k + 1)]);
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(err_mutex);
-          if (!err) err = std::current_exception();
-        }
-      });
+    auto range = [&](int k) {
+      try {
+        run_small(cut[static_cast<size_t>(k)], cut[static_cast<size_t>(k + 1)]);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(err_mutex);
+        if (!err) err = std::current_exception();
+      }
+    };
+    int k = 1;
     try {
-      run_small(cut[0], cut[1]);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(err_mutex);
-      if (!err) err = std::current_exception();
+      for (; k < nt; ++k) pool.emplace_back(range, k);
+    } catch (const std::system_error&) {  // no thread to be had: the rest here
     }
+    range(0);
+    for (; k < nt; ++k) range(k);
     for (auto& th : pool) th.join();
     if (err) std::rethrow_exception(err);
   }
