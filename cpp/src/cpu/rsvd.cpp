@@ -9,6 +9,7 @@
 // Krylov basis costs nothing more than the passes that built it.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -41,6 +42,14 @@ SmallSvd<T> small_svd(const std::vector<T>& W, i64 q, i64 L, i64 cols) {
   if (L == 0) return sv;
   std::vector<T> Qw(W.begin(), W.begin() + q * L), R(static_cast<size_t>(L * L)),
       Ur(static_cast<size_t>(L * L));
+  if (!std::all_of(W.begin(), W.begin() + q * L, [](T x) { return std::isfinite(x); })) {
+    // NaN/Inf in M (check_finite=False): NaN out, as LAPACK would refuse the input
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    std::fill(sv.s.begin(), sv.s.end(), nan);
+    std::fill(sv.Uw.begin(), sv.Uw.end(), nan);
+    std::fill(sv.Vwt.begin(), sv.Vwt.end(), nan);
+    return sv;
+  }
   orthonormalize(Qw.data(), q, L);
   auto Qv = ccolmajor(Qw.data(), q, L, q);
   blas::gemm<T>(T(1), Qv, true, ccolmajor(W.data(), q, L, q), false, T(0), colmajor(R.data(), L, L, L));
