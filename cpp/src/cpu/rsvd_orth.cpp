@@ -81,6 +81,14 @@ void orthonormalize(T* Y, i64 p, i64 l) {
 }
 
 template <class T>
+void condition(T* Y, i64 p, i64 l) {
+  if (p == 0 || l == 0) return;
+  std::vector<T> G;
+  if (!cholqr_pass(Y, p, l, G, 1, nullptr) && !cholqr_pass(Y, p, l, G, 2, nullptr))
+    householder(Y, p, l);
+}
+
+template <class T>
 void lu_normalize(T* Y, i64 p, i64 l) {
   if (p == 0 || l == 0) return;
   std::vector<i64> ipiv(static_cast<size_t>(std::min(p, l)));
@@ -163,6 +171,7 @@ void fix_signs(Mat<T> U, Mat<T> Vt) {
 #define RSLORA_INSTANTIATE(T)                                              \
   template void orthonormalize<T>(T*, i64, i64);                           \
   template void lu_normalize<T>(T*, i64, i64);                             \
+  template void condition<T>(T*, i64, i64);                                \
   template void rescale<T>(T*, i64);                                       \
   template void project_out<T>(const T*, i64, i64, T*, i64, std::vector<T>&, int); \
   template void orthonormalize_against<T>(const T*, i64, i64, T*, i64, std::vector<T>&); \
