@@ -70,6 +70,18 @@ def test_against_lapack(dtype, shape, method, spec):
     assert ratio(M, U, S, Vt, k) <= 1.001
 
 
+@pytest.mark.parametrize("normalizer", ["qr", "lu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_many_passes_keep_small_directions(normalizer, dtype):
+    # steep decay: after 8 passes the raw powers span ~1e20 in scale; the normalizer must
+    # keep the basis conditioned so the 10th direction survives
+    M = make(300, 200, np.exp(-np.arange(200) / 3.0), dtype, seed=12)
+    U, S, Vt = rslora.rsvd(M, 10, n_iter=8, normalizer=normalizer, seed=4)
+    check_orthonormal(U, Vt, dtype)
+    assert ratio(M, U, S, Vt, 10) <= 1.001
+    assert np.allclose(S, np.exp(-np.arange(10) / 3.0), rtol=1e-4 if dtype == np.float32 else 1e-10)
+
+
 @pytest.mark.parametrize("normalizer", ["qr", "lu", "none"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_normalizers(normalizer, dtype):

@@ -112,12 +112,11 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", method="subspace", normalizer="q
         ``(n_iter + 1) * l`` wide; more accurate per pass on slowly decaying spectra (3 steps,
         8 passes, match what 5 subspace iterations, 12 passes, give).
     normalizer : {"qr", "lu", "none"}
-        How subspace iteration re-conditions its blocks between passes: ``Y R^-1`` with R from
-        one shifted Cholesky of ``Y^T Y`` (a QR-type normalization: same span, well-conditioned
-        basis; Householder QR when Cholesky breaks down), an LU factor ``P L`` (as scikit-learn
-        and fbpca do), or only a rescaling (plain power iteration: loses the small directions in
-        float32 after a few passes). The final basis is always orthonormalized (CholeskyQR2, or
-        Householder). ``method="krylov"`` needs ``"qr"``.
+        How subspace iteration re-conditions its blocks between passes: QR by two CholeskyQR
+        passes (the first shifted; Householder QR when Cholesky breaks down), an LU factor
+        ``P L`` (as scikit-learn and fbpca do), or only a rescaling (plain power iteration:
+        loses the small directions in float32 after a few passes). The final basis is always
+        orthonormalized to working precision. ``method="krylov"`` needs ``"qr"``.
     seed : int, numpy.random.Generator or None
         Key of the Gaussian test matrix (0 <= seed < 2**64). None draws fresh entropy. The same
         seed gives the same result (for the same BLAS thread count).

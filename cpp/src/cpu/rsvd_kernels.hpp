@@ -21,9 +21,9 @@ Mat<const T> ccolmajor(const T* p, i64 rows, i64 cols, i64 ld) {
 template <class T>
 void orthonormalize(T* Y, i64 p, i64 l);
 
-// Y <- Y R^-1 with R from one shifted Cholesky of Y^T Y (Householder if that breaks down): the
-// same span with cond <~ u^-1/2, all that subspace iteration needs between passes ("qr"
-// normalizer). Cheaper than orthonormalize, whose extra passes only polish orthogonality.
+// Two CholeskyQR passes (the first shifted; Householder if Cholesky breaks down): the same span,
+// orthonormal to ~1e-3 in float32 at worst, all that subspace iteration needs between passes
+// ("qr" normalizer). orthonormalize adds a third pass when needed, for the final basis.
 template <class T>
 void condition(T* Y, i64 p, i64 l);
 
