@@ -249,6 +249,20 @@ def test_non_finite(bad):
     rslora.rsvd(M, 2, check_finite=False, seed=0)  # skipped: no error raised
 
 
+def test_overflowing_input_is_named():
+    M = np.full((20, 10), 3e38, np.float32)  # finite, but any product with it overflows
+    with pytest.raises(ValueError, match="too large"):
+        rslora.rsvd(M, 2, seed=0)
+
+
+@pytest.mark.parametrize("method", ["subspace", "krylov"])
+def test_non_finite_unchecked_gives_nan(method):
+    M = np.ones((12, 9))
+    M[2, 2] = np.nan
+    U, S, Vt = rslora.rsvd(M, 3, method=method, check_finite=False, seed=0)
+    assert np.isnan(S).all()
+
+
 @pytest.mark.parametrize("kw, err, msg", [
     ({"method": "lanczos"}, ValueError, "method must be"),
     ({"normalizer": "cholesky"}, ValueError, "normalizer must be"),
