@@ -15,17 +15,17 @@ busy 2-core machine. Every method compared draws a Gaussian (or uniform) test ma
 Gaussian sketch is rotation invariant (V^T Omega is Gaussian again), so the accuracy depends on
 the spectrum alone; the vectors only have to be dense and orthogonal.
 
-Each method gets the fewest iterations that reach <= 1.001 x the optimum on each spectrum
-(the table N_ITER, asserted by every benchmark), scikit-learn its defaults (n_iter=7 and LU
-normalization here, about 1.0003). Roles in each group:
-  rslora         rsvd(M, 64, n_iter=N_ITER["rslora"][spectrum])   (2 n_iter + 2 GEMM passes)
+Each method gets the fewest iterations that reach <= 1.001 x the optimum on each spectrum and
+size (the table N_ITER; every benchmark asserts its accuracy), scikit-learn its defaults (n_iter=7
+and LU normalization here, about 1.0003). Roles in each group:
+  rslora         rsvd(M, 64, n_iter=N_ITER["rslora"][spectrum, n])   (2 n_iter + 2 GEMM passes)
   rslora-auto    rsvd(M, 64) with n_iter="auto" (5 subspace iterations, 12 passes)
-  rslora-krylov  rsvd(M, 64, method="krylov", n_iter=N_ITER["krylov"][spectrum])
+  rslora-krylov  rsvd(M, 64, method="krylov", n_iter=N_ITER["krylov"][spectrum, n])
   rsvd_tol       rsvd_tol(M, tol = 1.001 x optimal relative error of rank 64)
   gemm-floor     only the 2 n_iter + 2 GEMMs (n x n times n x 74) that the rslora entry makes
   sklearn        sklearn.utils.extmath.randomized_svd(M, 64) (defaults)
-  torch          torch.svd_lowrank(M, q=74, niter=N_ITER["torch"][spectrum]), truncated to 64
-  fbpca          fbpca.pca(M, 64, raw=True, l=74, n_iter=N_ITER["fbpca"][spectrum])
+  torch          torch.svd_lowrank(M, q=74, niter=N_ITER["torch"][spectrum, n]), truncated to 64
+  fbpca          fbpca.pca(M, 64, raw=True, l=74, n_iter=N_ITER["fbpca"][spectrum, n])
   numpy          numpy.linalg.svd(M, full_matrices=False) (n = 2048; 4096 with
                  RSLORA_BENCH_FULL_SVD=1: it takes minutes there)
 """

@@ -159,3 +159,5 @@ def test_spectrum_bad_input():
         rslora.spectrum(np.ones(3))
     with pytest.raises(ValueError, match="NaN or Inf"):
         rslora.spectrum(np.full((3, 3), np.nan))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rslora.spectrum(np.full((30, 30), np.inf), 3)
