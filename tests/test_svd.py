@@ -118,6 +118,23 @@ def test_same_seed_same_result(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("tall", [True, False])
+def test_layouts_krylov_and_tol(dtype, tall):
+    big = make(300, 260, style(260), dtype, seed=10)
+    big = big if tall else np.ascontiguousarray(big.T)
+    base = np.ascontiguousarray(big[::2, ::2])
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    U0, S0, Vt0 = rslora.rsvd(base, 6, method="krylov", seed=2)
+    r0 = rslora.rsvd_tol(base, 0.05, seed=2)
+    for M in (np.asfortranarray(base), big[::2, ::2]):
+        U, S, Vt = rslora.rsvd(M, 6, method="krylov", seed=2)
+        assert np.allclose(S, S0, rtol=tol)
+        assert np.allclose((U * S) @ Vt, (U0 * S0) @ Vt0, atol=tol * S0[0])
+        r = rslora.rsvd_tol(M, 0.05, seed=2)
+        assert len(r.S) == len(r0.S) and abs(r.error - r0.error) <= tol
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_layouts_give_the_same_answer(dtype):
     big = make(300, 260, style(260), dtype, seed=9)
     base = np.ascontiguousarray(big[::2, ::2])
