@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _core
+from . import _arrays, _core
 
 __all__ = ["rsvd", "rsvd_tol", "RsvdTolResult"]
 
@@ -141,8 +141,14 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", method="subspace", normalizer="q
     on ties) is positive; the matching row of ``Vt`` carries the same sign. The work is done on
     ``M`` or on ``M.T`` (a view), whichever makes the orthonormal bases the short side.
     A zero or rank-deficient ``M`` gives zero singular values with orthonormal (arbitrary)
-    vectors, never NaN.
+    vectors, never NaN. GPU arrays (DLPack: torch, CuPy) run on the GPU through
+    :func:`rslora.cuda.rsvd`.
     """
+    if _arrays.on_gpu(M):
+        from . import cuda
+
+        return cuda.rsvd(M, k, oversample=oversample, n_iter=n_iter, method=method,
+                         normalizer=normalizer, seed=seed, check_finite=check_finite)
     M = _matrix(M)  # NaN/Inf are caught by the core in the first pass (no extra read of M)
     k = _int(k, "k")
     lo = min(M.shape)
