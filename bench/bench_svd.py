@@ -36,7 +36,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import set_case
+from benchutil import set_case
 
 import rslora
 from rslora import _core
