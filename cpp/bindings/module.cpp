@@ -6,6 +6,7 @@ void bind_blas(py::module_& m);
 void bind_linear(py::module_& m);
 void bind_backward(py::module_& m);
 void bind_multi(py::module_& m);
+void bind_svd(py::module_& m);
 }  // namespace rslora::bind
 
 namespace {
@@ -32,4 +33,5 @@ PYBIND11_MODULE(_core, m) {
   rslora::bind::bind_linear(m);
   rslora::bind::bind_backward(m);
   rslora::bind::bind_multi(m);
+  rslora::bind::bind_svd(m);
 }

@@ -15,6 +15,8 @@ from .linear import lora_linear, merge, unmerge  # noqa: E402
 from .backward import lora_linear_backward  # noqa: E402
 from .multi import lora_add_multi, lora_linear_multi  # noqa: E402
 from .layer import LoRAGrads, LoRALinear  # noqa: E402
+from .spectrum import Spectrum, lora_from_delta, spectrum  # noqa: E402
+from .svd import RsvdTolResult, rsvd, rsvd_tol  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,12 @@ __all__ = [
     "LoRALinear",
     "LoRAGrads",
     "show_config",
+    "rsvd",
+    "rsvd_tol",
+    "RsvdTolResult",
+    "lora_from_delta",
+    "spectrum",
+    "Spectrum",
 ]
 
 

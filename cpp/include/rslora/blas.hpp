@@ -41,6 +41,16 @@ void gemm(T alpha, Mat<const T> A, bool ta, Mat<const T> B, bool tb, T beta, Mat
 // For matrix-times-one-vector work (a decode row through an adapter) without gathering rows.
 template <class T>
 void gemv(T alpha, Mat<const T> A, bool ta, Vec<const T> x, T beta, Vec<T> y);
+// --- more BLAS-3, column-major buffers (cpp/src/cpu/blas_level3.cpp) ---------------------------
+// C (n x n) = alpha op(A)^T-style rank-k update + beta C on one triangle: trans == false gives
+// alpha A A^T (A is n x k), trans == true gives alpha A^T A (A is k x n). Only the `upper` (or
+// lower) triangle of C is referenced and written.
+template <class T>
+void syrk(bool upper, bool trans, i64 n, i64 k, T alpha, const T* a, i64 lda, T beta, T* c, i64 ldc);
+// B (m x n) = alpha op(A)^-1 B (left) or alpha B op(A)^-1 (right), A triangular.
+template <class T>
+void trsm(bool left, bool upper, bool trans, bool unit_diag, i64 m, i64 n, T alpha, const T* a,
+          i64 lda, T* b, i64 ldb);
 
 // --- LAPACK, column-major buffers; info != 0 becomes std::runtime_error -------------------------
 // QR: A (m x n, lda) is overwritten by the Householder form; tau has min(m, n) entries.

@@ -1,0 +1,178 @@
+// Fixed-rank randomized SVD: range finder with subspace iteration (Halko, Martinsson & Tropp
+// 2011, Alg. 4.4) or block Krylov iteration (Musco & Musco 2015), see rslora/svd.hpp.
+//
+// Pass structure (A is p x q, p <= q; l = k + oversample columns; n_iter = t):
+//   subspace: Y = A Om; t times { Z = A^T norm(Y); Y = A norm(Z) }; Q = orth(Y); W = A^T Q.
+//   krylov:   Q_0 = orth(A Om); for i = 0..t { W_i = A^T Q_i; Q_{i+1} = orth_against(A W_i) }.
+// Both make 2t + 2 GEMM passes. W = A^T Q is B^T for B = Q^T A, so the small SVD needs no extra
+// pass; in the Krylov case the W_i of every block are kept, so B of the whole (t+1) l wide
+// Krylov basis costs nothing more than the passes that built it.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "rslora/blas.hpp"
+#include "rslora/errors.hpp"
+#include "rslora/random.hpp"
+#include "rslora/svd.hpp"
+#include "rsvd_kernels.hpp"
+
+namespace rslora {
+namespace detail {
+
+template <class T>
+void Sides<T>::mul(const T* X, i64 c, T* Y) const {
+  blas::gemm<T>(T(1), A, false, ccolmajor(X, q, c, q), false, T(0), colmajor(Y, p, c, p));
+}
+
+template <class T>
+void Sides<T>::mul_t(const T* Y, i64 c, T* Z) const {
+  blas::gemm<T>(T(1), A, true, ccolmajor(Y, p, c, p), false, T(0), colmajor(Z, q, c, q));
+}
+
+template <class T>
+SmallSvd<T> small_svd(const std::vector<T>& W, i64 q, i64 L, i64 cols) {
+  SmallSvd<T> sv;
+  sv.q = q, sv.L = L;
+  sv.s.resize(static_cast<size_t>(L));
+  sv.Uw.resize(static_cast<size_t>(q * cols));
+  sv.Vwt.resize(static_cast<size_t>(L * L));
+  if (L == 0) return sv;
+  std::vector<T> Qw(W.begin(), W.begin() + q * L), R(static_cast<size_t>(L * L)),
+      Ur(static_cast<size_t>(L * L));
+  orthonormalize(Qw.data(), q, L);
+  auto Qv = ccolmajor(Qw.data(), q, L, q);
+  blas::gemm<T>(T(1), Qv, true, ccolmajor(W.data(), q, L, q), false, T(0), colmajor(R.data(), L, L, L));
+  blas::gesdd<T>(L, L, R.data(), L, sv.s.data(), Ur.data(), L, sv.Vwt.data(), L);
+  blas::gemm<T>(T(1), Qv, false, ccolmajor(Ur.data(), L, cols, L), false, T(0),
+                colmajor(sv.Uw.data(), q, cols, q));
+  return sv;
+}
+
+template <class T>
+void write_factors(const Sides<T>& sd, const T* Q, const SmallSvd<T>& sv, i64 k, Mat<T> U, T* S,
+                   Mat<T> Vt) {
+  // Left factor of A: Q Vw[:, :k] (Vw = Vwt^T, so Vw[:, :k] is the transpose of Vwt's first k rows).
+  Mat<T> left = sd.transposed ? Vt.t() : U;   // p x k
+  Mat<T> right = sd.transposed ? U : Vt.t();  // q x k
+  auto Vk = ccolmajor(sv.Vwt.data(), k, sv.L, sv.L);
+  blas::gemm<T>(T(1), ccolmajor(Q, sd.p, sv.L, sd.p), false, Vk, true, T(0), left);
+  for (i64 j = 0; j < k; ++j)
+    for (i64 i = 0; i < sd.q; ++i) right(i, j) = sv.Uw[i + j * sd.q];
+  for (i64 j = 0; j < k; ++j) S[j] = sv.s[j];
+  fix_signs(U, Vt);
+}
+
+}  // namespace detail
+
+int rsvd_auto_iters(RsvdMethod method, i64 m, i64 n, i64 k, i64 oversample) {
+  const i64 p = std::min(m, n);
+  if (k + oversample >= p) return 0;  // the sketch spans the short side: exact after one pass
+  return method == RsvdMethod::krylov ? 3 : 5;
+}
+
+i64 rsvd_passes(RsvdMethod, int n_iter) { return 2 * static_cast<i64>(n_iter) + 2; }
+
+namespace {
+
+using detail::Sides;
+
+template <class T>
+void normalize(RsvdNormalizer how, T* Y, i64 rows, i64 cols) {
+  switch (how) {
+    case RsvdNormalizer::qr: return detail::orthonormalize(Y, rows, cols);
+    case RsvdNormalizer::lu: return detail::lu_normalize(Y, rows, cols);
+    case RsvdNormalizer::none: return detail::rescale(Y, rows * cols);
+  }
+}
+
+// Subspace iteration: returns L = l; Q (p x l) orthonormal and W = A^T Q (q x l).
+template <class T>
+i64 subspace(const Sides<T>& sd, i64 l, int iters, RsvdNormalizer how, std::uint64_t seed,
+             std::vector<T>& Q, std::vector<T>& W) {
+  const i64 p = sd.p, q = sd.q;
+  W.resize(static_cast<size_t>(q * l));
+  Q.resize(static_cast<size_t>(p * l));
+  random::normal<T>(W.data(), q * l, seed, 0);
+  sd.mul(W.data(), l, Q.data());
+  check_interrupt();
+  for (int it = 0; it < iters; ++it) {
+    normalize(how, Q.data(), p, l);
+    sd.mul_t(Q.data(), l, W.data());
+    check_interrupt();
+    normalize(how, W.data(), q, l);
+    sd.mul(W.data(), l, Q.data());
+    check_interrupt();
+  }
+  detail::orthonormalize(Q.data(), p, l);
+  sd.mul_t(Q.data(), l, W.data());
+  check_interrupt();
+  return l;
+}
+
+// Block Krylov with full reorthogonalization: returns L = width of the basis (<= p).
+template <class T>
+i64 krylov(const Sides<T>& sd, i64 l, int iters, std::uint64_t seed, std::vector<T>& Q,
+           std::vector<T>& W) {
+  const i64 p = sd.p, q = sd.q;
+  const i64 L_max = std::min<i64>(l * (static_cast<i64>(iters) + 1), p);
+  Q.resize(static_cast<size_t>(p * L_max));
+  W.resize(static_cast<size_t>(q * L_max));
+  std::vector<T> tmp;
+  random::normal<T>(W.data(), q * l, seed, 0);  // W's first block holds Om until A^T Q_0
+  sd.mul(W.data(), l, Q.data());
+  check_interrupt();
+  detail::orthonormalize(Q.data(), p, l);
+  i64 c0 = 0, w = l;  // current block: columns [c0, c0 + w)
+  for (;;) {
+    T* Wi = W.data() + c0 * q;
+    sd.mul_t(Q.data() + c0 * p, w, Wi);
+    check_interrupt();
+    const i64 c = c0 + w;
+    if (c >= L_max) return c;
+    const i64 w_next = std::min(w, L_max - c);
+    T* Y = Q.data() + c * p;
+    sd.mul(Wi, w_next, Y);
+    check_interrupt();
+    detail::rescale(Y, p * w_next);
+    detail::orthonormalize_against(Q.data(), p, c, Y, w_next, tmp);
+    c0 = c, w = w_next;
+  }
+}
+
+}  // namespace
+
+template <class T>
+void rsvd(Mat<const T> M, i64 k, const RsvdOptions& opt, Mat<T> U, T* S, Mat<T> Vt) {
+  const i64 m = M.rows, n = M.cols;
+  if (k < 1 || k > std::min(m, n))
+    throw std::invalid_argument("k must be in [1, min(m, n)] = [1, " +
+                                std::to_string(std::min(m, n)) + "], got " + std::to_string(k));
+  if (opt.oversample < 0)
+    throw std::invalid_argument("oversample must be >= 0, got " + std::to_string(opt.oversample));
+  if (U.rows != m || U.cols != k || Vt.rows != k || Vt.cols != n)
+    throw std::invalid_argument("rsvd: output shapes do not match M and k");
+  if (opt.method == RsvdMethod::krylov && opt.normalizer != RsvdNormalizer::qr)
+    throw std::invalid_argument("method='krylov' orthonormalizes its blocks: normalizer must be 'qr'");
+  const Sides<T> sd(M);
+  const i64 l = std::min(k + opt.oversample, sd.p);
+  const int iters = opt.n_iter < 0 ? rsvd_auto_iters(opt.method, m, n, k, opt.oversample) : opt.n_iter;
+  std::vector<T> Q, W;
+  const i64 L = opt.method == RsvdMethod::krylov ? krylov(sd, l, iters, opt.seed, Q, W)
+                                                 : subspace(sd, l, iters, opt.normalizer, opt.seed, Q, W);
+  const auto sv = detail::small_svd(W, sd.q, L, k);
+  detail::write_factors(sd, Q.data(), sv, k, U, S, Vt);
+}
+
+#define RSLORA_INSTANTIATE(T)                                                                   \
+  template struct detail::Sides<T>;                                                             \
+  template detail::SmallSvd<T> detail::small_svd<T>(const std::vector<T>&, i64, i64, i64);                 \
+  template void detail::write_factors<T>(const detail::Sides<T>&, const T*,                     \
+                                         const detail::SmallSvd<T>&, i64, Mat<T>, T*, Mat<T>);  \
+  template void rsvd<T>(Mat<const T>, i64, const RsvdOptions&, Mat<T>, T*, Mat<T>);
+RSLORA_INSTANTIATE(float)
+RSLORA_INSTANTIATE(double)
+#undef RSLORA_INSTANTIATE
+
+}  // namespace rslora

@@ -1,0 +1,81 @@
+// Building blocks shared by rsvd.cpp and rsvd_tol.cpp (internal to the core). Tall-skinny
+// blocks are column-major buffers (p rows, leading dimension p), what LAPACK wants.
+#pragma once
+#include <vector>
+
+#include "rslora/view.hpp"
+
+namespace rslora::detail {
+
+template <class T>
+Mat<T> colmajor(T* p, i64 rows, i64 cols, i64 ld) {
+  return {p, rows, cols, 1, ld};
+}
+template <class T>
+Mat<const T> ccolmajor(const T* p, i64 rows, i64 cols, i64 ld) {
+  return {p, rows, cols, 1, ld};
+}
+
+// Y (p x l, column-major, ld p) <- an orthonormal basis of its range, l <= p. Never NaN: a zero
+// or rank-deficient Y still gives orthonormal columns (Householder fills the missing directions).
+template <class T>
+void orthonormalize(T* Y, i64 p, i64 l);
+
+// Y <- P L from Y = P L U (partial pivoting): a well-conditioned basis of range(Y) at the cost of
+// one getrf, what scikit-learn and fbpca use between power passes. Finite for singular Y.
+template <class T>
+void lu_normalize(T* Y, i64 p, i64 l);
+
+// Y <- Y / max|Y| (span unchanged; keeps repeated powers of M inside the floating-point range).
+template <class T>
+void rescale(T* Y, i64 count);
+
+// Y (p x l) -= Q (Q^T Y), `rounds` times (block classical Gram-Schmidt), Q p x c orthonormal.
+// tmp is scratch.
+template <class T>
+void project_out(const T* Q, i64 p, i64 c, T* Y, i64 l, std::vector<T>& tmp, int rounds = 1);
+
+// Y (p x l) <- an orthonormal basis of range((I - Q Q^T) Y), orthogonal to Q (p x c) to working
+// precision: project, orthonormalize, project, orthonormalize (BCGS2, "twice is enough").
+template <class T>
+void orthonormalize_against(const T* Q, i64 p, i64 c, T* Y, i64 l, std::vector<T>& tmp);
+
+// Sign convention: the largest-|.| entry of each column of U (first on ties) is made positive,
+// and row j of Vt flips with column j of U.
+template <class T>
+void fix_signs(Mat<T> U, Mat<T> Vt);
+
+}  // namespace rslora::detail
+
+namespace rslora::detail {
+
+// The matrix the work is done on: A = M (m <= n) or M^T (m > n), so A is p x q with p <= q.
+template <class T>
+struct Sides {
+  Mat<const T> A;
+  bool transposed;
+  i64 p, q;
+  explicit Sides(Mat<const T> M)
+      : A(M.rows <= M.cols ? M : M.t()), transposed(M.rows > M.cols), p(A.rows), q(A.cols) {}
+  // Y (p x c) = A X, X (q x c); Z (q x c) = A^T Y, Y (p x c). Column-major, one GEMM each.
+  void mul(const T* X, i64 c, T* Y) const;
+  void mul_t(const T* Y, i64 c, T* Z) const;
+};
+
+// Thin SVD of the q x L block W = A^T Q (= B^T with B = Q^T A): W = Uw diag(s) Vwt, the first
+// `cols` left vectors only. Done as W = Qw R (CholeskyQR, BLAS-3), then gesdd of the L x L R:
+// LAPACK's own tall SVD spends its time in threaded BLAS-2 calls that crawl on a busy machine.
+template <class T>
+struct SmallSvd {
+  std::vector<T> s, Uw, Vwt;  // L; q x cols column-major; L x L column-major
+  i64 q = 0, L = 0;
+};
+template <class T>
+SmallSvd<T> small_svd(const std::vector<T>& W, i64 q, i64 L, i64 cols);
+
+// M ~ U diag(S) Vt from A ~ (Q Vw) diag(s) Uw^T, first k triplets, with the sign convention.
+template <class T>
+void write_factors(const Sides<T>& sd, const T* Q, const SmallSvd<T>& sv, i64 k, Mat<T> U, T* S,
+                   Mat<T> Vt);
+
+}  // namespace rslora::detail

@@ -1,0 +1,176 @@
+// Fixed-accuracy randomized SVD: blocked QB with an error indicator (Yu, Gu & Li 2018,
+// randQB_EI), then an SVD of B trimmed to the smallest rank that meets the tolerance.
+//
+// Each block: Y = (I - Q Q^T) A Om_i, power passes on the residual A - Q B (applied to thin
+// blocks only; the dense residual is never formed), Q_i = orth_against(Q, Y), B_i^T = W_i =
+// A^T Q_i. Since Q stays orthonormal, ||A - Q B||_F^2 = ||A||_F^2 - ||B||_F^2, so the error of
+// the basis built so far is known without touching the residual.
+//
+// Cancellation: in working precision u, ||B||_F^2 carries an absolute error of order u ||A||_F^2,
+// so once the indicator falls below ~100 u times the value it was computed from, its relative
+// error grows past a few percent (float32: relative tolerances below ~3e-3). At that point the
+// residual is computed exactly, one column chunk at a time (one extra pass, never a dense m x n
+// temporary), and the indicator is re-based on it: later blocks subtract their energy from that
+// exact, small number, which has no cancellation problem. Sums of squares are in float64.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "rslora/blas.hpp"
+#include "rslora/errors.hpp"
+#include "rslora/random.hpp"
+#include "rslora/svd.hpp"
+#include "rsvd_kernels.hpp"
+
+namespace rslora {
+namespace {
+
+using detail::ccolmajor;
+using detail::colmajor;
+using detail::Sides;
+
+template <class T>
+double sumsq(const T* x, i64 count) {
+  double s = 0;
+  for (i64 i = 0; i < count; ++i) s += double(x[i]) * double(x[i]);
+  return s;
+}
+
+template <class T>
+double frob2(Mat<const T> A) {
+  double s = 0;
+  const bool rows_inner = std::abs(A.cs) <= std::abs(A.rs);
+  const i64 outer = rows_inner ? A.rows : A.cols, inner = rows_inner ? A.cols : A.rows;
+  for (i64 o = 0; o < outer; ++o)
+    for (i64 i = 0; i < inner; ++i) {
+      const double v = rows_inner ? A(o, i) : A(i, o);
+      s += v * v;
+    }
+  return s;
+}
+
+// ||A - Q W^T||_F^2 with Q p x c, W q x c (column-major), by chunks of A's columns.
+template <class T>
+double residual2(const Sides<T>& sd, const T* Q, const T* W, i64 c) {
+  const i64 p = sd.p, q = sd.q, chunk = 256;
+  std::vector<T> R(static_cast<size_t>(p * std::min(chunk, q)));
+  double s = 0;
+  for (i64 j0 = 0; j0 < q; j0 += chunk) {
+    const i64 cb = std::min(chunk, q - j0);
+    auto Rv = colmajor(R.data(), p, cb, p);
+    auto Ab = sd.A.block(0, j0, p, cb);
+    if (std::abs(Ab.cs) <= std::abs(Ab.rs)) {
+      for (i64 i = 0; i < p; ++i)
+        for (i64 j = 0; j < cb; ++j) Rv(i, j) = Ab(i, j);
+    } else {
+      for (i64 j = 0; j < cb; ++j)
+        for (i64 i = 0; i < p; ++i) Rv(i, j) = Ab(i, j);
+    }
+    if (c > 0)
+      blas::gemm<T>(T(-1), ccolmajor(Q, p, c, p), false, ccolmajor(W + j0, cb, c, q), true, T(1), Rv);
+    s += sumsq(R.data(), p * cb);
+    check_interrupt();
+  }
+  return s;
+}
+
+}  // namespace
+
+template <class T>
+RsvdTolResult<T> rsvd_tol(Mat<const T> M, double tol, i64 max_rank, i64 block, int n_iter,
+                          std::uint64_t seed) {
+  if (!(tol > 0 && tol < 1)) throw std::invalid_argument("tol must be in (0, 1), got " + std::to_string(tol));
+  const i64 m = M.rows, n = M.cols;
+  const Sides<T> sd(M);
+  const i64 p = sd.p, q = sd.q;
+  if (max_rank < 1 || max_rank > p)
+    throw std::invalid_argument("max_rank must be in [1, min(m, n)] = [1, " + std::to_string(p) +
+                                "], got " + std::to_string(max_rank));
+  if (block < 1) throw std::invalid_argument("block must be >= 1, got " + std::to_string(block));
+  if (n_iter < 0) throw std::invalid_argument("n_iter must be >= 0, got " + std::to_string(n_iter));
+
+  RsvdTolResult<T> res;
+  const double norm2 = frob2(M);
+  if (norm2 == 0) {  // M = 0: rank 0 already has error 0 (reported as 0, not 0/0)
+    res.rank = 0, res.error = 0;
+    return res;
+  }
+  const double target = tol * tol * norm2;
+  const double u = std::numeric_limits<T>::epsilon();
+  std::vector<T> Q, W, Y, Z, C, tmp;
+  Q.reserve(static_cast<size_t>(p * std::min(max_rank, 4 * block)));
+  W.reserve(static_cast<size_t>(q * std::min(max_rank, 4 * block)));
+  double E = norm2, base = norm2;  // indicator ||A - QB||^2, and the exact value it derives from
+  i64 c = 0;
+  for (std::uint64_t stream = 0; c < max_rank; ++stream) {
+    const i64 b = std::min(block, max_rank - c);
+    Z.resize(static_cast<size_t>(q * b));
+    Y.resize(static_cast<size_t>(p * b));
+    C.resize(static_cast<size_t>(std::max<i64>(c, 1) * b));
+    random::normal<T>(Z.data(), q * b, seed, stream);
+    sd.mul(Z.data(), b, Y.data());
+    check_interrupt();
+    detail::project_out(Q.data(), p, c, Y.data(), b, tmp, 1);
+    for (int it = 0; it < n_iter; ++it) {
+      detail::orthonormalize(Y.data(), p, b);
+      // Z = (A - Q B)^T Y = A^T Y - W (Q^T Y)
+      sd.mul_t(Y.data(), b, Z.data());
+      check_interrupt();
+      if (c > 0) {
+        auto Cv = colmajor(C.data(), c, b, c);
+        blas::gemm<T>(T(1), ccolmajor(Q.data(), p, c, p), true, ccolmajor(Y.data(), p, b, p), false, T(0), Cv);
+        blas::gemm<T>(T(-1), ccolmajor(W.data(), q, c, q), false, Cv.as_const(), false, T(1),
+                      colmajor(Z.data(), q, b, q));
+      }
+      detail::orthonormalize(Z.data(), q, b);
+      // Y = (A - Q B) Z = A Z - Q (W^T Z)
+      sd.mul(Z.data(), b, Y.data());
+      check_interrupt();
+      if (c > 0) {
+        auto Cv = colmajor(C.data(), c, b, c);
+        blas::gemm<T>(T(1), ccolmajor(W.data(), q, c, q), true, ccolmajor(Z.data(), q, b, q), false, T(0), Cv);
+        blas::gemm<T>(T(-1), ccolmajor(Q.data(), p, c, p), false, Cv.as_const(), false, T(1),
+                      colmajor(Y.data(), p, b, p));
+      }
+    }
+    detail::orthonormalize_against(Q.data(), p, c, Y.data(), b, tmp);
+    Q.insert(Q.end(), Y.begin(), Y.end());
+    W.resize(static_cast<size_t>(q * (c + b)));
+    sd.mul_t(Q.data() + c * p, b, W.data() + c * q);
+    check_interrupt();
+    E -= sumsq(W.data() + c * q, q * b);
+    c += b;
+    if (E <= 100 * u * base) {  // the indicator is in its noisy range: re-base it on the truth
+      E = base = residual2(sd, Q.data(), W.data(), c);
+    }
+    if (E <= target) break;
+  }
+  E = std::max(E, 0.0);
+
+  auto sv = detail::small_svd(W, q, c, c);
+  // err^2(r) = E + sum_{i > r} s_i^2 (adding positive terms: no cancellation)
+  std::vector<double> tail(static_cast<size_t>(c + 1), 0.0);
+  for (i64 i = c - 1; i >= 0; --i) tail[i] = tail[i + 1] + double(sv.s[i]) * double(sv.s[i]);
+  i64 r = c;
+  for (i64 j = 1; j <= c; ++j)
+    if (E + tail[j] <= target) {
+      r = j;
+      break;
+    }
+  res.rank = r;
+  res.error = std::sqrt((E + tail[r]) / norm2);
+  res.U.resize(static_cast<size_t>(m * r));
+  res.S.resize(static_cast<size_t>(r));
+  res.Vt.resize(static_cast<size_t>(r * n));
+  if (r > 0)
+    detail::write_factors(sd, Q.data(), sv, r, row_major(res.U.data(), m, r), res.S.data(),
+                          row_major(res.Vt.data(), r, n));
+  return res;
+}
+
+template RsvdTolResult<float> rsvd_tol<float>(Mat<const float>, double, i64, i64, int, std::uint64_t);
+template RsvdTolResult<double> rsvd_tol<double>(Mat<const double>, double, i64, i64, int, std::uint64_t);
+
+}  // namespace rslora

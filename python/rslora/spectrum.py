@@ -1,0 +1,153 @@
+"""LoRA factors from a weight delta, and the singular-value spectrum of a delta.
+
+PEFT shapes: ``delta (d_out, d_in)`` (= fine-tuned W - base W), ``A (r, d_in)`` (lora_A),
+``B (d_out, r)`` (lora_B), and the adapter adds ``s * B @ A``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from ._scaling import resolve
+from .svd import _int, _matrix, rsvd, rsvd_tol
+
+__all__ = ["lora_from_delta", "spectrum", "Spectrum"]
+
+
+def lora_from_delta(delta, r=None, *, tol=None, max_rank=None, alpha=None, scale=None,
+                    rule="rslora", seed=None, n_iter="auto"):
+    """LoRA factors ``(A, B)`` whose scaled product is the best rank-r approximation of ``delta``.
+
+    Parameters
+    ----------
+    delta : array_like, shape (d_out, d_in)
+        The weight update, float32 or float64.
+    r : int, optional
+        The adapter rank. Give exactly one of ``r`` and ``tol``.
+    tol : float, optional
+        Choose the smallest rank whose relative Frobenius error ``||delta - s B A||_F /
+        ||delta||_F`` is at most ``tol`` (see :func:`rslora.rsvd_tol`), up to ``max_rank``.
+    max_rank : int, optional
+        Cap on the rank found with ``tol`` (default ``min(d_out, d_in)``).
+    alpha, scale, rule
+        The adapter's scale s: ``scale=`` as given, or ``alpha=`` with ``rule`` ("rslora":
+        ``alpha / sqrt(r)``, "standard": ``alpha / r``). With neither, s = 1.
+    seed : int, numpy.random.Generator or None
+        As in :func:`rslora.rsvd`.
+    n_iter : int or "auto"
+        Passed to :func:`rslora.rsvd` (with ``r``) or :func:`rslora.rsvd_tol` (with ``tol``;
+        "auto" means its default).
+
+    Returns
+    -------
+    A : ndarray, shape (r, d_in)
+    B : ndarray, shape (d_out, r)
+        In ``delta``'s dtype. With ``delta ~ U diag(S) Vt``: ``A = sqrt(S / |s|)[:, None] * Vt``
+        and ``B = sign(s) * U * sqrt(S / |s|)``, so ``s * B @ A = U diag(S) Vt`` and the
+        singular values are split evenly (``A @ A.T`` and ``B.T @ B`` are the same diagonal
+        matrix). A zero delta with ``tol`` gives r = 0 (empty factors).
+    """
+    if (r is None) == (tol is None):
+        raise ValueError("give exactly one of r= (a rank) and tol= (a relative error)")
+    if r is not None:
+        if max_rank is not None:
+            raise ValueError("max_rank= goes with tol=, not with r=")
+        U, S, Vt = rsvd(delta, r, n_iter=n_iter, seed=seed)
+    else:
+        kw = {} if isinstance(n_iter, str) and n_iter == "auto" else {"n_iter": n_iter}
+        U, S, Vt, _ = rsvd_tol(delta, tol, max_rank=max_rank, seed=seed, **kw)
+    rank = S.shape[0]
+    s = 1.0 if scale is None and alpha is None else resolve(scale, alpha, rule, rank)
+    if s == 0.0 and rank > 0:
+        raise ValueError("the scale is 0: no factors can reproduce a nonzero delta")
+    root = np.sqrt(S.astype(np.float64) / abs(s)) if rank else np.zeros(0)
+    A = (root[:, None] * Vt).astype(S.dtype, copy=False)
+    B = (U * (np.copysign(root, s) if rank else root)).astype(S.dtype, copy=False)
+    return A, B
+
+
+class Spectrum:
+    """Singular values of a matrix and how its energy ``||M||_F^2`` is spread over them.
+
+    Attributes
+    ----------
+    singular_values : ndarray, shape (k,)
+        Descending, in ``M``'s dtype.
+    total_energy : float
+        ``||M||_F^2``, summed exactly in float64 from ``M`` itself (not from the k values).
+    energy : ndarray, shape (k,), float64
+        ``energy[i]`` = share of ``total_energy`` held by the first ``i + 1`` singular values.
+    """
+
+    def __init__(self, singular_values: np.ndarray, total_energy: float, complete: bool):
+        self.singular_values = singular_values
+        self.total_energy = float(total_energy)
+        self.complete = complete  # all min(m, n) values known (k=None)
+        sq = np.cumsum(np.square(singular_values.astype(np.float64)))
+        self.energy = sq / self.total_energy if self.total_energy > 0 else np.ones_like(sq)
+
+    def __len__(self) -> int:
+        return self.singular_values.shape[0]
+
+    def __repr__(self) -> str:
+        k = len(self)
+        held = f"{self.energy[-1]:.6g}" if k else "0"
+        return f"Spectrum(k={k}, total_energy={self.total_energy:.6g}, energy held={held})"
+
+    def rank_for(self, share: float) -> int:
+        """The smallest rank r whose first r singular values hold at least ``share`` of the energy.
+
+        ``share`` in (0, 1]. The comparison allows the rounding of the singular values
+        (a relative 8 eps of their dtype), so ``rank_for(1.0)`` is the numerical rank. Raises
+        ``ValueError`` when the k values computed do not reach ``share`` (ask for a larger k).
+        """
+        if isinstance(share, bool) or not isinstance(share, numbers.Real):
+            raise TypeError(f"share must be a real number, got {type(share).__name__}")
+        share = float(share)
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"share must be in (0, 1], got {share}")
+        if self.total_energy == 0:
+            return 0
+        eps = np.finfo(self.singular_values.dtype).eps
+        need = share * (1.0 - 8 * eps)
+        r = int(np.searchsorted(self.energy, need, side="left")) + 1
+        if r > len(self):
+            if self.complete:  # rounding kept the sum just under; all values are needed
+                return len(self)
+            raise ValueError(f"share {share} needs more than the k={len(self)} singular values "
+                             f"computed (they hold {self.energy[-1]:.6g}); call spectrum with a "
+                             "larger k")
+        return r
+
+
+def spectrum(M, k=None, *, seed=None, check_finite=True) -> Spectrum:
+    """The singular-value spectrum of ``M`` and its cumulative energy.
+
+    Parameters
+    ----------
+    M : array_like, shape (m, n)
+        float32 or float64.
+    k : int, optional
+        Compute only the k largest singular values with :func:`rslora.rsvd` (default settings).
+        None: all ``min(m, n)`` of them, exactly (LAPACK, no vectors).
+    seed : int, numpy.random.Generator or None
+        For the randomized path.
+    check_finite : bool
+        Raise ``ValueError`` when ``M`` holds NaN or Inf.
+
+    Returns
+    -------
+    Spectrum
+        ``.singular_values``, ``.energy`` (cumulative share of ``||M||_F^2``; the total is
+        exact, from ``M``), ``.rank_for(share)``, ``.total_energy``.
+    """
+    M = _matrix(M, check_finite)
+    total = float(np.einsum("ij,ij->", M, M, dtype=np.float64)) if M.size else 0.0
+    if k is None:
+        s = np.linalg.svd(M, compute_uv=False) if M.size else np.zeros(0, M.dtype)
+        return Spectrum(s.astype(M.dtype, copy=False), total, True)
+    k = _int(k, "k")
+    _, s, _ = rsvd(M, k, seed=seed, check_finite=False)
+    return Spectrum(s, total, k == min(M.shape))
