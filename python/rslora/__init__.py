@@ -17,6 +17,7 @@ from .multi import lora_add_multi, lora_linear_multi  # noqa: E402
 from .layer import LoRAGrads, LoRALinear  # noqa: E402
 from .spectrum import Spectrum, lora_from_delta, spectrum  # noqa: E402
 from .svd import RsvdTolResult, rsvd, rsvd_tol  # noqa: E402
+from . import synthetic  # noqa: E402  (style/facts updates; the study in rslora.study)
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "lora_from_delta",
     "spectrum",
     "Spectrum",
+    "synthetic",
 ]
 
 

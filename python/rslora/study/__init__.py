@@ -11,6 +11,7 @@ The same config and seed give the same results (and byte-identical ``results.jso
 
 from __future__ import annotations
 
+import json
 import os
 
 from . import approximation, dynamics, scales, spectra
@@ -59,8 +60,10 @@ def write(results: dict, out_dir: str) -> list:
     """Write report.md, results.json and the plots into ``out_dir`` (each file atomically)."""
     from . import plots, report
 
+    text = dumps(results)
+    results = json.loads(text)  # render from exactly what results.json holds
     names = plots.write_all(results, out_dir)
-    write_text(os.path.join(out_dir, RESULTS), dumps(results))
+    write_text(os.path.join(out_dir, RESULTS), text)
     write_text(os.path.join(out_dir, REPORT), report.render(results))
     return [REPORT, RESULTS] + names
 

@@ -35,11 +35,11 @@ class StudyConfig:
     ranks: tuple = (4, 16, 64, 256, 1024)
     probe_ranks: tuple = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
     alpha: float = 16.0
-    steps: int = 600
-    batch: int = 128
+    steps: int = 400
+    batch: int = 64
     evals: int = 30
     probe_inputs: int = 32
-    sgd_lrs: tuple = (0.01, 0.02, 0.04, 0.08, 0.16)
+    sgd_lrs: tuple = (0.02, 0.04, 0.08, 0.16)
     adam_lrs: tuple = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
     adam_betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8

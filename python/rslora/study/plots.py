@@ -48,7 +48,8 @@ def _rank_axis(ax, ranks) -> None:
 
 def spectra(res: dict):
     fig, ax = _figure(2)
-    for kind, sp in res["spectra"].items():
+    for kind in ("style", "facts"):
+        sp = res["spectra"][kind]
         S = np.asarray(sp["singular_values"])
         i = np.arange(1, len(S) + 1)
         c = KIND_COLORS[kind]
@@ -73,7 +74,8 @@ def spectra(res: dict):
 
 def approximation(res: dict):
     fig, ax = _figure(2)
-    for j, (kind, rows) in enumerate(res["approximation"].items()):
+    for j, kind in enumerate(("style", "facts")):
+        rows = res["approximation"][kind]
         a = ax[0, j]
         r = [row["r"] for row in rows]
         clip = lambda key: np.maximum([row[key] for row in rows], FLOOR)  # noqa: E731
@@ -159,9 +161,11 @@ def final_loss(res: dict):
 
 def grad_norm(res: dict):
     fig, ax = _figure(2)
-    for j, (kind, probe) in enumerate(res["dynamics"]["grad_norm"].items()):
+    for j, kind in enumerate(("style", "facts")):
+        probe = res["dynamics"]["grad_norm"][kind]
         a = ax[0, j]
-        for rule, p in probe.items():
+        for rule in ("standard", "rslora"):
+            p = probe[rule]
             a.plot(p["ranks"], p["grad_norm"], "o", color=COLORS[rule],
                    label=f"{LABELS[rule]}: measured slope {p['slope']:+.3f}")
             a.plot(p["ranks"], p["expected"], "-", color=COLORS[rule], alpha=0.6,

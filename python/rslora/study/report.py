@@ -82,8 +82,10 @@ def _section_spectra(res) -> str:
     cfg = res["config"]
     sp = res["spectra"]
     rows = []
-    for kind, s in sp.items():
-        shares = ", ".join(f"{_g(v)} (r={r})" for r, v in s["top_share"].items())
+    for kind in ("style", "facts"):
+        s = sp[kind]
+        shares = ", ".join(f"{_g(s['top_share'][r])} (r={r})"
+                           for r in sorted(s["top_share"], key=int))
         rows.append([kind, f"`{s['model']}`", s["rank_90"], s["rank_99"], shares])
     d = cfg["spectrum_dim"]
     dev = max(s["svd_vs_model_max_abs"] for s in sp.values())
@@ -117,7 +119,8 @@ def _section_approx(res) -> str:
              f"multiplied by γ = α/√r (`delta_approx = scaling * (B @ A)`).\n"]
     worst, floor = 1.0, 0.0
     pred_dev = 0.0
-    for kind, rows in res["approximation"].items():
+    for kind in ("style", "facts"):
+        rows = res["approximation"][kind]
         t = []
         for row in rows:
             if row["optimum"] > 1e-10:
