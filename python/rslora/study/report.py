@@ -75,7 +75,7 @@ def _falls(f: dict) -> bool:
 def headline(res: dict) -> list:
     """The few sentences a README quotes, computed from the results."""
     cfg = res["config"]
-    r0, rmax = cfg["ranks"][0], cfg["ranks"][-1]
+    rmax = cfg["ranks"][-1]
     std, rs = _final(res, "facts", "sgd", "standard"), _final(res, "facts", "sgd", "rslora")
     gn = res["dynamics"]["grad_norm"]["facts"]
     a_std, a_rs = _final(res, "facts", "adam", "standard"), _final(res, "facts", "adam", "rslora")
