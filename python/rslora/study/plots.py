@@ -53,7 +53,7 @@ def spectra(res: dict):
         S = np.asarray(sp["singular_values"])
         i = np.arange(1, len(S) + 1)
         c = KIND_COLORS[kind]
-        ax[0, 0].semilogy(i, np.maximum(S, 1e-300), color=c, label=f"{kind}: {sp['model']}")
+        ax[0, 0].loglog(i, np.maximum(S, 1e-300), color=c, label=f"{kind}: {sp['model']}")
         ax[0, 1].semilogx(i, sp["energy"], color=c, label=kind)
         for share, key, m in ((0.9, "rank_90", "o"), (0.99, "rank_99", "s")):
             r = sp[key]
