@@ -49,12 +49,13 @@ py::array_t<T> owned(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
 }
 
 template <class T>
-py::tuple run_rsvd_tol(py::array& M, double tol, i64 max_rank, i64 block, int n_iter, std::uint64_t seed) {
+py::tuple run_rsvd_tol(py::array& M, double tol, i64 max_rank, i64 block, int n_iter, std::uint64_t seed,
+                       bool check_finite) {
   auto Mv = mat<const T>(M, "M");
   RsvdTolResult<T> r;
   {
     py::gil_scoped_release nogil;
-    r = rsvd_tol<T>(Mv, tol, max_rank, block, n_iter, seed);
+    r = rsvd_tol<T>(Mv, tol, max_rank, block, n_iter, seed, check_finite);
   }
   const py::ssize_t m = Mv.rows, n = Mv.cols, rank = r.rank;
   return py::make_tuple(owned(std::move(r.U), {m, rank}), owned(std::move(r.S), {rank}),
@@ -67,7 +68,7 @@ void bind_svd(py::module_& m) {
   m.def(
       "rsvd",
       [](py::array M, i64 k, i64 oversample, int n_iter, const std::string& method,
-         const std::string& normalizer, std::uint64_t seed) {
+         const std::string& normalizer, std::uint64_t seed, bool check_finite) {
         int kind = same_kind({{&M, "M"}});
         require_ndim(M, "M", 2);
         check_k(M, k, "k");
@@ -75,24 +76,25 @@ void bind_svd(py::module_& m) {
         if (n_iter < -1) throw std::invalid_argument("n_iter must be >= 0 or 'auto', got " + std::to_string(n_iter));
         RsvdOptions opt;
         opt.oversample = oversample, opt.n_iter = n_iter, opt.method = method_of(method);
-        opt.normalizer = normalizer_of(normalizer), opt.seed = seed;
+        opt.normalizer = normalizer_of(normalizer), opt.seed = seed, opt.check_finite = check_finite;
         return kind == 0 ? run_rsvd<float>(M, k, opt) : run_rsvd<double>(M, k, opt);
       },
       py::arg("M"), py::arg("k"), py::arg("oversample"), py::arg("n_iter"), py::arg("method"),
-      py::arg("normalizer"), py::arg("seed"),
+      py::arg("normalizer"), py::arg("seed"), py::arg("check_finite"),
       "(U, S, Vt): rank-k randomized SVD of the 2-D float array M; n_iter = -1 means auto.");
 
   m.def(
       "rsvd_tol",
-      [](py::array M, double tol, i64 max_rank, i64 block, int n_iter, std::uint64_t seed) {
+      [](py::array M, double tol, i64 max_rank, i64 block, int n_iter, std::uint64_t seed,
+         bool check_finite) {
         int kind = same_kind({{&M, "M"}});
         require_ndim(M, "M", 2);
         check_k(M, max_rank, "max_rank");
-        return kind == 0 ? run_rsvd_tol<float>(M, tol, max_rank, block, n_iter, seed)
-                         : run_rsvd_tol<double>(M, tol, max_rank, block, n_iter, seed);
+        return kind == 0 ? run_rsvd_tol<float>(M, tol, max_rank, block, n_iter, seed, check_finite)
+                         : run_rsvd_tol<double>(M, tol, max_rank, block, n_iter, seed, check_finite);
       },
       py::arg("M"), py::arg("tol"), py::arg("max_rank"), py::arg("block"), py::arg("n_iter"),
-      py::arg("seed"), "(U, S, Vt, error): smallest rank with relative Frobenius error <= tol.");
+      py::arg("seed"), py::arg("check_finite"), "(U, S, Vt, error): smallest rank with relative Frobenius error <= tol.");
 
   m.def(
       "rsvd_auto_iters",

@@ -143,11 +143,12 @@ def spectrum(M, k=None, *, seed=None, check_finite=True) -> Spectrum:
         ``.singular_values``, ``.energy`` (cumulative share of ``||M||_F^2``; the total is
         exact, from ``M``), ``.rank_for(share)``, ``.total_energy``.
     """
-    M = _matrix(M, check_finite)
-    total = float(np.einsum("ij,ij->", M, M, dtype=np.float64)) if M.size else 0.0
+    M = _matrix(M, check_finite and k is None)  # rsvd checks in its first pass
     if k is None:
         s = np.linalg.svd(M, compute_uv=False) if M.size else np.zeros(0, M.dtype)
-        return Spectrum(s.astype(M.dtype, copy=False), total, True)
-    k = _int(k, "k")
-    _, s, _ = rsvd(M, k, seed=seed, check_finite=False)
-    return Spectrum(s, total, k == min(M.shape))
+        s = s.astype(M.dtype, copy=False)
+    else:
+        k = _int(k, "k")
+        _, s, _ = rsvd(M, k, seed=seed, check_finite=check_finite)
+    total = float(np.einsum("ij,ij->", M, M, dtype=np.float64)) if M.size else 0.0
+    return Spectrum(s, total, k is None or k == min(M.shape))

@@ -32,7 +32,7 @@ class RsvdTolResult(NamedTuple):
     error: float
 
 
-def _matrix(M, check_finite: bool, name: str = "M") -> np.ndarray:
+def _matrix(M, check_finite: bool = False, name: str = "M") -> np.ndarray:
     """A 2-D float32/float64 view of M that the core can read (copied only if strides are odd)."""
     if M is None:
         raise TypeError(f"{name} must be an array, got None")
@@ -112,16 +112,19 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", method="subspace", normalizer="q
         ``(n_iter + 1) * l`` wide; more accurate per pass on slowly decaying spectra (3 steps,
         8 passes, match what 5 subspace iterations, 12 passes, give).
     normalizer : {"qr", "lu", "none"}
-        How subspace iteration re-conditions its blocks between passes: orthonormalization
-        (CholeskyQR2, Householder when Cholesky breaks down), an LU factor ``P L`` (as
-        scikit-learn and fbpca do), or only a rescaling (plain power iteration: loses the small
-        directions in float32 after a few passes). The final basis is always orthonormal.
-        ``method="krylov"`` needs ``"qr"``.
+        How subspace iteration re-conditions its blocks between passes: QR by two CholeskyQR
+        passes (the first shifted; Householder QR when Cholesky breaks down), an LU factor
+        ``P L`` (as scikit-learn and fbpca do), or only a rescaling (plain power iteration:
+        loses the small directions in float32 after a few passes). The final basis is always
+        orthonormalized to working precision. ``method="krylov"`` needs ``"qr"``.
     seed : int, numpy.random.Generator or None
         Key of the Gaussian test matrix (0 <= seed < 2**64). None draws fresh entropy. The same
         seed gives the same result (for the same BLAS thread count).
     check_finite : bool
-        Raise ``ValueError`` when ``M`` holds NaN or Inf (one extra read of ``M``).
+        Raise ``ValueError`` when ``M`` holds NaN or Inf. Costs no extra pass: a NaN or Inf
+        entry always reaches the first product with the Gaussian test matrix, which is checked
+        (and only then ``M`` is scanned, to name the cause). With ``False`` a non-finite ``M``
+        gives NaN results.
 
     Returns
     -------
@@ -140,7 +143,7 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", method="subspace", normalizer="q
     A zero or rank-deficient ``M`` gives zero singular values with orthonormal (arbitrary)
     vectors, never NaN.
     """
-    M = _matrix(M, check_finite)
+    M = _matrix(M)  # NaN/Inf are caught by the core in the first pass (no extra read of M)
     k = _int(k, "k")
     lo = min(M.shape)
     if not 1 <= k <= lo:
@@ -150,7 +153,8 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", method="subspace", normalizer="q
     normalizer = _choice(normalizer, "normalizer", _NORMALIZERS)
     if method == "krylov" and normalizer != "qr":
         raise ValueError("method='krylov' orthonormalizes its blocks: normalizer must be 'qr'")
-    return _core.rsvd(M, k, oversample, _n_iter(n_iter), method, normalizer, _seed(seed))
+    return _core.rsvd(M, k, oversample, _n_iter(n_iter), method, normalizer, _seed(seed),
+                      bool(check_finite))
 
 
 def rsvd_tol(M, tol, *, max_rank=None, block=None, n_iter=2, seed=None, check_finite=True):
@@ -175,8 +179,11 @@ def rsvd_tol(M, tol, *, max_rank=None, block=None, n_iter=2, seed=None, check_fi
         smaller stops closer to the needed rank before trimming.
     n_iter : int
         Power iterations per block (2 passes each) on the current residual.
-    seed, check_finite
+    seed : int, numpy.random.Generator or None
         As in :func:`rsvd`.
+    check_finite : bool
+        Raise ``ValueError`` naming NaN/Inf in ``M``; with ``False`` a non-finite ``M`` still
+        gives a ``ValueError`` (the error indicator needs a finite ``||M||_F``).
 
     Returns
     -------
@@ -193,7 +200,7 @@ def rsvd_tol(M, tol, *, max_rank=None, block=None, n_iter=2, seed=None, check_fi
     and the indicator continues from that value, so the reported error stays accurate for any
     tolerance the precision can reach. Sums of squares are accumulated in float64.
     """
-    M = _matrix(M, check_finite)
+    M = _matrix(M)
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
         raise TypeError(f"tol must be a real number, got {type(tol).__name__}")
     tol = float(tol)
@@ -208,5 +215,5 @@ def rsvd_tol(M, tol, *, max_rank=None, block=None, n_iter=2, seed=None, check_fi
                          f"{M.shape}, got {max_rank}")
     block = min(32, max_rank) if block is None else _int(block, "block", 1)
     n_iter = _int(n_iter, "n_iter", 0)
-    U, S, Vt, err = _core.rsvd_tol(M, tol, max_rank, block, n_iter, _seed(seed))
+    U, S, Vt, err = _core.rsvd_tol(M, tol, max_rank, block, n_iter, _seed(seed), bool(check_finite))
     return RsvdTolResult(U, S, Vt, float(err))

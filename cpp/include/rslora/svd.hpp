@@ -6,7 +6,10 @@
 //   A = M when m <= n, else on A = M^T (a view), so the orthonormal bases live on the short side.
 // - Every pass over M is one BLAS-3 GEMM; orthonormalization is CholeskyQR2 (syrk, potrf, trsm),
 //   shifted when the block is ill-conditioned, and Householder QR (geqrf + orgqr) only when
-//   Cholesky breaks down (zero or rank-deficient blocks). The small SVD is LAPACK gesdd.
+//   Cholesky breaks down (zero or rank-deficient blocks). The small SVD is LAPACK (see
+//   small_svd in rsvd.cpp).
+// - NaN/Inf in M are detected from the first sketch (no extra pass over M): a NaN or Inf entry
+//   always reaches the product with a Gaussian.
 // - Gaussian test matrices come from rslora::random (Philox): the same seed gives the same
 //   numbers whatever the thread count.
 // - Sign convention: in every column of U the entry of largest magnitude (the first such one on
@@ -28,6 +31,7 @@ struct RsvdOptions {
   RsvdMethod method = RsvdMethod::subspace;
   RsvdNormalizer normalizer = RsvdNormalizer::qr;  // between subspace passes; krylov needs qr
   std::uint64_t seed = 0;
+  bool check_finite = true;  // NaN/Inf in M -> std::invalid_argument (seen in the first pass)
 };
 
 // The iteration count "auto" stands for, measured on the "style" (s_i = exp(-i/8)) and "facts"
@@ -56,6 +60,6 @@ struct RsvdTolResult {
 
 template <class T>
 RsvdTolResult<T> rsvd_tol(Mat<const T> M, double tol, i64 max_rank, i64 block, int n_iter,
-                          std::uint64_t seed);
+                          std::uint64_t seed, bool check_finite = true);
 
 }  // namespace rslora

@@ -9,8 +9,10 @@
 // Krylov basis costs nothing more than the passes that built it.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "rslora/blas.hpp"
 #include "rslora/errors.hpp"
@@ -31,6 +33,38 @@ void Sides<T>::mul_t(const T* Y, i64 c, T* Z) const {
   blas::gemm<T>(T(1), A, true, ccolmajor(Y, p, c, p), false, T(0), colmajor(Z, q, c, q));
 }
 
+namespace {
+
+// float32: the eigen-decomposition of W^T W = V S^2 V^T in float64, then Uw = W V S^-1. One
+// syrk, a tiny syevd and one GEMM, a third of the CholeskyQR route. In float64 the squared
+// condition costs nothing as long as S_j >= 1e-4 S_0 for the vectors kept (orthogonality error
+// ~ 1e-16 (S_0 / S_j)^2 <= 1e-8, far below float32's); otherwise the caller falls back.
+bool small_svd_gram(const std::vector<float>& W, i64 q, i64 L, i64 cols, SmallSvd<float>& sv) {
+  std::vector<double> Wd(W.begin(), W.begin() + q * L), G(static_cast<size_t>(L * L), 0.0),
+      ev(static_cast<size_t>(L)), Ud(static_cast<size_t>(q * cols));
+  blas::syrk<double>(true, true, L, q, 1.0, Wd.data(), q, 0.0, G.data(), L);
+  blas::syevd<double>(L, G.data(), L, ev.data());  // ascending
+  const double top = ev[L - 1];
+  if (!(top > 0) || !std::isfinite(top) || !(ev[L - cols] >= 1e-8 * top)) return false;
+  for (i64 j = 0; j < L; ++j) {
+    const i64 src = L - 1 - j;
+    sv.s[j] = static_cast<float>(std::sqrt(std::max(ev[src], 0.0)));
+    for (i64 i = 0; i < L; ++i) sv.Vwt[j + i * L] = static_cast<float>(G[i + src * L]);
+  }
+  // Ud = Wd * V[:, :cols] / s, with V's columns reversed in place of a copy
+  std::vector<double> Vk(static_cast<size_t>(L * cols));
+  for (i64 j = 0; j < cols; ++j) {
+    const double inv = 1.0 / std::sqrt(ev[L - 1 - j]);
+    for (i64 i = 0; i < L; ++i) Vk[i + j * L] = G[i + (L - 1 - j) * L] * inv;
+  }
+  blas::gemm<double>(1.0, ccolmajor(Wd.data(), q, L, q), false, ccolmajor(Vk.data(), L, cols, L),
+                     false, 0.0, colmajor(Ud.data(), q, cols, q));
+  for (i64 i = 0; i < q * cols; ++i) sv.Uw[i] = static_cast<float>(Ud[i]);
+  return true;
+}
+
+}  // namespace
+
 template <class T>
 SmallSvd<T> small_svd(const std::vector<T>& W, i64 q, i64 L, i64 cols) {
   SmallSvd<T> sv;
@@ -39,6 +73,19 @@ SmallSvd<T> small_svd(const std::vector<T>& W, i64 q, i64 L, i64 cols) {
   sv.Uw.resize(static_cast<size_t>(q * cols));
   sv.Vwt.resize(static_cast<size_t>(L * L));
   if (L == 0) return sv;
+  if (!std::all_of(W.begin(), W.begin() + q * L, [](T x) { return std::isfinite(x); })) {
+    // NaN/Inf in M (check_finite=False): NaN out, as LAPACK would refuse the input
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    std::fill(sv.s.begin(), sv.s.end(), nan);
+    std::fill(sv.Uw.begin(), sv.Uw.end(), nan);
+    std::fill(sv.Vwt.begin(), sv.Vwt.end(), nan);
+    return sv;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (small_svd_gram(W, q, L, cols, sv)) return sv;
+  }
+  // W = Qw R (CholeskyQR, BLAS-3), then gesdd of the L x L R: LAPACK's own tall SVD spends its
+  // time in threaded BLAS-2 calls that crawl on a busy machine.
   std::vector<T> Qw(W.begin(), W.begin() + q * L), R(static_cast<size_t>(L * L)),
       Ur(static_cast<size_t>(L * L));
   orthonormalize(Qw.data(), q, L);
@@ -48,6 +95,16 @@ SmallSvd<T> small_svd(const std::vector<T>& W, i64 q, i64 L, i64 cols) {
   blas::gemm<T>(T(1), Qv, false, ccolmajor(Ur.data(), L, cols, L), false, T(0),
                 colmajor(sv.Uw.data(), q, cols, q));
   return sv;
+}
+
+template <class T>
+void check_sketch_finite(const Sides<T>& sd, const T* Y, i64 count) {
+  if (std::all_of(Y, Y + count, [](T x) { return std::isfinite(x); })) return;
+  for (i64 i = 0; i < sd.p; ++i)
+    for (i64 j = 0; j < sd.q; ++j)
+      if (!std::isfinite(sd.A(i, j)))
+        throw std::invalid_argument("M contains NaN or Inf (pass check_finite=False to skip this check)");
+  throw std::invalid_argument("M is too large for its precision: products with it overflow; scale it down");
 }
 
 template <class T>
@@ -81,7 +138,7 @@ using detail::Sides;
 template <class T>
 void normalize(RsvdNormalizer how, T* Y, i64 rows, i64 cols) {
   switch (how) {
-    case RsvdNormalizer::qr: return detail::orthonormalize(Y, rows, cols);
+    case RsvdNormalizer::qr: return detail::condition(Y, rows, cols);
     case RsvdNormalizer::lu: return detail::lu_normalize(Y, rows, cols);
     case RsvdNormalizer::none: return detail::rescale(Y, rows * cols);
   }
@@ -90,12 +147,13 @@ void normalize(RsvdNormalizer how, T* Y, i64 rows, i64 cols) {
 // Subspace iteration: returns L = l; Q (p x l) orthonormal and W = A^T Q (q x l).
 template <class T>
 i64 subspace(const Sides<T>& sd, i64 l, int iters, RsvdNormalizer how, std::uint64_t seed,
-             std::vector<T>& Q, std::vector<T>& W) {
+             bool check_finite, std::vector<T>& Q, std::vector<T>& W) {
   const i64 p = sd.p, q = sd.q;
   W.resize(static_cast<size_t>(q * l));
   Q.resize(static_cast<size_t>(p * l));
   random::normal<T>(W.data(), q * l, seed, 0);
   sd.mul(W.data(), l, Q.data());
+  if (check_finite) detail::check_sketch_finite(sd, Q.data(), p * l);
   check_interrupt();
   for (int it = 0; it < iters; ++it) {
     normalize(how, Q.data(), p, l);
@@ -113,8 +171,8 @@ i64 subspace(const Sides<T>& sd, i64 l, int iters, RsvdNormalizer how, std::uint
 
 // Block Krylov with full reorthogonalization: returns L = width of the basis (<= p).
 template <class T>
-i64 krylov(const Sides<T>& sd, i64 l, int iters, std::uint64_t seed, std::vector<T>& Q,
-           std::vector<T>& W) {
+i64 krylov(const Sides<T>& sd, i64 l, int iters, std::uint64_t seed, bool check_finite,
+           std::vector<T>& Q, std::vector<T>& W) {
   const i64 p = sd.p, q = sd.q;
   const i64 L_max = std::min<i64>(l * (static_cast<i64>(iters) + 1), p);
   Q.resize(static_cast<size_t>(p * L_max));
@@ -122,6 +180,7 @@ i64 krylov(const Sides<T>& sd, i64 l, int iters, std::uint64_t seed, std::vector
   std::vector<T> tmp;
   random::normal<T>(W.data(), q * l, seed, 0);  // W's first block holds Om until A^T Q_0
   sd.mul(W.data(), l, Q.data());
+  if (check_finite) detail::check_sketch_finite(sd, Q.data(), p * l);
   check_interrupt();
   detail::orthonormalize(Q.data(), p, l);
   i64 c0 = 0, w = l;  // current block: columns [c0, c0 + w)
@@ -159,8 +218,9 @@ void rsvd(Mat<const T> M, i64 k, const RsvdOptions& opt, Mat<T> U, T* S, Mat<T> 
   const i64 l = std::min(k + opt.oversample, sd.p);
   const int iters = opt.n_iter < 0 ? rsvd_auto_iters(opt.method, m, n, k, opt.oversample) : opt.n_iter;
   std::vector<T> Q, W;
-  const i64 L = opt.method == RsvdMethod::krylov ? krylov(sd, l, iters, opt.seed, Q, W)
-                                                 : subspace(sd, l, iters, opt.normalizer, opt.seed, Q, W);
+  const i64 L = opt.method == RsvdMethod::krylov
+                    ? krylov(sd, l, iters, opt.seed, opt.check_finite, Q, W)
+                    : subspace(sd, l, iters, opt.normalizer, opt.seed, opt.check_finite, Q, W);
   const auto sv = detail::small_svd(W, sd.q, L, k);
   detail::write_factors(sd, Q.data(), sv, k, U, S, Vt);
 }
@@ -168,6 +228,7 @@ void rsvd(Mat<const T> M, i64 k, const RsvdOptions& opt, Mat<T> U, T* S, Mat<T> 
 #define RSLORA_INSTANTIATE(T)                                                                   \
   template struct detail::Sides<T>;                                                             \
   template detail::SmallSvd<T> detail::small_svd<T>(const std::vector<T>&, i64, i64, i64);                 \
+  template void detail::check_sketch_finite<T>(const detail::Sides<T>&, const T*, i64);       \
   template void detail::write_factors<T>(const detail::Sides<T>&, const T*,                     \
                                          const detail::SmallSvd<T>&, i64, Mat<T>, T*, Mat<T>);  \
   template void rsvd<T>(Mat<const T>, i64, const RsvdOptions&, Mat<T>, T*, Mat<T>);

@@ -21,6 +21,12 @@ Mat<const T> ccolmajor(const T* p, i64 rows, i64 cols, i64 ld) {
 template <class T>
 void orthonormalize(T* Y, i64 p, i64 l);
 
+// Two CholeskyQR passes (the first shifted; Householder if Cholesky breaks down): the same span,
+// orthonormal to ~1e-3 in float32 at worst, all that subspace iteration needs between passes
+// ("qr" normalizer). orthonormalize adds a third pass when needed, for the final basis.
+template <class T>
+void condition(T* Y, i64 p, i64 l);
+
 // Y <- P L from Y = P L U (partial pivoting): a well-conditioned basis of range(Y) at the cost of
 // one getrf, what scikit-learn and fbpca use between power passes. Finite for singular Y.
 template <class T>
@@ -72,6 +78,11 @@ struct SmallSvd {
 };
 template <class T>
 SmallSvd<T> small_svd(const std::vector<T>& W, i64 q, i64 L, i64 cols);
+
+// After the first pass Y = A Om: every entry of A met a nonzero Gaussian, so a NaN or Inf in A
+// shows in Y. Throws std::invalid_argument naming the cause (NaN/Inf in M, or overflow).
+template <class T>
+void check_sketch_finite(const Sides<T>& sd, const T* Y, i64 count);
 
 // M ~ U diag(S) Vt from A ~ (Q Vw) diag(s) Uw^T, first k triplets, with the sign convention.
 template <class T>

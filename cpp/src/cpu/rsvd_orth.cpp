@@ -74,7 +74,21 @@ void orthonormalize(T* Y, i64 p, i64 l) {
   if (!cholqr_pass(Y, p, l, G, 1, nullptr) && !cholqr_pass(Y, p, l, G, 2, nullptr))
     return householder(Y, p, l);
   if (!cholqr_pass(Y, p, l, G, 0, &dev)) return householder(Y, p, l);
-  if (dev > 0.5 && !cholqr_pass(Y, p, l, G, 0, nullptr)) return householder(Y, p, l);
+  if (dev <= 0.5) return;  // pass 2 started near-orthonormal: orthogonal to O(u) now
+  // Pass 3 must start near-orthonormal; otherwise the Cholesky route has not converged
+  // (a block of pure rounding noise can do that) and Householder finishes the job.
+  if (!cholqr_pass(Y, p, l, G, 0, &dev) || dev > 0.5) return householder(Y, p, l);
+}
+
+template <class T>
+void condition(T* Y, i64 p, i64 l) {
+  if (p == 0 || l == 0) return;
+  std::vector<T> G;
+  if (!cholqr_pass(Y, p, l, G, 1, nullptr) && !cholqr_pass(Y, p, l, G, 2, nullptr))
+    return householder(Y, p, l);
+  // The shifted pass leaves cond(Y) up to ~ (shift / ||Y||^2)^-1/2 (~100 in float32); without
+  // a second pass those directions would shrink a little more with every power pass.
+  if (!cholqr_pass(Y, p, l, G, 0, nullptr)) householder(Y, p, l);
 }
 
 template <class T>
@@ -118,10 +132,27 @@ void project_out(const T* Q, i64 p, i64 c, T* Y, i64 l, std::vector<T>& tmp, int
 
 template <class T>
 void orthonormalize_against(const T* Q, i64 p, i64 c, T* Y, i64 l, std::vector<T>& tmp) {
+  if (c == 0) return orthonormalize(Y, p, l);
+  if (c + l > p) throw std::invalid_argument("orthonormalize_against: more columns than rows");
   for (int pass = 0; pass < 2; ++pass) {
     project_out(Q, p, c, Y, l, tmp, 1);
     orthonormalize(Y, p, l);
   }
+  // "Twice is enough" unless (I - Q Q^T) Y was numerically rank-deficient (Y inside range(Q),
+  // as when the Krylov space is exhausted): then orthonormalizing the left-over rounding noise
+  // amplifies its components along Q. Check, and if so take the Householder completion of [Q Y].
+  tmp.resize(static_cast<size_t>(c * l));
+  blas::gemm<T>(T(1), ccolmajor(Q, p, c, p), true, ccolmajor(Y, p, l, p), false, T(0),
+                colmajor(tmp.data(), c, l, c));
+  T worst = 0;
+  for (T v : tmp) worst = std::max(worst, std::abs(v));
+  const T limit = T(64) * std::numeric_limits<T>::epsilon() * std::sqrt(static_cast<T>(p));
+  if (worst <= limit) return;
+  std::vector<T> F(static_cast<size_t>(p * (c + l)));
+  std::copy(Q, Q + p * c, F.begin());
+  std::copy(Y, Y + p * l, F.begin() + p * c);
+  householder(F.data(), p, c + l);
+  std::copy(F.begin() + p * c, F.end(), Y);
 }
 
 template <class T>
@@ -143,6 +174,7 @@ void fix_signs(Mat<T> U, Mat<T> Vt) {
 #define RSLORA_INSTANTIATE(T)                                              \
   template void orthonormalize<T>(T*, i64, i64);                           \
   template void lu_normalize<T>(T*, i64, i64);                             \
+  template void condition<T>(T*, i64, i64);                                \
   template void rescale<T>(T*, i64);                                       \
   template void project_out<T>(const T*, i64, i64, T*, i64, std::vector<T>&, int); \
   template void orthonormalize_against<T>(const T*, i64, i64, T*, i64, std::vector<T>&); \

@@ -80,7 +80,7 @@ double residual2(const Sides<T>& sd, const T* Q, const T* W, i64 c) {
 
 template <class T>
 RsvdTolResult<T> rsvd_tol(Mat<const T> M, double tol, i64 max_rank, i64 block, int n_iter,
-                          std::uint64_t seed) {
+                          std::uint64_t seed, bool check_finite) {
   if (!(tol > 0 && tol < 1)) throw std::invalid_argument("tol must be in (0, 1), got " + std::to_string(tol));
   const i64 m = M.rows, n = M.cols;
   const Sides<T> sd(M);
@@ -92,7 +92,16 @@ RsvdTolResult<T> rsvd_tol(Mat<const T> M, double tol, i64 max_rank, i64 block, i
   if (n_iter < 0) throw std::invalid_argument("n_iter must be >= 0, got " + std::to_string(n_iter));
 
   RsvdTolResult<T> res;
-  const double norm2 = frob2(M);
+  const double norm2 = frob2(M);  // NaN/Inf in M make it non-finite
+  if (!std::isfinite(norm2)) {
+    if (check_finite) {
+      std::vector<T> probe(static_cast<size_t>(p));
+      std::vector<T> one(static_cast<size_t>(q), T(1));
+      sd.mul(one.data(), 1, probe.data());  // cheap: names the cause (NaN/Inf or overflow)
+      detail::check_sketch_finite(sd, probe.data(), p);
+    }
+    throw std::invalid_argument("||M||_F is not finite: rsvd_tol needs a finite M");
+  }
   if (norm2 == 0) {  // M = 0: rank 0 already has error 0 (reported as 0, not 0/0)
     res.rank = 0, res.error = 0;
     return res;
@@ -170,7 +179,7 @@ RsvdTolResult<T> rsvd_tol(Mat<const T> M, double tol, i64 max_rank, i64 block, i
   return res;
 }
 
-template RsvdTolResult<float> rsvd_tol<float>(Mat<const float>, double, i64, i64, int, std::uint64_t);
-template RsvdTolResult<double> rsvd_tol<double>(Mat<const double>, double, i64, i64, int, std::uint64_t);
+template RsvdTolResult<float> rsvd_tol<float>(Mat<const float>, double, i64, i64, int, std::uint64_t, bool);
+template RsvdTolResult<double> rsvd_tol<double>(Mat<const double>, double, i64, i64, int, std::uint64_t, bool);
 
 }  // namespace rslora

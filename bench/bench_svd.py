@@ -1,0 +1,241 @@
+"""Randomized truncated SVD side by side: rslora.rsvd vs scikit-learn, torch, fbpca, NumPy.
+
+    python -m pytest bench/bench_svd.py --benchmark-json=/tmp/svd.json
+    python bench/report.py /tmp/svd.json
+    python -m pytest bench/bench_svd.py --benchmark-disable   # as a test (accuracy asserts only)
+
+Test matrices: M = U diag(s) V^T, m = n in {2048, 4096}, float32, with a "style" spectrum
+(s_i = exp(-i/8)) and a "facts" spectrum (s_i = (1+i)^-1/2); k = 64. Accuracy is the relative
+Frobenius error over the Eckart-Young optimum ||M - M_k||_F = sqrt(sum_{i>=k} s_i^2), which the
+construction gives exactly (the float32 rounding of M moves it by ~1e-7 relative).
+
+U and V are random dense orthogonal matrices made by three rounds of (random permutation,
+random signs, orthonormal DCT-II), O(n^2 log n): a QR of a 4096^2 Gaussian costs minutes on a
+busy 2-core machine. Every method compared draws a Gaussian (or uniform) test matrix, and a
+Gaussian sketch is rotation invariant (V^T Omega is Gaussian again), so the accuracy depends on
+the spectrum alone; the vectors only have to be dense and orthogonal.
+
+Each method gets the fewest iterations that reach <= 1.001 x the optimum on each spectrum and
+size (the table N_ITER; every benchmark asserts its accuracy), scikit-learn its defaults (n_iter=7
+and LU normalization here, about 1.0003). Roles in each group:
+  rslora         rsvd(M, 64, n_iter=N_ITER["rslora"][spectrum, n])   (2 n_iter + 2 GEMM passes)
+  rslora-auto    rsvd(M, 64) with n_iter="auto" (5 subspace iterations, 12 passes)
+  rslora-krylov  rsvd(M, 64, method="krylov", n_iter=N_ITER["krylov"][spectrum, n])
+  rsvd_tol       rsvd_tol(M, tol = 1.001 x optimal relative error of rank 64)
+  gemm-floor     only the 2 n_iter + 2 GEMMs (n x n times n x 74) that the rslora entry makes
+  sklearn        sklearn.utils.extmath.randomized_svd(M, 64) (defaults)
+  torch          torch.svd_lowrank(M, q=74, niter=N_ITER["torch"][spectrum, n]), truncated to 64
+  fbpca          fbpca.pca(M, 64, raw=True, l=74, n_iter=N_ITER["fbpca"][spectrum, n])
+  numpy          numpy.linalg.svd(M, full_matrices=False) (n = 2048; 4096 with
+                 RSLORA_BENCH_FULL_SVD=1: it takes minutes there)
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from conftest import set_case
+
+import rslora
+from rslora import _core
+
+K, OVERSAMPLE = 64, 10
+SIZES = (2048, 4096)
+SPECTRA = {
+    "style": lambda n: np.exp(-np.arange(n) / 8.0),
+    "facts": lambda n: (1.0 + np.arange(n)) ** -0.5,
+}
+BAR = 1.001
+# Fewest iterations reaching BAR for each (spectrum, n), measured (rslora's is asserted fewest).
+N_ITER = {
+    "rslora": {("style", 2048): 1, ("style", 4096): 1, ("facts", 2048): 5, ("facts", 4096): 4},
+    "krylov": {("style", 2048): 1, ("style", 4096): 1, ("facts", 2048): 3, ("facts", 4096): 3},
+    "torch": {("style", 2048): 1, ("style", 4096): 1, ("facts", 2048): 5, ("facts", 4096): 4},
+    "fbpca": {("style", 2048): 1, ("style", 4096): 1, ("facts", 2048): 5, ("facts", 4096): 4},
+}
+CASES = [(n, spec) for n in SIZES for spec in SPECTRA]
+IDS = [f"{spec}-{n}" for n, spec in CASES]
+
+
+def _orthogonal(n: int, rng) -> np.ndarray:
+    import scipy.fft
+
+    X = np.eye(n)
+    for _ in range(3):
+        X = X[rng.permutation(n)] * rng.choice([-1.0, 1.0], n)[:, None]
+        X = scipy.fft.dct(X, axis=0, norm="ortho")
+    return X.astype(np.float32)
+
+
+class _Problems:
+    """Test matrices built once per module and size (the benchmarks share them)."""
+
+    def __init__(self):
+        self._uv, self._m = {}, {}
+
+    def get(self, n: int, spec: str):
+        if (n, spec) not in self._m:
+            if n not in self._uv:
+                rng = np.random.default_rng(n)
+                self._uv = {n: (_orthogonal(n, rng), _orthogonal(n, rng))}  # keep one size
+                self._m = {key: v for key, v in self._m.items() if key[0] == n}
+            U, V = self._uv[n]
+            s = SPECTRA[spec](n)
+            M = (U * s.astype(np.float32)) @ V.T
+            opt = float(np.sqrt(np.sum(s[K:] ** 2)))
+            self._m[(n, spec)] = (M, opt, float(np.sqrt(np.sum(s ** 2))))
+        return self._m[(n, spec)]
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return _Problems()
+
+
+def _ratio(M, U, S, Vt, opt) -> float:
+    """||M - U diag(S) Vt||_F / opt in float64, a row block at a time."""
+    US = U.astype(np.float64) * S.astype(np.float64)
+    Vt = Vt.astype(np.float64)
+    total = 0.0
+    for i in range(0, M.shape[0], 512):
+        R = M[i:i + 512].astype(np.float64) - US[i:i + 512] @ Vt
+        total += float(np.einsum("ij,ij->", R, R))
+    return np.sqrt(total) / opt
+
+
+def _run(benchmark, fn, rounds=3):
+    return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+
+
+def _group(n, spec):
+    return f"rsvd {spec} {n}x{n} k={K} float32"
+
+
+@pytest.mark.parametrize("n, spec", CASES, ids=IDS)
+def test_rslora(benchmark, problems, n, spec):
+    M, opt, _ = problems.get(n, spec)
+    q = N_ITER["rslora"][spec, n]
+    set_case(benchmark, _group(n, spec), "rslora", n_iter=q, passes=_core.rsvd_passes("subspace", q))
+    U, S, Vt = _run(benchmark, lambda: rslora.rsvd(M, K, n_iter=q, seed=0), rounds=5)
+    r = _ratio(M, U, S, Vt, opt)
+    benchmark.extra_info["ratio"] = r
+    assert r <= BAR
+    assert _ratio(M, *rslora.rsvd(M, K, n_iter=q - 1, seed=0), opt) > BAR  # q is the fewest
+
+
+@pytest.mark.parametrize("n, spec", CASES, ids=IDS)
+def test_rslora_auto(benchmark, problems, n, spec):
+    M, opt, _ = problems.get(n, spec)
+    set_case(benchmark, _group(n, spec), "rslora-auto",
+             n_iter=_core.rsvd_auto_iters("subspace", n, n, K, OVERSAMPLE))
+    U, S, Vt = _run(benchmark, lambda: rslora.rsvd(M, K, seed=0))
+    r = _ratio(M, U, S, Vt, opt)
+    benchmark.extra_info["ratio"] = r
+    assert r <= BAR
+
+
+@pytest.mark.parametrize("n, spec", CASES, ids=IDS)
+def test_rslora_krylov(benchmark, problems, n, spec):
+    M, opt, _ = problems.get(n, spec)
+    q = N_ITER["krylov"][spec, n]
+    set_case(benchmark, _group(n, spec), "rslora-krylov", n_iter=q, passes=_core.rsvd_passes("krylov", q))
+    U, S, Vt = _run(benchmark, lambda: rslora.rsvd(M, K, method="krylov", n_iter=q, seed=0))
+    r = _ratio(M, U, S, Vt, opt)
+    benchmark.extra_info["ratio"] = r
+    assert r <= BAR
+
+
+@pytest.mark.parametrize("n, spec", CASES, ids=IDS)
+def test_rsvd_tol(benchmark, problems, n, spec):
+    M, opt, norm = problems.get(n, spec)
+    tol = BAR * opt / norm
+    set_case(benchmark, _group(n, spec), "rsvd_tol", tol=tol)
+    U, S, Vt, err = _run(benchmark, lambda: rslora.rsvd_tol(M, tol, seed=0))
+    true = _ratio(M, U, S, Vt, norm)
+    benchmark.extra_info.update(rank=len(S), error=err)
+    assert true <= tol * (1 + 1e-4)
+    assert abs(err - true) <= 1e-2 * true  # the reported error is the real one
+    assert K <= len(S) <= 2 * K
+
+
+@pytest.mark.parametrize("n, spec", CASES, ids=IDS)
+def test_gemm_floor(benchmark, problems, n, spec):
+    """The GEMMs alone: Y = M Om, then alternately Z = M^T Y, Y = M Z (2 n_iter + 2 in all)."""
+    M, _, _ = problems.get(n, spec)
+    passes = _core.rsvd_passes("subspace", N_ITER["rslora"][spec, n])
+    set_case(benchmark, _group(n, spec), "gemm-floor", passes=passes)
+    rng = np.random.default_rng(0)
+    Y = rng.standard_normal((n, K + OVERSAMPLE), dtype=np.float32)
+    Z = np.empty_like(Y)
+
+    def gemms():
+        for i in range(passes):
+            if i % 2 == 0:
+                np.matmul(M, Y, out=Z)
+            else:
+                np.matmul(M.T, Z, out=Y)
+            if i % 2 == 1:
+                np.divide(Y, np.float32(np.abs(Y).max()), out=Y)  # stay in range (not a GEMM)
+        return Z
+
+    out = _run(benchmark, gemms, rounds=5)
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("n, spec", CASES, ids=IDS)
+def test_sklearn(benchmark, problems, n, spec):
+    extmath = pytest.importorskip("sklearn.utils.extmath")
+    M, opt, _ = problems.get(n, spec)
+    set_case(benchmark, _group(n, spec), "sklearn")
+    U, S, Vt = _run(benchmark, lambda: extmath.randomized_svd(M, K, random_state=0), rounds=1)
+    r = _ratio(M, U, S, Vt, opt)
+    benchmark.extra_info["ratio"] = r
+    assert r <= BAR
+
+
+@pytest.mark.parametrize("n, spec", CASES, ids=IDS)
+def test_torch(benchmark, problems, n, spec):
+    torch = pytest.importorskip("torch")
+    M, opt, _ = problems.get(n, spec)
+    q = N_ITER["torch"][spec, n]
+    set_case(benchmark, _group(n, spec), "torch", niter=q)
+    Mt = torch.from_numpy(M)
+
+    def run():
+        torch.manual_seed(0)
+        return torch.svd_lowrank(Mt, q=K + OVERSAMPLE, niter=q)
+
+    U, S, V = _run(benchmark, run)
+    r = _ratio(M, U[:, :K].numpy(), S[:K].numpy(), V[:, :K].numpy().T, opt)
+    benchmark.extra_info["ratio"] = r
+    assert r <= BAR
+
+
+@pytest.mark.parametrize("n, spec", CASES, ids=IDS)
+def test_fbpca(benchmark, problems, n, spec):
+    fbpca = pytest.importorskip("fbpca")
+    M, opt, _ = problems.get(n, spec)
+    q = N_ITER["fbpca"][spec, n]
+    set_case(benchmark, _group(n, spec), "fbpca", n_iter=q)
+
+    def run():
+        np.random.seed(0)  # fbpca draws from NumPy's global generator
+        return fbpca.pca(M, k=K, raw=True, n_iter=q, l=K + OVERSAMPLE)
+
+    U, S, Vt = _run(benchmark, run)
+    r = _ratio(M, U, S, Vt, opt)
+    benchmark.extra_info["ratio"] = r
+    assert r <= BAR
+
+
+@pytest.mark.parametrize("n, spec", CASES, ids=IDS)
+def test_numpy_full(benchmark, problems, n, spec):
+    if n > 2048 and not os.environ.get("RSLORA_BENCH_FULL_SVD"):
+        pytest.skip("full SVD of 4096^2 takes minutes: set RSLORA_BENCH_FULL_SVD=1")
+    M, opt, _ = problems.get(n, spec)
+    set_case(benchmark, _group(n, spec), "numpy")
+    U, S, Vt = _run(benchmark, lambda: np.linalg.svd(M, full_matrices=False), rounds=1)
+    r = _ratio(M, U[:, :K], S[:K], Vt[:K], opt)
+    assert r <= 1 + 1e-4
