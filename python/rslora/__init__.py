@@ -21,6 +21,7 @@ from .adapter import LoraAdapter, LoraModule, load_adapter, save_adapter  # noqa
 from .adapter_merge import merge_adapter, merge_checkpoint  # noqa: E402
 from .checkpoint import Checkpoint, CheckpointError  # noqa: E402
 from .extract import extract_adapter  # noqa: E402
+from . import synthetic  # noqa: E402  (style/facts updates; the study in rslora.study)
 
 __version__ = "0.1.0"
 
@@ -52,6 +53,7 @@ __all__ = [
     "lora_from_delta",
     "spectrum",
     "Spectrum",
+    "synthetic",
 ]
 
 
