@@ -5,7 +5,9 @@
 
 Every benchmark sets ``benchmark.group`` (one row of a table: the cases measured side by side)
 and ``benchmark.extra_info["role"]`` ("rslora", "numpy", "base", or a peer's name). Within each
-group, times are quoted as ratios to the ``rslora`` entry, measured in the same run.
+group, times are quoted as ratios to the ``rslora`` entry, measured in the same run. The
+statistic is each entry's fastest round (``--stat median`` for medians): on a shared machine the
+minimum is the least disturbed estimate of what the code itself costs.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ import sys
 from collections import OrderedDict
 
 
-def tables(path: str) -> str:
+def tables(path: str, stat: str = "min") -> str:
     data = json.load(open(path))
     groups: "OrderedDict[str, dict]" = OrderedDict()
     for b in data["benchmarks"]:
         role = b.get("extra_info", {}).get("role", b["name"])
-        groups.setdefault(b["group"] or b["name"], {})[role] = b["stats"]["median"]
+        groups.setdefault(b["group"] or b["name"], {})[role] = b["stats"][stat]
     roles = []
     for g in groups.values():
         roles += [r for r in g if r not in roles and r != "rslora"]
@@ -34,10 +36,16 @@ def tables(path: str) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     m = data.get("machine_info", {})
     lines.append("")
-    lines.append(f"Machine: {m.get('cpu', {}).get('brand_raw', '?')}, "
+    lines.append(f"Statistic: {stat} of the rounds. Machine: {m.get('cpu', {}).get('brand_raw', '?')}, "
                  f"{m.get('cpu', {}).get('count', '?')} cores; {data.get('datetime', '')}")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(tables(sys.argv[1]))
+    args = sys.argv[1:]
+    stat = "min"
+    if "--stat" in args:
+        i = args.index("--stat")
+        stat = args[i + 1]
+        del args[i:i + 2]
+    print(tables(args[0], stat))
