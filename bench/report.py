@@ -1,7 +1,7 @@
 """Turn a pytest-benchmark JSON file into the ratio tables of bench/RESULTS.md.
 
     python -m pytest bench/bench_linear.py --benchmark-json=/tmp/b.json
-    python bench/report.py /tmp/b.json
+    python bench/report.py /tmp/b.json [--match "forward"] [--stat median]
 
 Every benchmark sets ``benchmark.group`` (one row of a table: the cases measured side by side)
 and ``benchmark.extra_info["role"]`` ("rslora", "numpy", "base", or a peer's name). Within each
@@ -17,10 +17,12 @@ import sys
 from collections import OrderedDict
 
 
-def tables(path: str, stat: str = "min") -> str:
+def tables(path: str, stat: str = "min", match: str = "") -> str:
     data = json.load(open(path))
     groups: "OrderedDict[str, dict]" = OrderedDict()
     for b in data["benchmarks"]:
+        if match not in (b["group"] or b["name"]):
+            continue
         role = b.get("extra_info", {}).get("role", b["name"])
         groups.setdefault(b["group"] or b["name"], {})[role] = b["stats"][stat]
     roles = []
@@ -43,9 +45,10 @@ def tables(path: str, stat: str = "min") -> str:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    stat = "min"
-    if "--stat" in args:
-        i = args.index("--stat")
-        stat = args[i + 1]
-        del args[i:i + 2]
-    print(tables(args[0], stat))
+    opts = {"--stat": "min", "--match": ""}
+    for flag in opts:
+        if flag in args:
+            i = args.index(flag)
+            opts[flag] = args[i + 1]
+            del args[i:i + 2]
+    print(tables(args[0], opts["--stat"], opts["--match"]))
