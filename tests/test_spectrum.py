@@ -6,18 +6,7 @@ import numpy as np
 import pytest
 
 import rslora
-
-
-def make(m, n, s, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    r = len(s)
-    U = np.linalg.qr(rng.standard_normal((m, r)))[0]
-    V = np.linalg.qr(rng.standard_normal((n, r)))[0]
-    return ((U * s) @ V.T).astype(dtype)
-
-
-def style(r):
-    return np.exp(-np.arange(r) / 8.0)
+from testutil import make, style
 
 
 def best_rank(M, r):

@@ -11,22 +11,10 @@ import numpy as np
 import pytest
 
 import rslora
+from testutil import make, style
 from rslora import _core
 
 TOL = {np.float32: 2e-5, np.float64: 1e-12}  # orthonormality, scaled by the size below
-
-
-def make(m, n, s, dtype, seed=0):
-    """U diag(s) V^T with Haar-like orthonormal U (m x len(s)), V (n x len(s))."""
-    rng = np.random.default_rng(seed)
-    r = len(s)
-    U = np.linalg.qr(rng.standard_normal((m, r)))[0]
-    V = np.linalg.qr(rng.standard_normal((n, r)))[0]
-    return ((U * s) @ V.T).astype(dtype)
-
-
-def style(r):
-    return np.exp(-np.arange(r) / 8.0)
 
 
 def facts(r):

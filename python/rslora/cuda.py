@@ -20,13 +20,13 @@ first runs.
 from __future__ import annotations
 
 import ctypes
-import math
 import numbers
 import os
 
 import numpy as np
 
 from . import _device_arrays as dev
+from ._scaling import _check_real
 
 __all__ = ["is_available", "info", "lora_linear", "merge", "lora_linear_multi", "lora_add_multi",
            "rsvd"]
@@ -116,12 +116,7 @@ def info() -> dict:
 # --- argument handling ------------------------------------------------------------------------
 
 def _scale(s, name="s") -> float:
-    if isinstance(s, bool) or not isinstance(s, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(s).__name__}")
-    s = float(s)
-    if not math.isfinite(s):
-        raise ValueError(f"{name} must be finite, got {s}")
-    return s
+    return _check_real(s, name)
 
 
 def _ndim(a, name, nd) -> None:
