@@ -85,7 +85,7 @@ def test_lora_from_delta_matches_peft():
     ({"r": 3, "alpha": 8, "scale": 1.0}, ValueError, "not both"),
     ({"r": 3, "scale": 0.0}, ValueError, "scale is 0"),
     ({"r": 3, "rule": "linear", "alpha": 4}, ValueError, "rule must be"),
-    ({"r": 0}, ValueError, "k must be in"),
+    ({"r": 0}, ValueError, "r must be in"),
     ({"tol": 1.5}, ValueError, "tol must be in"),
 ])
 def test_lora_from_delta_bad(kw, err, msg):
@@ -150,3 +150,9 @@ def test_spectrum_bad_input():
         rslora.spectrum(np.full((3, 3), np.nan))
     with pytest.raises(ValueError, match="NaN or Inf"):
         rslora.spectrum(np.full((30, 30), np.inf), 3)
+
+
+@pytest.mark.parametrize("r", [0, 6, -1])
+def test_lora_from_delta_rank_out_of_range_names_r(r):
+    with pytest.raises(ValueError, match=r"r must be in \[1, min\(d_out, d_in\)\] = \[1, 5\]"):
+        rslora.lora_from_delta(np.ones((6, 5)), r)

@@ -54,6 +54,11 @@ def lora_from_delta(delta, r=None, *, tol=None, max_rank=None, alpha=None, scale
     if r is not None:
         if max_rank is not None:
             raise ValueError("max_rank= goes with tol=, not with r=")
+        shape = np.shape(delta)
+        if (len(shape) == 2 and isinstance(r, numbers.Integral) and not isinstance(r, bool)
+                and not 1 <= r <= min(shape)):
+            raise ValueError(f"r must be in [1, min(d_out, d_in)] = [1, {min(shape)}] for delta "
+                             f"of shape {tuple(shape)}, got {r}")
         U, S, Vt = rsvd(delta, r, n_iter=n_iter, seed=seed)
     else:
         kw = {} if isinstance(n_iter, str) and n_iter == "auto" else {"n_iter": n_iter}
