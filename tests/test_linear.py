@@ -69,9 +69,10 @@ def test_layouts_fortran_strided_transposed(rng, dtype):
     assert_close(y, reference(xs, W, A, B, 0.5), dtype)
 
 
-def test_negative_strides_are_read_correctly(rng):
-    x, W, A, B, b = make(rng, 6, 10, 8, 3, np.float64)
-    xr = x[::-1]
+@pytest.mark.parametrize("n", [1, 6])  # n = 1 runs the one-row GEMV path
+def test_negative_strides_are_read_correctly(rng, n):
+    x, W, A, B, b = make(rng, n, 10, 8, 3, np.float64)
+    xr = x[::-1, ::-1]
     y = rslora.lora_linear(xr, W[:, ::-1], A[:, ::-1], B, scale=1.5, bias=b[::-1])
     assert_close(y, reference(xr, W[:, ::-1], A[:, ::-1], B, 1.5, b[::-1]), np.float64)
 

@@ -267,3 +267,17 @@ def test_groups_of_every_size_threaded_and_not(dtype, r):
     with threadpoolctl.threadpool_limits(1):
         one = rslora.lora_add_multi(y0.copy(), x, A, B, ids, scales=scales)
     np.testing.assert_array_equal(got, one)
+
+
+def test_reversed_rows_and_columns_of_x(rng):
+    # negative strides reach the small-group kernels and the gemv path as they are
+    x = rng.standard_normal((5, 12))[::-1, ::-1]
+    A_all = rng.standard_normal((3, 2, 12))
+    B_all = rng.standard_normal((3, 7, 2))
+    ids = np.array([0, 2, -1, 1, 2])
+    y = rslora.lora_add_multi(np.zeros((5, 7)), x, A_all, B_all, ids, scales=[0.5, 1.0, 2.0])
+    ref = np.zeros((5, 7))
+    for i, a in enumerate(ids):
+        if a >= 0:
+            ref[i] = [0.5, 1.0, 2.0][a] * (x[i] @ A_all[a].T) @ B_all[a].T
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)

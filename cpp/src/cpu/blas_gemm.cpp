@@ -14,13 +14,6 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 template <class T, class I>
 using gemm_fn = void (*)(int, int, int, I, I, I, T, const T*, I, const T*, I, T, T*, I);
 
-template <class T, class I>
-using gemv_fn = void (*)(int, int, I, I, T, const T*, I, const T*, I, T, T*, I);
-
-template <class T> const char* gemv_name();
-template <> const char* gemv_name<float>() { return "cblas_sgemv"; }
-template <> const char* gemv_name<double>() { return "cblas_dgemv"; }
-
 template <class T> const char* gemm_name();
 template <> const char* gemm_name<float>() { return "cblas_sgemm"; }
 template <> const char* gemm_name<double>() { return "cblas_dgemm"; }
@@ -64,45 +57,13 @@ void call(bool ta, bool tb, i64 m, i64 n, i64 k, T alpha, const T* a, i64 lda, c
     b, (I)ldb, beta, c, (I)ldc);
 }
 
-template <class T, class I>
-void call_gemv(bool trans, i64 rows, i64 cols, T alpha, const T* a, i64 lda, const T* x, i64 incx,
-               T beta, T* y, i64 incy) {
-  if constexpr (sizeof(I) == 4) {
-    for (i64 v : {rows, cols, lda, incx, incy})
-      if (v > INT_MAX)
-        throw std::invalid_argument("matrix dimension exceeds the 32-bit BLAS interface");
-  }
-  auto f = reinterpret_cast<gemv_fn<T, I>>(symbol(gemv_name<T>(), true));
-  if (!f) throw std::runtime_error(std::string("BLAS library lacks ") + gemv_name<T>());
-  f(kRowMajor, trans ? kTrans : kNoTrans, (I)rows, (I)cols, alpha, a, (I)lda, x, (I)incx, beta, y,
-    (I)incy);
-}
-
 // One output row (m == 1): c = alpha op(B)^T a + beta c as a GEMV. OpenBLAS runs a 1-row GEMM
 // several times slower than the GEMV that reads the same matrix.
 template <class T>
 void gemm_row(T alpha, Mat<const T> A, bool ta, Mat<const T> B, bool tb, T beta, Mat<T> C) {
   const i64 k = ta ? A.rows : A.cols;
-  const T* a = A.data;
-  i64 inca = ta ? A.rs : A.cs;
-  std::vector<T> abuf, bbuf;
-  if (inca < 1) {  // broadcast or reversed vector: copy
-    abuf.resize(static_cast<size_t>(k));
-    for (i64 i = 0; i < k; ++i) abuf[i] = ta ? A(i, 0) : A(0, i);
-    a = abuf.data(), inca = 1;
-  }
-  Layout lb = layout_of(B.rows, B.cols, B.rs, B.cs);
-  if (!lb.ok) {
-    B = contiguous_copy(B, bbuf);
-    lb = layout_of(B.rows, B.cols, B.rs, B.cs);
-  }
-  // Stored row-major, B is (k x n) when op(B) reads it as is, (n x k) otherwise.
-  const bool eff_tb = tb != lb.transposed;
-  const i64 rows = eff_tb ? C.cols : k, cols = eff_tb ? k : C.cols;
-  if (info().int64)
-    call_gemv<T, long long>(!eff_tb, rows, cols, alpha, B.data, lb.ld, a, inca, beta, C.data, C.cs);
-  else
-    call_gemv<T, int>(!eff_tb, rows, cols, alpha, B.data, lb.ld, a, inca, beta, C.data, C.cs);
+  Vec<const T> a{A.data, k, ta ? A.rs : A.cs};
+  gemv<T>(alpha, B, !tb, a, beta, Vec<T>{C.data, C.cols, C.cs});
 }
 
 template <class T>

@@ -64,8 +64,9 @@ void gemv(T alpha, Mat<const T> A, bool ta, Vec<const T> x, T beta, Vec<T> y) {
   std::vector<T> xbuf;
   if (x.size == 1) x.stride = 1;
   if (y.size == 1) y.stride = 1;
-  if (x.stride < 1) {  // a broadcast vector: BLAS wants incx >= 1
-    xbuf.assign(static_cast<size_t>(x.size), x[0]);
+  if (x.stride < 1) {  // broadcast or reversed: BLAS wants incx >= 1 (and walks negative ones backward)
+    xbuf.resize(static_cast<size_t>(x.size));
+    for (i64 i = 0; i < x.size; ++i) xbuf[i] = x[i];
     x = {xbuf.data(), x.size, 1};
   }
   if (y.stride < 1) throw std::invalid_argument("gemv: y must have a positive stride");

@@ -5,6 +5,20 @@
 #include "rslora/blas.hpp"
 
 namespace rslora {
+namespace {
+
+// C += s op(P) op(Q). BLAS skips the product when alpha == 0, but IEEE (and the NumPy expression)
+// say 0 * Inf = NaN: with s == 0 the zero is applied to P first, in a copy the size of P.
+template <class T>
+void add_scaled_product(T s, Mat<const T> P, bool tp, Mat<const T> Q, bool tq, Mat<T> C) {
+  if (s != T(0)) return blas::gemm<T>(s, P, tp, Q, tq, T(1), C);
+  std::vector<T> zero(static_cast<size_t>(P.rows * P.cols));
+  for (i64 i = 0; i < P.rows; ++i)
+    for (i64 j = 0; j < P.cols; ++j) zero[i * P.cols + j] = T(0) * P(i, j);
+  blas::gemm<T>(T(1), Mat<const T>{zero.data(), P.rows, P.cols, P.cols, 1}, tp, Q, tq, T(1), C);
+}
+
+}  // namespace
 
 template <class T>
 void lora_linear(Mat<const T> x, Mat<const T> W, Mat<const T> A, Mat<const T> B,
@@ -18,29 +32,13 @@ void lora_linear(Mat<const T> x, Mat<const T> W, Mat<const T> A, Mat<const T> B,
   blas::gemm<T>(T(1), x, false, W, true, beta, y);  // y (+)= x W^T
   if (A.rows == 0) return;                           // r = 0: the LoRA term is an empty sum
   blas::gemm<T>(T(1), x, false, A, true, T(0), xa);  // xa = x A^T       (shrink)
-  if (s == T(0)) {
-    // BLAS skips op(A) op(B) when alpha == 0; IEEE (and the NumPy expression) say 0 * Inf = NaN.
-    std::vector<T> zero(static_cast<size_t>(xa.rows * xa.cols));
-    for (i64 i = 0; i < xa.rows; ++i)
-      for (i64 j = 0; j < xa.cols; ++j) zero[i * xa.cols + j] = T(0) * xa(i, j);
-    Mat<const T> z{zero.data(), xa.rows, xa.cols, xa.cols, 1};
-    blas::gemm<T>(T(1), z, false, B, true, T(1), y);
-    return;
-  }
-  blas::gemm<T>(s, xa.as_const(), false, B, true, T(1), y);  // y += s xa B^T  (expand)
+  add_scaled_product<T>(s, xa.as_const(), false, B, true, y);  // y += s xa B^T  (expand)
 }
 
 template <class T>
 void merge(Mat<T> W, Mat<const T> A, Mat<const T> B, T s) {
-  if (s == T(0) && !A.empty()) {  // as in lora_linear: keep 0 * Inf = NaN, which BLAS would skip
-    std::vector<T> zero(static_cast<size_t>(B.rows * B.cols));
-    for (i64 i = 0; i < B.rows; ++i)
-      for (i64 j = 0; j < B.cols; ++j) zero[i * B.cols + j] = T(0) * B(i, j);
-    blas::gemm<T>(T(1), Mat<const T>{zero.data(), B.rows, B.cols, B.cols, 1}, false, A, false,
-                  T(1), W);
-    return;
-  }
-  blas::gemm<T>(s, B, false, A, false, T(1), W);
+  if (A.empty()) return;  // r = 0
+  add_scaled_product<T>(s, B, false, A, false, W);
 }
 
 template void lora_linear<float>(Mat<const float>, Mat<const float>, Mat<const float>,
