@@ -18,8 +18,8 @@ import pytest
 from benchutil import set_case
 
 import rslora
-from rslora.adapter import save_adapter
-from rslora.checkpoint import Checkpoint, save_tensors
+from rslora.adapters.peft_format import save_adapter
+from rslora.adapters.checkpoint import Checkpoint, save_tensors
 
 FULL = dict(layers=24, d=2048, rank=64)
 SMALL = dict(layers=3, d=256, rank=16)

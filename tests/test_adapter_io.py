@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import rslora
-from rslora._outdir import atomic_output_dir
-from rslora.adapter import pattern_key, peft_config
-from rslora.checkpoint import from_bfloat16_bits, save_tensors, to_bfloat16_bits
+from rslora.adapters.atomic import atomic_output_dir
+from rslora.adapters.peft_format import pattern_key, peft_config
+from rslora.adapters.checkpoint import from_bfloat16_bits, save_tensors, to_bfloat16_bits
 
 from safetensors.numpy import save_file  # noqa: E402
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import rslora
-from rslora import _device_arrays as dev
+from rslora.cuda import _device_arrays as dev
 from rslora import cuda
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import pytest
 
 import rslora
 import rslora.cli
-from rslora.checkpoint import save_tensors
+from rslora.adapters.checkpoint import save_tensors
 
 from safetensors.numpy import save_file  # noqa: E402
 

@@ -3,7 +3,7 @@ import math
 import pytest
 
 import rslora
-from rslora._scaling import resolve
+from rslora.scaling import resolve
 
 
 @pytest.mark.parametrize("r", [1, 4, 8, 16, 32, 64, 3, 1000])

@@ -6,22 +6,32 @@ in-place merge, built on the BLAS that NumPy itself uses (one thread pool per pr
 
 from __future__ import annotations
 
+import sys as _sys
+
 from . import _blas, _core
 
 _blas.bind()
 
-from ._scaling import format_scale_table, scale, scale_table  # noqa: E402
+from .scaling import format_scale_table, scale, scale_table  # noqa: E402
 from .linear import lora_linear, merge, unmerge  # noqa: E402
 from .backward import lora_linear_backward  # noqa: E402
 from .multi import lora_add_multi, lora_linear_multi  # noqa: E402
 from .layer import LoRAGrads, LoRALinear  # noqa: E402
 from .spectrum import Spectrum, lora_from_delta, spectrum  # noqa: E402
 from .svd import RsvdTolResult, rsvd, rsvd_tol  # noqa: E402
-from .adapter import LoraAdapter, LoraModule, load_adapter, save_adapter  # noqa: E402
-from .adapter_merge import merge_adapter, merge_checkpoint  # noqa: E402
-from .checkpoint import Checkpoint, CheckpointError  # noqa: E402
-from .extract import extract_adapter  # noqa: E402
-from . import synthetic  # noqa: E402  (style/facts updates; the study in rslora.study)
+from .adapters import (  # noqa: E402
+    Checkpoint, CheckpointError, LoraAdapter, LoraModule, extract_adapter, load_adapter,
+    merge_adapter, merge_checkpoint, save_adapter)
+from .study import synthetic  # noqa: E402  (style/facts updates; the study in rslora.study)
+from . import adapters as _adapters  # noqa: E402
+
+# Modules that moved into subpackages keep their old import paths (`import rslora.checkpoint`).
+for _old, _new in {"synthetic": synthetic, "checkpoint": _adapters.checkpoint,
+                   "adapter": _adapters.peft_format, "adapter_merge": _adapters.merge,
+                   "extract": _adapters.extract}.items():
+    _sys.modules[f"{__name__}.{_old}"] = _new
+    globals()[_old] = _new
+del _old, _new
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _arrays, _core
-from ._scaling import resolve
+from .scaling import resolve
 
 __all__ = ["lora_linear_backward"]
 

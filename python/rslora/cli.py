@@ -10,9 +10,9 @@ import importlib
 import pkgutil
 import sys
 
+from .errors import UserError
 
-class UserError(Exception):
-    """A mistake in the command line or its files, reported as one line."""
+__all__ = ["UserError", "build_parser", "main"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _arrays
-from ._scaling import resolve
+from .scaling import resolve
 from .backward import lora_linear_backward
 from .linear import lora_linear, merge, unmerge
 

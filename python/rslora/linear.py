@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from . import _arrays, _core
-from ._scaling import resolve
+from .scaling import resolve
 
 __all__ = ["lora_linear", "merge", "unmerge"]
 

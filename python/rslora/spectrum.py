@@ -10,7 +10,7 @@ import numbers
 
 import numpy as np
 
-from ._scaling import resolve
+from .scaling import resolve
 from .svd import _int, _matrix, rsvd, rsvd_tol
 
 __all__ = ["lora_from_delta", "spectrum", "Spectrum"]

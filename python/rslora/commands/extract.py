@@ -50,8 +50,8 @@ def _formatter():
 
 
 def run(args) -> int:
-    from ..cli import UserError
-    from ..extract import extract_adapter
+    from ..errors import UserError
+    from ..adapters.extract import extract_adapter
 
     try:
         res = extract_adapter(

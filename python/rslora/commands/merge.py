@@ -28,9 +28,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..adapter import load_adapter
-    from ..adapter_merge import merge_checkpoint
-    from ..cli import UserError
+    from ..adapters.peft_format import load_adapter
+    from ..adapters.merge import merge_checkpoint
+    from ..errors import UserError
 
     try:
         adapter = load_adapter(args.adapter)

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from .._scaling import scale
+from ..scaling import scale
 from ..linear import unmerge
 from ..spectrum import lora_from_delta
 from .config import int_seed

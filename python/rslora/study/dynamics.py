@@ -20,8 +20,8 @@ import math
 
 import numpy as np
 
-from .. import synthetic
-from .._scaling import scale
+from . import synthetic
+from ..scaling import scale
 from ..backward import lora_linear_backward
 from ..linear import lora_linear, merge
 from .config import subseed

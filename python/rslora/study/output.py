@@ -7,7 +7,7 @@ import math
 import os
 import tempfile
 
-from ..cli import UserError
+from ..errors import UserError
 
 REPORT = "report.md"
 RESULTS = "results.json"

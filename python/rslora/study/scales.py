@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._scaling import scale_table
+from ..scaling import scale_table
 
 
 def run(cfg) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import synthetic
+from . import synthetic
 from ..spectrum import spectrum
 from .config import subseed
 

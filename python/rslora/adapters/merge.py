@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ._outdir import atomic_output_dir, check_output_dir
-from .adapter import LoraAdapter, LoraModule, load_adapter
+from .atomic import atomic_output_dir, check_output_dir
+from .peft_format import LoraAdapter, LoraModule, load_adapter
 from .checkpoint import DTYPE_CODES, Checkpoint, CheckpointError, save_tensors
-from .linear import merge
+from ..linear import merge
 
 __all__ = ["merge_adapter", "merge_checkpoint"]
 

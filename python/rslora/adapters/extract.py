@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._outdir import atomic_output_dir, check_output_dir
-from .adapter import common_rank, peft_config, write_adapter_files
+from .atomic import atomic_output_dir, check_output_dir
+from .peft_format import common_rank, peft_config, write_adapter_files
 from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError
 
 __all__ = ["extract_adapter", "ExtractResult", "LayerReport", "EMBEDDING_NAMES"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._arrays import on_gpu
+from .._arrays import on_gpu
 
 _KDL_CUDA, _KDL_CUDA_MANAGED = 2, 13
 SUPPORTED = ("float16", "bfloat16", "float32")

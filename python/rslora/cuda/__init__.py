@@ -26,7 +26,7 @@ import os
 import numpy as np
 
 from . import _device_arrays as dev
-from ._scaling import _check_real
+from ..scaling import _check_real
 
 __all__ = ["is_available", "info", "lora_linear", "merge", "lora_linear_multi", "lora_add_multi",
            "rsvd"]
@@ -81,7 +81,7 @@ def _load():
     if _module is None:
         _preload()
         try:
-            from . import _cuda
+            from .. import _cuda
         except ImportError as e:
             notes = "; ".join(_preload_notes)
             raise ImportError(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._outdir import atomic_output_dir
+from .atomic import atomic_output_dir
 from .checkpoint import DTYPE_CODES, Checkpoint, CheckpointError, save_tensors
 
 __all__ = ["LoraModule", "LoraAdapter", "load_adapter", "save_adapter", "pattern_key"]
