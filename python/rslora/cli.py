@@ -1,7 +1,8 @@
 """The ``rslora`` command. Each subcommand is a module in ``rslora/commands/`` with a
 ``register(subparsers)`` function that adds its parser and sets ``func`` (a callable taking the
-parsed args and returning an exit code). User errors raise :class:`UserError`: one line, exit 2,
-no traceback."""
+parsed args and returning an exit code), and at its top ``NEEDS``: the optional modules it
+imports (or a function of the parsed args that returns them), checked before any work is done.
+User errors raise :class:`UserError`: one line, exit 2, no traceback."""
 
 from __future__ import annotations
 
@@ -12,7 +13,27 @@ import sys
 
 from .errors import UserError
 
-__all__ = ["UserError", "build_parser", "main"]
+__all__ = ["UserError", "build_parser", "main", "require"]
+
+# The extra of pyproject.toml that installs each optional module a command may need.
+EXTRA_OF = {"tqdm": "cli", "matplotlib": "cli", "safetensors": "cli", "ml_dtypes": "cli",
+            "dask": "dask", "distributed": "dask"}
+
+
+def require(modules) -> None:
+    """Raise :class:`UserError` naming the extra to install if any of ``modules`` fails to import.
+
+    Imported, not only looked up, so that a broken install is caught here too, before any work."""
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        extras = ",".join(sorted({EXTRA_OF.get(m.split(".")[0], "cli") for m in missing}))
+        raise UserError(f"needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                        f"not installed: pip install 'rslora[{extras}]'")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
-            importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
+            mod = importlib.import_module(f"{commands.__name__}.{info.name}")
+            before = set(sub.choices)
+            mod.register(sub)
+            for name in set(sub.choices) - before:
+                sub.choices[name].set_defaults(needs=getattr(mod, "NEEDS", ()))
     return parser
 
 
@@ -38,6 +63,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        needs = getattr(args, "needs", ())
+        require(needs(args) if callable(needs) else needs)
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"rslora {args.command}: error: {e}", file=sys.stderr)

@@ -1,5 +1,7 @@
 """``rslora config``: which BLAS and backends this installation uses."""
 
+NEEDS = ()  # optional modules, checked before any work (rslora.cli.require)
+
 
 def register(sub) -> None:
     p = sub.add_parser("config", help="show the BLAS library and backends rslora uses")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+NEEDS = ("tqdm", "safetensors")  # optional modules, checked before any work (rslora.cli.require)
+
 USAGE = """examples:
   rslora extract base/ tuned/ -o adapter/ --rank 64
   rslora extract base.safetensors tuned.safetensors -o adapter/ --tol 0.05 --max-rank 256

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+NEEDS = ("tqdm", "safetensors")  # optional modules, checked before any work (rslora.cli.require)
+
 USAGE = """examples:
   rslora merge base/ adapter/ -o merged/
   rslora merge model.safetensors adapter/ -o merged/ --dtype bfloat16 --force

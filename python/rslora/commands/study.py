@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 import time
 
+NEEDS = ("tqdm", "matplotlib")  # optional modules, checked before any work (rslora.cli.require)
+
 
 def register(sub) -> None:
     p = sub.add_parser(
