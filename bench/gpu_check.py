@@ -248,7 +248,7 @@ def time_all(torch, cuda, quick=False):
                 "torch per-adapter loop", timed(torch, torch_multi))
             row(f"lora_linear_multi n={N} 8 adapters r=16 {dtype}", t_multi,
                 "torch F.linear (base alone)", t_base)
-        del x, W, A, B, out
+        x = W = A = B = out = None  # frees GPU memory (not del: lambdas name them)
 
     # rsvd vs torch.svd_lowrank at equal accuracy (float32, known spectrum)
     m = n = 2048 if quick else 4096
@@ -282,7 +282,7 @@ def time_all(torch, cuda, quick=False):
         t_theirs = min(t for e, t in theirs.values() if e <= target * 1.0001)
         row(f"rsvd {m}x{n} k=64 {label} (excess error <= {target:.1e}; |M|/opt={nrm / opt:.1f})",
             t_ours, "torch.svd_lowrank same accuracy", t_theirs)
-        del M
+        M = None
 
     print("\ntiming (CUDA events, median ms; ratio = torch / rslora, > 1 means rslora is faster):")
     w = max(len(r[0]) for r in ROWS)

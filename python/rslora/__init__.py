@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys as _sys
 
-from . import _blas, _core
+from . import _blas, _core  # noqa: F401  (_core first: a build problem fails here, clearly)
 
 _blas.bind()
 

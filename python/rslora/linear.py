@@ -75,7 +75,7 @@ def lora_linear(x, W, A, B, *, scale=None, alpha=None, rule="rslora", bias=None,
     bias = None if bias is None else _arrays.as_array(bias, "bias")
     dtype = _arrays.common_dtype(x=x, W=W, A=A, B=B, bias=bias)
     if x.ndim < 1:
-        raise ValueError(f"x must have shape (..., d_in), got a 0-d array")
+        raise ValueError("x must have shape (..., d_in), got a 0-d array")
     _arrays.require_ndim(W, "W", 2)
     _arrays.require_ndim(A, "A", 2)
     s = resolve(scale, alpha, rule, A.shape[0])
