@@ -270,9 +270,13 @@ def test_non_finite(bad):
 
 
 def test_overflowing_input_is_named():
-    M = np.full((20, 10), 3e38, np.float32)  # finite, but any product with it overflows
-    with pytest.raises(ValueError, match="too large"):
+    M = np.full((20, 10), 3e38, np.float32)  # finite, but sigma = 3e38 sqrt(200) is not
+    with pytest.raises(ValueError, match="singular values of M overflow float32"):
         rslora.rsvd(M, 2, seed=0)
+    M = np.zeros((20, 10), np.float32)
+    M[3, 4], M[5, 6] = 3e38, -2e38  # products with it overflow, its singular values do not
+    U, S, Vt = rslora.rsvd(M, 2, seed=0)
+    np.testing.assert_allclose(S, [3e38, 2e38], rtol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["subspace", "krylov"])
