@@ -162,8 +162,7 @@ def lora_add_multi(y, x, A_all, B_all, adapter_ids, *, scales):
     if y.shape != batch + (d_out,):
         raise ValueError(f"y has shape {y.shape} but x {x.shape} and B_all {B_all.shape} "
                          f"need {batch + (d_out,)}")
-    if not y.flags.writeable:
-        raise ValueError("y is read-only; lora_add_multi works in place")
+    _arrays.check_writable(y, "y", "; lora_add_multi works in place")
     _arrays.check_no_alias(y, "y", x=x, A_all=A_all, B_all=B_all)
     ids = _ids(adapter_ids, batch, A_all.shape[0])
     sc = _scales(scales, A_all.shape[0])
