@@ -151,19 +151,21 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", method="subspace", normalizer="q
     values that exceed ``M``'s dtype raise ``ValueError`` (never Inf or NaN). GPU arrays (DLPack: torch, CuPy) run on the GPU through
     :func:`rslora.cuda.rsvd`.
     """
+    # l = min(k + oversample, min(m, n)) and no matrix has a side of 2**31 on both axes: a
+    # larger oversample changes nothing, and clamping it keeps k + oversample far inside the
+    # 64-bit integers of both backends.
+    oversample = min(_int(oversample, "oversample", 0), _INT_MAX)
     if _arrays.on_gpu(M):
         from . import cuda
 
+        _n_iter(n_iter)  # range-checked here too: both backends reject the same arguments
         return cuda.rsvd(M, k, oversample=oversample, n_iter=n_iter, method=method,
                          normalizer=normalizer, seed=seed, check_finite=check_finite)
-    M = _matrix(M)  # NaN/Inf are caught by the core in the first pass (no extra read of M)
+    M = _matrix(M)  # NaN/Inf are caught by the core's max-abs scan of M
     k = _int(k, "k")
     lo = min(M.shape)
     if not 1 <= k <= lo:
         raise ValueError(f"k must be in [1, min(m, n)] = [1, {lo}] for M of shape {M.shape}, got {k}")
-    # l = min(k + oversample, min(m, n)): a larger oversample changes nothing, and clamping it
-    # keeps k + oversample inside the core's 64-bit integers.
-    oversample = min(_int(oversample, "oversample", 0), lo)
     method = _choice(method, "method", _METHODS)
     normalizer = _choice(normalizer, "normalizer", _NORMALIZERS)
     if method == "krylov" and normalizer != "qr":
