@@ -105,3 +105,13 @@ def test_out_of_range_sizes_name_the_argument(call, name):
     M = np.ones((6, 5))
     with pytest.raises(ValueError, match=rf"^{name} must"):
         call(M)
+
+
+def test_lora_from_delta_factors_near_the_float64_limit():
+    # found by tests/test_fuzz_ops.py: sqrt(S / |s|) overflowed in the quotient (S = 4.5e307,
+    # s = 0.125) although the factors, sqrt(S) / sqrt(|s|) ~ 1.9e154, are representable
+    M = np.array([[4.49423284e307]])
+    A, B = rslora.lora_from_delta(M, 1, scale=0.125, seed=0)
+    np.testing.assert_allclose(0.125 * B @ A, M, rtol=1e-15)
+    with pytest.raises(ValueError, match="too small for this delta"):
+        rslora.lora_from_delta(np.float32(3e38) * np.ones((1, 1), np.float32), 1, scale=1e-60)

@@ -67,7 +67,8 @@ def lora_from_delta(delta, r=None, *, tol=None, max_rank=None, alpha=None, scale
     s = 1.0 if scale is None and alpha is None else resolve(scale, alpha, rule, rank)
     if s == 0.0 and rank > 0:
         raise ValueError("the scale is 0: no factors can reproduce a nonzero delta")
-    root = np.sqrt(S.astype(np.float64) / abs(s)) if rank else np.zeros(0)
+    # sqrt(S) / sqrt|s|, not sqrt(S / |s|): the quotient alone can overflow float64
+    root = np.sqrt(S.astype(np.float64)) / np.sqrt(abs(s)) if rank else np.zeros(0)
     if rank and root[0] > np.finfo(S.dtype).max:  # |entries| <= root (unit singular vectors)
         raise ValueError(f"scale {s:g} is too small for this delta: the factors would overflow "
                          f"{S.dtype} (sqrt(S[0] / |scale|) = {root[0]:.3g})")
