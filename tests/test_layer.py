@@ -148,3 +148,10 @@ def test_bad_construction():
     layer = LoRALinear(W, A, B, alpha=1.0)
     with pytest.raises(TypeError, match="float32 but W is float64|x is float32"):
         layer(np.zeros((2, 12), np.float32))
+
+
+@pytest.mark.parametrize("r,err", [(0, ValueError), (-1, ValueError), (2**63, ValueError),
+                                   (2.5, TypeError), (True, TypeError)])
+def test_init_rank_is_range_checked(r, err):
+    with pytest.raises(err, match="^r must be"):
+        LoRALinear.init(np.zeros((4, 3)), r)

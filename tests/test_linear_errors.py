@@ -105,3 +105,29 @@ def test_core_rejects_bad_shapes_even_when_called_directly(ops):
         _core.lora_linear(x, W, A, B, 1.0, None, np.empty((4, 5)), np.empty((4, 1)))
     with pytest.raises(TypeError, match="xa is float32"):
         _core.lora_linear(x, W, A, B, 1.0, None, np.empty((4, 5)), np.empty((4, 2), np.float32))
+
+
+def test_outputs_whose_elements_alias_each_other_are_refused(rng):
+    # Issue 11 fuzzing: a writable zero-stride out/y/W (as_strided) was accepted and written
+    # with one row's result over another's (a silent wrong result). Refused, nothing written.
+    from numpy.lib.stride_tricks import as_strided
+
+    x = rng.standard_normal((3, 2))
+    W, A, B = rng.standard_normal((4, 2)), rng.standard_normal((1, 2)), rng.standard_normal((4, 1))
+    base = np.zeros(4)
+    shared = as_strided(base, shape=(3, 4), strides=(0, 8))  # 3 rows, one memory row
+    with pytest.raises(ValueError, match="out has overlapping elements"):
+        rslora.lora_linear(x, W, A, B, scale=1.0, out=shared)
+    with pytest.raises(ValueError, match="out has overlapping elements"):
+        rslora.lora_linear_multi(x, W, A[None], B[None], [0, 0, 0], scales=[1.0], out=shared)
+    with pytest.raises(ValueError, match="y has overlapping elements"):
+        rslora.lora_add_multi(shared, x, A[None], B[None], [0, 0, 0], scales=[1.0])
+    interleaved = as_strided(np.zeros(6), shape=(4, 2), strides=(8, 8))  # rows overlap by one
+    with pytest.raises(ValueError, match="W has overlapping elements"):
+        rslora.merge(interleaved, A, B, scale=1.0)
+    assert not base.any()
+    # every layout slicing makes is still accepted (reversed, strided, transposed)
+    big = np.zeros((8, 9))
+    for out in (big[:3, :4], big[::-2, ::2][:3, :4], big[:4, :3].T, big[:3, 8:4:-1]):
+        rslora.lora_linear(x, W, A, B, scale=1.0, out=out)
+        np.testing.assert_allclose(out, x @ W.T + (x @ A.T) @ B.T, atol=1e-12)

@@ -61,6 +61,30 @@ def overlaps(a: np.ndarray, b: np.ndarray) -> bool:
     return np.may_share_memory(a, b) and np.shares_memory(a, b)
 
 
+def self_overlaps(a: np.ndarray) -> bool:
+    """True when two elements of ``a`` may share memory (a zero or interleaved stride, as
+    ``as_strided`` or ``broadcast_to`` make): no single result can be written there. Checked
+    by the layout (each axis steps over the whole extent of the smaller ones), so it is exact
+    for every layout NumPy's own slicing produces."""
+    if a.size <= 1:
+        return False
+    extent = a.itemsize
+    for stride, n in sorted((abs(st), n) for st, n in zip(a.strides, a.shape) if n > 1):
+        if stride < extent:
+            return True
+        extent = stride * (n - 1) + extent
+    return False
+
+
+def check_writable(target: np.ndarray, name: str, why: str) -> None:
+    """A target the op writes: writable, and no element aliasing another."""
+    if not target.flags.writeable:
+        raise ValueError(f"{name} is read-only{why}")
+    if self_overlaps(target):
+        raise ValueError(f"{name} has overlapping elements (zero or interleaved strides); "
+                         "pass an array whose elements are distinct")
+
+
 def check_no_alias(target: np.ndarray, target_name: str, **inputs) -> None:
     for name, arr in inputs.items():
         if arr is not None and overlaps(target, arr):
@@ -79,8 +103,7 @@ def prepare_out(out, shape: tuple, dtype: np.dtype, **inputs):
         raise ValueError(f"out has shape {out.shape} but the result has shape {tuple(shape)}")
     if out.dtype != dtype:
         raise ValueError(f"out has dtype {out.dtype} but the result is {dtype}")
-    if not out.flags.writeable:
-        raise ValueError("out is read-only")
+    check_writable(out, "out", "")
     check_no_alias(out, "out", **inputs)
     flat = out.view()
     try:

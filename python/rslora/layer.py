@@ -7,6 +7,7 @@ Names follow PEFT's ``LoraLayer`` where they carry over: ``lora_A`` (r, in_featu
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -94,6 +95,10 @@ class LoRALinear:
         W = _arrays.as_array(weight, "weight")
         _arrays.check_float(W, "weight")
         _arrays.require_ndim(W, "weight", 2)
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+            raise TypeError(f"r must be an integer, got {type(r).__name__}")
+        if not 1 <= r <= 2**31 - 1:  # checked before r * in_features is allocated
+            raise ValueError(f"r must be in [1, 2**31 - 1], got {r}")
         if alpha is None and scale is None:
             alpha = float(r)
         bound = 1.0 / np.sqrt(W.shape[1])  # kaiming_uniform_(a=sqrt(5)) on (r, in_features)

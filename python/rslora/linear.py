@@ -102,8 +102,7 @@ def _merge(W, A, B, sign, scale, alpha, rule):
     _arrays.common_dtype(W=W, A=A, B=B)
     _arrays.require_ndim(W, "W", 2)
     _arrays.require_ndim(A, "A", 2)
-    if not W.flags.writeable:
-        raise ValueError("W is read-only; merge works in place")
+    _arrays.check_writable(W, "W", "; merge works in place")
     _arrays.check_no_alias(W, "W", A=A, B=B)
     s = resolve(scale, alpha, rule, A.shape[0])
     _core.merge(W, A, B, sign * s)

@@ -124,7 +124,7 @@ def lora_linear_multi(x, W, A_all, B_all, adapter_ids, *, scales, bias=None, out
     sc = _scales(scales, A_all.shape[0])
     out, out2, copy_back = _arrays.prepare_out(out, batch + (d_out,), dtype, x=x, W=W,
                                                A_all=A_all, B_all=B_all, bias=bias)
-    _core.lora_linear_multi(x.reshape(-1, d_in), W, A_all, B_all, ids, sc, bias, out2)
+    _core.lora_linear_multi(x.reshape(ids.size, d_in), W, A_all, B_all, ids, sc, bias, out2)
     if copy_back:
         out[...] = out2.reshape(out.shape)
     return out
@@ -162,17 +162,17 @@ def lora_add_multi(y, x, A_all, B_all, adapter_ids, *, scales):
     if y.shape != batch + (d_out,):
         raise ValueError(f"y has shape {y.shape} but x {x.shape} and B_all {B_all.shape} "
                          f"need {batch + (d_out,)}")
-    if not y.flags.writeable:
-        raise ValueError("y is read-only; lora_add_multi works in place")
+    _arrays.check_writable(y, "y", "; lora_add_multi works in place")
     _arrays.check_no_alias(y, "y", x=x, A_all=A_all, B_all=B_all)
     ids = _ids(adapter_ids, batch, A_all.shape[0])
     sc = _scales(scales, A_all.shape[0])
+    n = ids.size  # rows, spelled out: reshape(-1, 0) cannot infer them
     y2 = y.view()
     try:
-        y2.shape = (-1, d_out)  # a view when y's layout allows it
+        y2.shape = (n, d_out)  # a view when y's layout allows it
     except AttributeError:
-        y2 = y.reshape(-1, d_out)  # a copy, written back below
-    _core.lora_add_multi(y2, x.reshape(-1, d_in), A_all, B_all, ids, sc)
+        y2 = y.reshape(n, d_out)  # a copy, written back below
+    _core.lora_add_multi(y2, x.reshape(n, d_in), A_all, B_all, ids, sc)
     if not np.shares_memory(y2, y):
         y[...] = y2.reshape(y.shape)
     return y

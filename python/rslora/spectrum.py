@@ -67,7 +67,11 @@ def lora_from_delta(delta, r=None, *, tol=None, max_rank=None, alpha=None, scale
     s = 1.0 if scale is None and alpha is None else resolve(scale, alpha, rule, rank)
     if s == 0.0 and rank > 0:
         raise ValueError("the scale is 0: no factors can reproduce a nonzero delta")
-    root = np.sqrt(S.astype(np.float64) / abs(s)) if rank else np.zeros(0)
+    # sqrt(S) / sqrt|s|, not sqrt(S / |s|): the quotient alone can overflow float64
+    root = np.sqrt(S.astype(np.float64)) / np.sqrt(abs(s)) if rank else np.zeros(0)
+    if rank and root[0] > np.finfo(S.dtype).max:  # |entries| <= root (unit singular vectors)
+        raise ValueError(f"scale {s:g} is too small for this delta: the factors would overflow "
+                         f"{S.dtype} (sqrt(S[0] / |scale|) = {root[0]:.3g})")
     A = (root[:, None] * Vt).astype(S.dtype, copy=False)
     B = (U * (np.copysign(root, s) if rank else root)).astype(S.dtype, copy=False)
     return A, B
@@ -86,12 +90,23 @@ class Spectrum:
         ``energy[i]`` = share of ``total_energy`` held by the first ``i + 1`` singular values.
     """
 
-    def __init__(self, singular_values: np.ndarray, total_energy: float, complete: bool):
-        self.singular_values = singular_values
-        self.total_energy = float(total_energy)
+    def __init__(self, singular_values: np.ndarray, total_energy: float, complete: bool, *,
+                 exponent: int = 0, dtype=None):
+        """Values and total energy of ``M * 2**exponent`` (see :func:`_pow2_exponent`)."""
+        dtype = np.dtype(dtype or singular_values.dtype)
+        scaled = singular_values.astype(np.float64)
+        with np.errstate(over="ignore", under="ignore"):
+            true = np.ldexp(scaled, -exponent)
+        if true.size and true.max() > np.finfo(dtype).max:
+            raise ValueError(f"the singular values of M overflow {dtype} (the largest is "
+                             f"~{true.max():.3g}): compute in float64 (M.astype(numpy.float64))")
+        self.singular_values = true.astype(dtype)
+        with np.errstate(over="ignore", under="ignore"):  # inf/0 when float64 cannot hold it
+            self.total_energy = float(np.ldexp(total_energy, -2 * exponent))
+        self._scaled_total = total_energy
         self.complete = complete  # all min(m, n) values known (k=None)
-        sq = np.cumsum(np.square(singular_values.astype(np.float64)))
-        self.energy = sq / self.total_energy if self.total_energy > 0 else np.ones_like(sq)
+        sq = np.cumsum(np.square(scaled))  # shares from the scaled values: no over/underflow
+        self.energy = sq / total_energy if total_energy > 0 else np.ones_like(sq)
 
     def __len__(self) -> int:
         return self.singular_values.shape[0]
@@ -113,7 +128,7 @@ class Spectrum:
         share = float(share)
         if not 0.0 < share <= 1.0:
             raise ValueError(f"share must be in (0, 1], got {share}")
-        if self.total_energy == 0:
+        if self._scaled_total == 0:
             return 0
         eps = np.finfo(self.singular_values.dtype).eps
         need = share * (1.0 - 8 * eps)
@@ -149,11 +164,30 @@ def spectrum(M, k=None, *, seed=None, check_finite=True) -> Spectrum:
         exact, from ``M``), ``.rank_for(share)``, ``.total_energy``.
     """
     M = _matrix(M, check_finite and k is None)  # rsvd checks in its first pass
+    e = _pow2_exponent(M)
+    Ms = np.ldexp(M, e) if e else M  # exact: only exponents change
     if k is None:
-        s = np.linalg.svd(M, compute_uv=False) if M.size else np.zeros(0, M.dtype)
+        s = np.linalg.svd(Ms, compute_uv=False) if M.size else np.zeros(0, M.dtype)
         s = s.astype(M.dtype, copy=False)
     else:
         k = _int(k, "k")
-        _, s, _ = rsvd(M, k, seed=seed, check_finite=check_finite)
-    total = float(np.einsum("ij,ij->", M, M, dtype=np.float64)) if M.size else 0.0
-    return Spectrum(s, total, k is None or k == min(M.shape))
+        _, s, _ = rsvd(M, k, seed=seed, check_finite=check_finite)  # scales on its own
+        s = np.ldexp(s.astype(np.float64), e)
+    total = float(np.einsum("ij,ij->", Ms, Ms, dtype=np.float64)) if M.size else 0.0
+    return Spectrum(s, total, k is None or k == min(M.shape), exponent=e, dtype=M.dtype)
+
+
+def _pow2_exponent(M: np.ndarray) -> int:
+    """e such that the squares summed for ``M * 2**e`` neither overflow nor underflow (0 when
+    M is already safe, is zero, or holds NaN/Inf). The same window as the core's rsvd uses."""
+    if not M.size:
+        return 0
+    amax = float(np.max(np.abs(M)))
+    if amax == 0 or not np.isfinite(amax):
+        return 0
+    fi = np.finfo(M.dtype)
+    m, n = M.shape
+    size = np.sqrt(float(m) * n * max(m, n))
+    if np.ldexp(1.0, fi.minexp // 2 + 4) <= amax <= np.ldexp(1.0, fi.maxexp // 2 - 8) / size:
+        return 0
+    return 1 - int(np.frexp(amax)[1])  # max|M * 2**e| in [1, 2)

@@ -51,12 +51,18 @@ def _matrix(M, check_finite: bool = False, name: str = "M") -> np.ndarray:
     return arr
 
 
-def _int(value, name: str, lo: int | None = None) -> int:
+_INT_MAX = 2**31 - 1  # n_iter is a C int in the core
+
+
+def _int(value, name: str, lo: int | None = None, hi: int | None = None) -> int:
+    """An integer argument checked against [lo, hi] before any arithmetic with it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     value = int(value)
     if lo is not None and value < lo:
         raise ValueError(f"{name} must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {value}")
     return value
 
 
@@ -77,7 +83,7 @@ def _n_iter(n_iter) -> int:
         if n_iter != "auto":
             raise ValueError(f"n_iter must be 'auto' or an integer >= 0, got {n_iter!r}")
         return -1
-    return _int(n_iter, "n_iter", 0)
+    return _int(n_iter, "n_iter", 0, _INT_MAX)
 
 
 def _choice(value, name: str, allowed: tuple) -> str:
@@ -121,10 +127,8 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", method="subspace", normalizer="q
         Key of the Gaussian test matrix (0 <= seed < 2**64). None draws fresh entropy. The same
         seed gives the same result (for the same BLAS thread count).
     check_finite : bool
-        Raise ``ValueError`` when ``M`` holds NaN or Inf. Costs no extra pass: a NaN or Inf
-        entry always reaches the first product with the Gaussian test matrix, which is checked
-        (and only then ``M`` is scanned, to name the cause). With ``False`` a non-finite ``M``
-        gives NaN results.
+        Raise ``ValueError`` when ``M`` holds NaN or Inf (found by the max-abs scan below, no
+        GEMM). With ``False`` a non-finite ``M`` gives NaN results.
 
     Returns
     -------
@@ -141,20 +145,27 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", method="subspace", normalizer="q
     on ties) is positive; the matching row of ``Vt`` carries the same sign. The work is done on
     ``M`` or on ``M.T`` (a view), whichever makes the orthonormal bases the short side.
     A zero or rank-deficient ``M`` gives zero singular values with orthonormal (arbitrary)
-    vectors, never NaN. GPU arrays (DLPack: torch, CuPy) run on the GPU through
+    vectors, never NaN. One read of ``M`` (max-abs, no arithmetic) decides whether squares
+    formed inside could overflow or underflow (float32 entries beyond ~1e15 or below ~1e-18);
+    if so the work is done on ``M * 2**e`` in a copy (exact) and ``S`` scaled back. Singular
+    values that exceed ``M``'s dtype raise ``ValueError`` (never Inf or NaN). GPU arrays (DLPack: torch, CuPy) run on the GPU through
     :func:`rslora.cuda.rsvd`.
     """
+    # l = min(k + oversample, min(m, n)) and no matrix has a side of 2**31 on both axes: a
+    # larger oversample changes nothing, and clamping it keeps k + oversample far inside the
+    # 64-bit integers of both backends.
+    oversample = min(_int(oversample, "oversample", 0), _INT_MAX)
     if _arrays.on_gpu(M):
         from . import cuda
 
+        _n_iter(n_iter)  # range-checked here too: both backends reject the same arguments
         return cuda.rsvd(M, k, oversample=oversample, n_iter=n_iter, method=method,
                          normalizer=normalizer, seed=seed, check_finite=check_finite)
-    M = _matrix(M)  # NaN/Inf are caught by the core in the first pass (no extra read of M)
+    M = _matrix(M)  # NaN/Inf are caught by the core's max-abs scan of M
     k = _int(k, "k")
     lo = min(M.shape)
     if not 1 <= k <= lo:
         raise ValueError(f"k must be in [1, min(m, n)] = [1, {lo}] for M of shape {M.shape}, got {k}")
-    oversample = _int(oversample, "oversample", 0)
     method = _choice(method, "method", _METHODS)
     normalizer = _choice(normalizer, "normalizer", _NORMALIZERS)
     if method == "krylov" and normalizer != "qr":
@@ -189,7 +200,8 @@ def rsvd_tol(M, tol, *, max_rank=None, block=None, n_iter=2, seed=None, check_fi
         As in :func:`rsvd`.
     check_finite : bool
         Raise ``ValueError`` naming NaN/Inf in ``M``; with ``False`` a non-finite ``M`` still
-        gives a ``ValueError`` (the error indicator needs a finite ``||M||_F``).
+        gives a ``ValueError`` (the error indicator needs a finite ``||M||_F``). Entries too
+        large or small for the squares summed inside are handled as in :func:`rsvd`.
 
     Returns
     -------
@@ -219,7 +231,8 @@ def rsvd_tol(M, tol, *, max_rank=None, block=None, n_iter=2, seed=None, check_fi
     if not 1 <= max_rank <= lo:
         raise ValueError(f"max_rank must be in [1, min(m, n)] = [1, {lo}] for M of shape "
                          f"{M.shape}, got {max_rank}")
-    block = min(32, max_rank) if block is None else _int(block, "block", 1)
-    n_iter = _int(n_iter, "n_iter", 0)
+    # a block wider than max_rank is max_rank (clamped: no overflow in the core's sizes)
+    block = min(32, max_rank) if block is None else min(_int(block, "block", 1), max_rank)
+    n_iter = _int(n_iter, "n_iter", 0, _INT_MAX)
     U, S, Vt, err = _core.rsvd_tol(M, tol, max_rank, block, n_iter, _seed(seed), bool(check_finite))
     return RsvdTolResult(U, S, Vt, float(err))

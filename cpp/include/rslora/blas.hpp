@@ -8,6 +8,7 @@
 // a view only when BLAS cannot read it as it is. LAPACK wrappers take column-major buffers
 // (the Fortran interface) and do their own workspace queries.
 #pragma once
+#include <initializer_list>
 #include <string>
 
 #include "rslora/view.hpp"
@@ -32,12 +33,17 @@ int num_threads();
 // The address of a symbol by its plain name ("cblas_sgemm", "sgeqrf"), nullptr when absent.
 void* symbol(const std::string& plain_name, bool cblas);
 
+// Throws std::invalid_argument unless every value (dimensions, |strides|) fits the BLAS integer
+// type (32-bit libraries). In-place ops call it first, so that nothing is written before it.
+void check_fits(std::initializer_list<i64> values);
+
 // C = alpha * op(A) op(B) + beta * C, op = transpose when ta/tb. C must be writable; any views.
 // k == 0 gives C = beta * C (beta == 0 writes zeros, never reads C).
 template <class T>
 void gemm(T alpha, Mat<const T> A, bool ta, Mat<const T> B, bool tb, T beta, Mat<T> C);
 
-// y = alpha op(A) x + beta y, op = transpose when ta; x and y strided vectors (positive strides).
+// y = alpha op(A) x + beta y, op = transpose when ta; x and y strided vectors (any strides:
+// reversed ones go through a unit-stride copy).
 // For matrix-times-one-vector work (a decode row through an adapter) without gathering rows.
 template <class T>
 void gemv(T alpha, Mat<const T> A, bool ta, Vec<const T> x, T beta, Vec<T> y);

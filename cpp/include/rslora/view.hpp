@@ -1,5 +1,6 @@
 // Strided matrix views: the only way data enters the core. Strides are in elements and may be
-// anything (the bindings reject negative ones); gemm() decides whether BLAS can read a view as it is.
+// anything, negative (reversed axes) included; gemm() and gemv() decide whether BLAS can read a
+// view as it is, and copy what it cannot.
 #pragma once
 #include <cstdint>
 

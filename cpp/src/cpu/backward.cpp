@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "rslora/blas.hpp"
+#include "rslora/sizes.hpp"
 
 namespace rslora {
 
@@ -11,6 +12,9 @@ void lora_linear_backward(Mat<const T> dy, Mat<const T> x, Mat<const T> W, Mat<c
                           Mat<const T> B, T s, const Mat<const T>* xa, Mat<T>* dx, Mat<T>* dA,
                           Mat<T>* dB) {
   const i64 n = dy.rows, r = A.rows;
+  blas::check_fits({n, r, x.cols, dy.cols, dy.rs, dy.cs, x.rs, x.cs, W.rs, W.cs, A.rs, A.cs,
+                    B.rs, B.cs});
+  checked_size({n, r}, "dy B", sizeof(T));  // the scratch below
   // g = s dy B (n, r): shared by dx and dA; s folded in here so later GEMMs need no extra pass.
   std::vector<T> gbuf;
   Mat<T> g{};

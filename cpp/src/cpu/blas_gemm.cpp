@@ -74,6 +74,13 @@ void scale_in_place(Mat<T> C, T beta) {
 
 }  // namespace
 
+void check_fits(std::initializer_list<i64> values) {
+  if (info().int64) return;
+  for (i64 v : values)
+    if (v > INT_MAX || v < -INT_MAX)
+      throw std::invalid_argument("matrix dimension or stride exceeds the 32-bit BLAS interface");
+}
+
 template <class T>
 void gemm(T alpha, Mat<const T> A, bool ta, Mat<const T> B, bool tb, T beta, Mat<T> C) {
   const i64 m = C.rows, n = C.cols;

@@ -69,11 +69,20 @@ void gemv(T alpha, Mat<const T> A, bool ta, Vec<const T> x, T beta, Vec<T> y) {
     for (i64 i = 0; i < x.size; ++i) xbuf[i] = x[i];
     x = {xbuf.data(), x.size, 1};
   }
-  if (y.stride < 1) throw std::invalid_argument("gemv: y must have a positive stride");
+  Vec<T> out = y;
+  std::vector<T> ybuf;
+  if (y.stride < 1) {  // reversed (or broadcast) y: work in a unit-stride copy, written back below
+    ybuf.resize(static_cast<size_t>(y.size));
+    if (beta != T(0))
+      for (i64 i = 0; i < y.size; ++i) ybuf[i] = y[i];
+    out = {ybuf.data(), y.size, 1};
+  }
   if (info().int64)
-    call<T, long long>(trans, rows, cols, alpha, data, ld, x.data, x.stride, beta, y.data, y.stride);
+    call<T, long long>(trans, rows, cols, alpha, data, ld, x.data, x.stride, beta, out.data, out.stride);
   else
-    call<T, int>(trans, rows, cols, alpha, data, ld, x.data, x.stride, beta, y.data, y.stride);
+    call<T, int>(trans, rows, cols, alpha, data, ld, x.data, x.stride, beta, out.data, out.stride);
+  if (!ybuf.empty())
+    for (i64 i = 0; i < y.size; ++i) y[i] = ybuf[i];
 }
 
 template void gemv<float>(float, Mat<const float>, bool, Vec<const float>, float, Vec<float>);

@@ -23,6 +23,9 @@ void add_scaled_product(T s, Mat<const T> P, bool tp, Mat<const T> Q, bool tq, M
 template <class T>
 void lora_linear(Mat<const T> x, Mat<const T> W, Mat<const T> A, Mat<const T> B,
                  const Vec<const T>* bias, T s, Mat<T> y, Mat<T> xa) {
+  // What BLAS could refuse, before y is written (the bias goes in first).
+  blas::check_fits({x.rows, x.cols, y.cols, A.rows, x.rs, x.cs, W.rs, W.cs, A.rs, A.cs, B.rs,
+                    B.cs, y.rs, y.cs, xa.rs, xa.cs});
   T beta = T(0);
   if (bias) {  // y starts as the bias, then the base GEMM accumulates onto it
     for (i64 i = 0; i < y.rows; ++i)
@@ -37,6 +40,7 @@ void lora_linear(Mat<const T> x, Mat<const T> W, Mat<const T> A, Mat<const T> B,
 
 template <class T>
 void merge(Mat<T> W, Mat<const T> A, Mat<const T> B, T s) {
+  blas::check_fits({W.rows, W.cols, A.rows, W.rs, W.cs, A.rs, A.cs, B.rs, B.cs});
   if (A.empty()) return;  // r = 0
   add_scaled_product<T>(s, B, false, A, false, W);
 }

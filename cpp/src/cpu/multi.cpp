@@ -12,6 +12,7 @@
 
 #include "rslora/blas.hpp"
 #include "rslora/errors.hpp"
+#include "rslora/sizes.hpp"
 #include "multi_kernels.hpp"
 
 namespace rslora {
@@ -108,8 +109,24 @@ template <class T>
 void lora_add_multi(Mat<T> y, Mat<const T> x, Stack<const T> A, Stack<const T> B, const i64* ids,
                     const double* scales) {
   const i64 n = x.rows, na = A.count, r = A.rows, d_in = x.cols, d_out = y.cols;
-  check_adapter_ids(ids, n, na);  // before any work: never an out-of-bounds read
-  if (n == 0 || r == 0 || na == 0) return;
+  // Every error before the first write to y: ids, then what BLAS could refuse later.
+  check_adapter_ids(ids, n, na);  // never an out-of-bounds read
+  blas::check_fits({n, r, d_in, d_out, x.rs, x.cs, y.rs, y.cs, A.rs, A.cs, B.rs, B.cs});
+  checked_size({n, d_in}, "x"), checked_size({n, d_out}, "y"), checked_size({n, r}, "x A^T");
+  if (n == 0 || r == 0 || na == 0 || d_out == 0) return;  // nothing to add (and no row to form)
+  if (d_in == 0) {  // x A^T = 0: y_i += s (0 B^T), which is NaN where B holds NaN/Inf (as NumPy)
+    for (i64 i = 0; i < n; ++i) {
+      if (ids[i] < 0) continue;
+      const auto Ba = B[ids[i]];
+      const T s = static_cast<T>(scales[ids[i]]);
+      for (i64 j = 0; j < d_out; ++j) {
+        T acc = T(0);
+        for (i64 k = 0; k < r; ++k) acc += T(0) * Ba(j, k);
+        y(i, j) += s * acc;
+      }
+    }
+    return;
+  }
 
   // Counting sort of the rows by adapter; rows with id -1 are left out.
   std::vector<i64> start(static_cast<size_t>(na + 1), 0);
@@ -211,6 +228,8 @@ template <class T>
 void lora_linear_multi(Mat<const T> x, Mat<const T> W, Stack<const T> A, Stack<const T> B,
                        const i64* ids, const double* scales, const Vec<const T>* bias, Mat<T> y) {
   check_adapter_ids(ids, x.rows, A.count);  // before the base GEMM too
+  blas::check_fits({x.rows, x.cols, y.cols, A.rows, x.rs, x.cs, y.rs, y.cs, W.rs, W.cs, A.rs,
+                    A.cs, B.rs, B.cs});
   T beta = T(0);
   if (bias) {
     for (i64 i = 0; i < y.rows; ++i)

@@ -125,7 +125,7 @@ void write_factors(const Sides<T>& sd, const T* Q, const SmallSvd<T>& sv, i64 k,
 
 int rsvd_auto_iters(RsvdMethod method, i64 m, i64 n, i64 k, i64 oversample) {
   const i64 p = std::min(m, n);
-  if (k + oversample >= p) return 0;  // the sketch spans the short side: exact after one pass
+  if (oversample >= p - k) return 0;  // the sketch spans the short side (k + oversample >= p)
   return method == RsvdMethod::krylov ? 3 : 5;
 }
 
@@ -214,8 +214,9 @@ void rsvd(Mat<const T> M, i64 k, const RsvdOptions& opt, Mat<T> U, T* S, Mat<T> 
     throw std::invalid_argument("rsvd: output shapes do not match M and k");
   if (opt.method == RsvdMethod::krylov && opt.normalizer != RsvdNormalizer::qr)
     throw std::invalid_argument("method='krylov' orthonormalizes its blocks: normalizer must be 'qr'");
-  const Sides<T> sd(M);
-  const i64 l = std::min(k + opt.oversample, sd.p);
+  const detail::Rescaled<T> scaled(M, opt.check_finite);
+  const Sides<T> sd(scaled.M);
+  const i64 l = opt.oversample >= sd.p - k ? sd.p : k + opt.oversample;  // no k + oversample overflow
   const int iters = opt.n_iter < 0 ? rsvd_auto_iters(opt.method, m, n, k, opt.oversample) : opt.n_iter;
   std::vector<T> Q, W;
   const i64 L = opt.method == RsvdMethod::krylov
@@ -223,6 +224,7 @@ void rsvd(Mat<const T> M, i64 k, const RsvdOptions& opt, Mat<T> U, T* S, Mat<T> 
                     : subspace(sd, l, iters, opt.normalizer, opt.seed, opt.check_finite, Q, W);
   const auto sv = detail::small_svd(W, sd.q, L, k);
   detail::write_factors(sd, Q.data(), sv, k, U, S, Vt);
+  scaled.unscale(S, k);
 }
 
 #define RSLORA_INSTANTIATE(T)                                                                   \

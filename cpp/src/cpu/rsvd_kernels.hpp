@@ -89,4 +89,17 @@ template <class T>
 void write_factors(const Sides<T>& sd, const T* Q, const SmallSvd<T>& sv, i64 k, Mat<T> U, T* S,
                    Mat<T> Vt);
 
+// M as the algorithm sees it: M itself, or M * 2^exp in a copy when max|M| is so large or so
+// small that the squares formed inside (Gram matrices, ||M||_F^2) would overflow or underflow
+// (rsvd_scale.cpp). Also the NaN/Inf check of M when check_finite (one read of M, no GEMM).
+template <class T>
+struct Rescaled {
+  Mat<const T> M;
+  int exp = 0;
+  std::vector<T> buf;
+  Rescaled(Mat<const T> M0, bool check_finite);
+  // S (k values of M * 2^exp) <- the values of M; std::invalid_argument when they overflow T.
+  void unscale(T* S, i64 k) const;
+};
+
 }  // namespace rslora::detail

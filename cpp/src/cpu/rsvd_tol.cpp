@@ -83,13 +83,16 @@ RsvdTolResult<T> rsvd_tol(Mat<const T> M, double tol, i64 max_rank, i64 block, i
                           std::uint64_t seed, bool check_finite) {
   if (!(tol > 0 && tol < 1)) throw std::invalid_argument("tol must be in (0, 1), got " + std::to_string(tol));
   const i64 m = M.rows, n = M.cols;
+  if (n_iter < 0) throw std::invalid_argument("n_iter must be >= 0, got " + std::to_string(n_iter));
+  if (block < 1) throw std::invalid_argument("block must be >= 1, got " + std::to_string(block));
+  const detail::Rescaled<T> scaled(M, check_finite);
+  M = scaled.M;
   const Sides<T> sd(M);
   const i64 p = sd.p, q = sd.q;
   if (max_rank < 1 || max_rank > p)
     throw std::invalid_argument("max_rank must be in [1, min(m, n)] = [1, " + std::to_string(p) +
                                 "], got " + std::to_string(max_rank));
-  if (block < 1) throw std::invalid_argument("block must be >= 1, got " + std::to_string(block));
-  if (n_iter < 0) throw std::invalid_argument("n_iter must be >= 0, got " + std::to_string(n_iter));
+  block = std::min(block, max_rank);  // a wider block changes nothing (and cannot overflow below)
 
   RsvdTolResult<T> res;
   const double norm2 = frob2(M);  // NaN/Inf in M make it non-finite
@@ -176,6 +179,7 @@ RsvdTolResult<T> rsvd_tol(Mat<const T> M, double tol, i64 max_rank, i64 block, i
   if (r > 0)
     detail::write_factors(sd, Q.data(), sv, r, row_major(res.U.data(), m, r), res.S.data(),
                           row_major(res.Vt.data(), r, n));
+  scaled.unscale(res.S.data(), r);
   return res;
 }
 

@@ -1,0 +1,83 @@
+// Power-of-two rescaling of M for the randomized SVD (see rsvd_kernels.hpp: Rescaled).
+//
+// The passes square what they compute (Gram matrices of CholeskyQR, ||M||_F^2 of rsvd_tol), so
+// a float32 M whose entries pass ~1e19, or fall below ~1e-19, overflows or underflows inside
+// the algorithm even when its singular values are representable: NaN out, or a "zero" M. When
+// max|M| leaves the window where that cannot happen, the work is done on M * 2^e (exact: only
+// the exponent changes), in a copy, and the singular values are scaled back by 2^-e.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "rsvd_kernels.hpp"
+#include "rslora/sizes.hpp"
+
+namespace rslora::detail {
+namespace {
+
+template <class T>
+T max_abs(Mat<const T> M, bool* finite) {
+  const bool rows_inner = std::abs(M.cs) <= std::abs(M.rs);
+  const i64 outer = rows_inner ? M.rows : M.cols, inner = rows_inner ? M.cols : M.rows;
+  T mx = 0;
+  bool ok = true;
+  for (i64 o = 0; o < outer; ++o)
+    for (i64 i = 0; i < inner; ++i) {
+      const T a = std::abs(rows_inner ? M(o, i) : M(i, o));
+      ok &= std::isfinite(a);
+      mx = a > mx ? a : mx;
+    }
+  *finite = ok;
+  return mx;
+}
+
+std::string sci(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3g", v);
+  return buf;
+}
+
+}  // namespace
+
+template <class T>
+Rescaled<T>::Rescaled(Mat<const T> M0, bool check_finite) : M(M0) {
+  bool finite = true;
+  const T amax = max_abs(M0, &finite);
+  if (!finite) {
+    if (check_finite)
+      throw std::invalid_argument("M contains NaN or Inf (pass check_finite=False to skip this check)");
+    return;  // NaN in, NaN out (documented for check_finite=False)
+  }
+  if (amax == T(0)) return;
+  // Safe window: squares of ||M|| sized sums stay normal. size bounds how much a sum of
+  // products can exceed max|M| (||M||_F <= max|M| sqrt(m n), times a Gaussian column's norm).
+  using L = std::numeric_limits<T>;
+  const double size = std::sqrt(double(M0.rows) * double(M0.cols) * double(std::max(M0.rows, M0.cols)));
+  const double hi = std::ldexp(1.0, L::max_exponent / 2 - 8) / size;
+  const double lo = std::ldexp(1.0, L::min_exponent / 2 + 4);
+  if (double(amax) <= hi && double(amax) >= lo) return;
+  exp = -std::ilogb(amax);  // max|M * 2^exp| in [1, 2)
+  buf.resize(static_cast<size_t>(checked_size({M0.rows, M0.cols}, "M", sizeof(T))));
+  for (i64 i = 0; i < M0.rows; ++i)
+    for (i64 j = 0; j < M0.cols; ++j) buf[i * M0.cols + j] = std::ldexp(M0(i, j), exp);
+  M = {buf.data(), M0.rows, M0.cols, M0.cols, 1};
+}
+
+template <class T>
+void Rescaled<T>::unscale(T* S, i64 k) const {
+  if (exp == 0 || k == 0) return;
+  const double top = std::ldexp(double(*std::max_element(S, S + k)), -exp);
+  if (top > double(std::numeric_limits<T>::max()))
+    throw std::invalid_argument(
+        std::string("the singular values of M overflow ") + (sizeof(T) == 4 ? "float32" : "float64") +
+        " (the largest is ~" + sci(top) + "): compute in float64 (M.astype(numpy.float64))");
+  for (i64 i = 0; i < k; ++i) S[i] = std::ldexp(S[i], -exp);
+}
+
+template struct Rescaled<float>;
+template struct Rescaled<double>;
+
+}  // namespace rslora::detail
