@@ -150,14 +150,18 @@ def pattern_key(patterns, module: str) -> str | None:
     return None
 
 
+def _absmax(a) -> float:
+    """max |a| without a temporary the size of ``a`` (NaN if any entry is NaN)."""
+    return max(abs(float(a.max())), abs(float(a.min()))) if a.size else 0.0
+
+
 def check_scale(adapter, where) -> None:
     """Refuse scales whose merged update cannot be held in float32: ``|s|`` above float32's
     range, or ``|s| * r * max|B| * max|A|`` (a bound on every entry of ``s * B @ A``) above half
     of it (the base weight must still fit beside it)."""
     for name, m in adapter.modules.items():
         s = m.scale
-        amax = float(abs(m.A).max()) if m.A.size else 0.0
-        bmax = float(abs(m.B).max()) if m.B.size else 0.0
+        amax, bmax = _absmax(m.A), _absmax(m.B)
         if not (math.isfinite(amax) and math.isfinite(bmax)):
             raise CheckpointError(f"{where}: module {name!r} has NaN or Inf in its LoRA factors")
         bound = abs(s) * m.r * amax * bmax
