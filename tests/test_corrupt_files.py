@@ -472,3 +472,21 @@ def test_max_rank_is_capped_per_layer(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o666 & ~umask  # item 10: not 0600
+
+
+@pytest.mark.parametrize("text,msg", [
+    (b"{", "not valid JSON"),
+    (b"[" * 100000 + b"]" * 100000, "not valid JSON"),
+    (b'{"r": 2, "lora_alpha": 4, "\xff": 1}', "not valid JSON"),
+    (b"[1, 2]", "expected a JSON object"),
+    (b'{"r": 2, "lora_alpha": NaN}', "lora_alpha is nan"),
+    (b'{"r": 2, "lora_alpha": -Infinity}', "lora_alpha is -inf"),
+    (b'{"r": 1e400, "lora_alpha": 4}', "r is inf"),
+])
+def test_unparsable_adapter_config(tmp_path, text, msg):
+    ad = adapter_folder(tmp_path)
+    (ad / "adapter_config.json").write_bytes(text)
+    with pytest.raises(CheckpointError) as e:
+        rslora.load_adapter(ad)
+    assert_one_line(e.value)
+    assert msg in str(e.value)

@@ -101,7 +101,7 @@ def _read_config(folder: Path) -> dict:
         raise FileNotFoundError(f"{folder}: no {CONFIG_NAME} (is this a PEFT adapter folder?)")
     try:
         cfg = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
