@@ -482,7 +482,8 @@ def test_max_rank_is_capped_per_layer(tmp_path):
     (b'{"r": 2, "lora_alpha": NaN}', "lora_alpha is nan"),
     (b'{"r": 2, "lora_alpha": -Infinity}', "lora_alpha is -inf"),
     (b'{"r": 1e400, "lora_alpha": 4}', "r is inf"),
-])
+], ids=["truncated", "nested-100000-deep", "not-utf8", "a-list", "alpha-NaN", "alpha-minus-inf",
+        "r-1e400"])
 def test_unparsable_adapter_config(tmp_path, text, msg):
     ad = adapter_folder(tmp_path)
     (ad / "adapter_config.json").write_bytes(text)
