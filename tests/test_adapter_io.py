@@ -188,10 +188,10 @@ def test_atomic_output_dir(tmp_path):
     assert (out / "f").read_text() == "one"
     with atomic_output_dir(out, force=True) as tmp:
         (tmp / "g").write_text("two")
-    assert sorted(p.name for p in out.iterdir()) == ["g"]
+    assert sorted(p.name for p in out.iterdir()) == [".rslora-output.json", "g"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     (tmp_path / "file").write_text("x")
-    with pytest.raises(FileExistsError, match="not a folder"):
+    with pytest.raises(FileExistsError, match="not a directory"):
         with atomic_output_dir(tmp_path / "file", force=True):
             pass
 
@@ -262,7 +262,7 @@ def test_merge_checkpoint_streams_shards(tmp_path, sharded):
                             for k, v in w.items()})
     ad = adapter_for(tmp_path, w, ["layers.1.proj", "layers.3.proj"])
     out = rslora.merge_checkpoint(base, ad, tmp_path / "merged")
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != ".rslora-output.json")
     if sharded:
         assert names == sorted(os.listdir(base))
         index = json.loads((out / "model.safetensors.index.json").read_text())

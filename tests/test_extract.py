@@ -281,12 +281,22 @@ def test_existing_output_needs_force(tmp_path, capsys):
     err = run_cli(capsys, ["extract", str(tmp_path / "base.safetensors"),
                            str(tmp_path / "tuned.safetensors"), "-o", str(tmp_path / "o"), "--rank", "2"])
     assert "already exists; use --force" in err and (tmp_path / "o" / "keep").exists()
-    assert extract(tmp_path, "--rank", "2", "-q", "--force", out="o") == 0
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["adapter_config.json",
-                                                                  "adapter_model.safetensors"]
-    err = run_cli(capsys, ["merge", str(tmp_path / "base.safetensors"), str(tmp_path / "o"),
-                           "-o", str(tmp_path / "o")])
-    assert "already exists; use --force" in err
+    # --force replaces only rslora's own output: a folder of the user's is refused, and kept.
+    err = run_cli(capsys, ["extract", str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"),
+                           "-o", str(tmp_path / "o"), "--rank", "2", "--force"])
+    assert "not written by rslora" in err and (tmp_path / "o" / "keep").read_text() == "x"
+    assert extract(tmp_path, "--rank", "2", "-q", out="o2") == 0
+    (tmp_path / "o2" / "notes.txt").write_text("mine")
+    err = run_cli(capsys, ["extract", str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"),
+                           "-o", str(tmp_path / "o2"), "--rank", "2", "--force"])
+    assert "notes.txt" in err and "did not write" in err
+    (tmp_path / "o2" / "notes.txt").unlink()
+    assert extract(tmp_path, "--rank", "2", "-q", "--force", out="o2") == 0
+    assert sorted(p.name for p in (tmp_path / "o2").iterdir()) == [
+        ".rslora-output.json", "adapter_config.json", "adapter_model.safetensors"]
+    err = run_cli(capsys, ["merge", str(tmp_path / "base.safetensors"), str(tmp_path / "o2"),
+                           "-o", str(tmp_path / "o2")])
+    assert "is the input" in err
 
 
 def test_bad_options(tmp_path, capsys):

@@ -48,7 +48,7 @@ def test_outputs_exist_and_report_links_every_plot(quick):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
         assert f"({name})" in report_md
-    assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temp files left
+    assert [p for p in os.listdir(out) if p.startswith(".")] == [".rslora-output.json"]  # no temp
     assert report_md == report.render(res)  # the report is a function of results.json alone
     for line in report.headline(res):
         assert line in report_md
@@ -252,6 +252,7 @@ def test_cli_out_is_a_file(tmp_path, capsys):
     f.write_text("x")
     assert cli.main(["study", "--quick", "--out", str(f)]) == 2
     _one_line_error(capsys, "not a directory", str(f))
+    assert f.read_text() == "x"
     assert cli.main(["study", "--quick", "--out", str(f / "sub")]) == 2  # below a file
     _one_line_error(capsys, "cannot create output directory")
 
@@ -263,8 +264,6 @@ def test_cli_unwritable_dir(tmp_path, capsys):
     try:
         if os.access(d, os.W_OK):
             pytest.skip("running as a user who can write anywhere (root)")
-        assert cli.main(["study", "--quick", "--out", str(d)]) == 2
-        _one_line_error(capsys, "cannot write to output directory")
         assert cli.main(["study", "--quick", "--out", str(d / "new")]) == 2
         _one_line_error(capsys, "cannot create output directory")
     finally:
@@ -277,17 +276,25 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path, capsys, monkeypatch):
     (out / "report.md").write_text("keep me")
     assert cli.main(["study", "--quick", "--out", str(out)]) == 2
     _one_line_error(capsys, "already exists", "--force")
+    # --force replaces only an earlier rslora output, never a folder of the user's
+    assert cli.main(["study", "--quick", "--out", str(out), "--force"]) == 2
+    _one_line_error(capsys, "not written by rslora")
     assert (out / "report.md").read_text() == "keep me"
     monkeypatch.setattr(study, "quick_config", tiny_config)  # --force path, at tiny sizes
+    out = tmp_path / "o2"
+    assert cli.main(["study", "--quick", "--out", str(out)]) == 0
+    (out / "report.md").write_text("old")
     assert cli.main(["study", "--quick", "--force", "--out", str(out)]) == 0
     assert (out / "report.md").read_text().startswith("# rsLoRA study")
-    assert sorted(p for p in os.listdir(out)) == sorted(["report.md", "results.json"] + FIGURES)
+    assert sorted(p for p in os.listdir(out)) == sorted(["report.md", "results.json",
+                                                         ".rslora-output.json"] + FIGURES)
+    assert sorted(os.listdir(tmp_path)) == ["o", "o2"]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
 def test_cli_unwritable_dir_even_for_root(capsys):
     """/proc refuses new files whoever asks: the write probe, not os.access, must catch it."""
     assert cli.main(["study", "--quick", "--out", "/proc/self/fd"]) == 2
-    _one_line_error(capsys, "cannot write to output directory")
+    _one_line_error(capsys, "already exists")
     assert cli.main(["study", "--quick", "--out", "/proc/self/fd/rslora-study"]) == 2
     _one_line_error(capsys, "cannot create output directory")

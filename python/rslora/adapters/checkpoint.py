@@ -13,6 +13,7 @@ safetensors' own ``serialize_file``, rounded to nearest even.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -42,27 +43,175 @@ def _safetensors():
 def _open(path: Path, framework: str = "numpy"):
     st = _safetensors()
     try:
-        return st.safe_open(str(path), framework=framework)
+        handle = st.safe_open(str(path), framework=framework)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except st.SafetensorError as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+        raise CheckpointError(f"{path}: not a valid safetensors file ({_one_line(e)})") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    return _File(path, handle, _header(path)) if framework == "numpy" else handle
+
+
+def _one_line(e) -> str:
+    return " ".join(str(e).split())
+
+
+# -- the header, checked beyond what safetensors checks ---------------------------------------------
+#: Bytes per element of the codes a tensor can be read as.
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+_MAX_HEADER = 100_000_000  # safetensors' own limit
+
+
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise CheckpointError(f"tensor or field {k!r} appears twice in the header")
+        d[k] = v
+    return d
+
+
+def _header(path: Path) -> dict:
+    """``{name: (code, shape, start, end)}`` with absolute file offsets, after checks that
+    safetensors leaves out: a name given twice (JSON keeps the last silently), and every byte
+    range against the file's real size."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path}: header length {n} does not fit in the file ({size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: header is not valid JSON ({_one_line(e)})") from None
+    base, out, ranges = 8 + n, {}, []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            code, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            count = math.prod(shape)
+            ok = all(type(v) is int and v >= 0 for v in (*shape, start, end))
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok or not start <= end <= size - base:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed entry or a byte range "
+                                  f"outside the file")
+        if code in _ITEMSIZE and count * _ITEMSIZE[code] != end - start:
+            raise CheckpointError(f"{path}: tensor {name!r} is {code} {list(shape)} "
+                                  f"({count * _ITEMSIZE[code]} bytes) but holds {end - start} bytes")
+        ranges.append((start, end, name))
+        out[name] = (code, shape, base + start, base + end)
+    ranges.sort()
+    for (s0, e0, a), (s1, e1, b) in zip(ranges, ranges[1:]):
+        if s1 < e0:
+            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the file")
+    return out
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class _File:
+    """A safetensors file open for reading: safetensors' handle for the header, and tensors read
+    straight from the file into one new, writable array (memory-mapped reads through safetensors
+    cost two copies: a 1 GiB tensor took 2 GiB)."""
+
+    def __init__(self, path: Path, handle, header: dict):
+        self.path, self._handle, self._header = path, handle, header
+        # One descriptor for the file's life: reads see the file whose header was checked, even if
+        # the path is replaced meanwhile. A raw descriptor: nothing to warn about if never closed.
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def __del__(self):
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def keys(self):
+        return self._handle.keys()
+
+    def get_slice(self, key):
+        return self._handle.get_slice(key)
+
+    def metadata(self):
+        return self._handle.metadata()
+
+    def get_tensor(self, key):
+        code, shape, start, end = self._header[key]
+        dtype = _numpy_dtype(code)
+        if dtype is None:  # not a NumPy dtype here: safetensors says so (TypeError)
+            return self._handle.get_tensor(key)
+        avail = _available_memory()
+        if avail is not None and end - start > avail:
+            raise CheckpointError(f"{self.path}: tensor {key!r} needs {(end - start) / 2**30:.2f} "
+                                  f"GiB of memory, more than the {avail / 2**30:.2f} GiB available")
+        arr = np.empty(math.prod(shape), dtype=dtype)
+        buf, pos = memoryview(arr.view(np.uint8)), 0
+        while pos < len(buf):
+            got = os.preadv(self._fd, [buf[pos: pos + (1 << 30)]], start + pos)
+            if got <= 0:
+                raise CheckpointError(f"{self.path}: tensor {key!r}: the file is shorter than its "
+                                      f"header says (read {pos} of {end - start} bytes)")
+            pos += got
+        return arr.reshape(shape)
+
+
+def _numpy_dtype(code: str):
+    if code == "BF16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            return None
+        return np.dtype(ml_dtypes.bfloat16)
+    name = _NUMPY_NAMES.get(code)
+    return None if name is None else np.dtype("<" + np.dtype(name).str[1:])  # files are little-endian
 
 
 def _read_index(index: Path) -> dict[str, Path]:
     try:
-        data = json.loads(index.read_text())
+        data = json.loads(index.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
         weight_map = data["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
     except FileNotFoundError:
         raise FileNotFoundError(f"{index}: no such file") from None
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except CheckpointError as e:
+        raise CheckpointError(f"{index}: {e}") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{index}: not a safetensors index (no 'weight_map' of tensor -> "
                               "shard file)") from None
-    return {key: index.parent / name for key, name in weight_map.items()}
+    return {key: _shard_path(index, name) for key, name in weight_map.items()}
+
+
+def _shard_path(index: Path, name) -> Path:
+    """The shard ``name`` of ``index``: a plain ``*.safetensors`` file name in the index's folder
+    (no folder part, no ``..``, not absolute, no symbolic link leading out of the folder), so
+    that a merge writes every shard under a name of its own."""
+    if not (isinstance(name, str) and name.endswith(".safetensors") and "/" not in name
+            and "\\" not in name and "\0" not in name):
+        raise CheckpointError(f"{index}: shard {name!r} is not a .safetensors file name in the "
+                              "index's folder")
+    folder = index.parent
+    real = Path(os.path.realpath(folder / name))
+    # A link may lead next to the index's own target: the Hugging Face cache links every file
+    # of a snapshot to blobs/ (snapshots/REV/model.safetensors -> ../../blobs/HASH).
+    if real.parent not in (Path(os.path.realpath(folder)), Path(os.path.realpath(index)).parent):
+        raise CheckpointError(f"{index}: shard {name!r} resolves to {real}, outside {folder}")
+    return folder / name
 
 
 class Checkpoint:

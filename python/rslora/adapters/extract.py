@@ -185,7 +185,7 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
     if on_missing not in ("error", "skip"):
         raise ValueError(f"on_missing must be 'error' or 'skip', got {on_missing!r}")
     inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
-    out = check_output_dir(out_dir, force)
+    out = check_output_dir(out_dir, force, inputs=(base, tuned))
 
     result = ExtractResult(out_dir=out, config={})
     with Checkpoint(base) as cb, Checkpoint(tuned) as ct:
@@ -210,7 +210,7 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
         root = np.float32(math.sqrt(a / math.sqrt(r) if rule == "rslora" else a / r))
         A /= root
         B /= root
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs=(base, tuned)) as tmp:
         write_adapter_files(tmp, factors, config, dtype)
     result.config = config
     return result
@@ -238,7 +238,8 @@ def _factor_all(cb, ct, modules, rank, tol, max_rank, seed, progress, result) ->
         if rank is not None:
             A, B = rslora.lora_from_delta(delta, min(rank, *delta.shape), seed=s)
         else:
-            A, B = rslora.lora_from_delta(delta, tol=tol, max_rank=max_rank, seed=s)
+            cap = None if max_rank is None else min(max_rank, *delta.shape)  # as --rank is
+            A, B = rslora.lora_from_delta(delta, tol=tol, max_rank=cap, seed=s)
         if A.shape[0] == 0:
             result.skipped[m] = "rank 0 meets the tolerance"
             continue

@@ -109,7 +109,8 @@ def merge_checkpoint(base, adapter, out_dir, *, dtype: str | None = None, force:
     """
     if dtype is not None and dtype not in DTYPE_CODES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_CODES)}, got {dtype!r}")
-    check_output_dir(out_dir, force)
+    inputs = (base, adapter if isinstance(adapter, (str, os.PathLike)) else adapter.path)
+    check_output_dir(out_dir, force, inputs)
     adapter = _as_adapter(adapter)
     with Checkpoint(base) as ck:
         _missing(adapter, ck)
@@ -119,7 +120,7 @@ def merge_checkpoint(base, adapter, out_dir, *, dtype: str | None = None, force:
             by_file[ck.file_of(key)].append(key)
         bar = _bar(len(adapter), progress)
         weight_map, total = {}, 0
-        with atomic_output_dir(out_dir, force) as tmp:
+        with atomic_output_dir(out_dir, force, inputs) as tmp:
             for f in files:
                 tensors = {}
                 for key in by_file[f]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import lora_config
 from .atomic import atomic_output_dir
 from .checkpoint import DTYPE_CODES, Checkpoint, CheckpointError, save_tensors
 
@@ -33,10 +34,7 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lor
 def pattern_key(patterns, module: str) -> str | None:
     """The key of ``patterns`` that PEFT applies to ``module`` (its ``get_pattern_key`` rule:
     the first key ``k``, in order, with ``re.match(rf"(.*\\.)?({k})$", module)``), or None."""
-    for k in patterns:
-        if re.match(rf"(.*\.)?({k})$", module):
-            return k
-    return None
+    return lora_config.pattern_key(patterns, module)  # with a time bound on regex keys
 
 
 @dataclass
@@ -103,10 +101,11 @@ def _read_config(folder: Path) -> dict:
         raise FileNotFoundError(f"{folder}: no {CONFIG_NAME} (is this a PEFT adapter folder?)")
     try:
         cfg = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
+    lora_config.validate(cfg, path)  # every field as PEFT's LoraConfig takes it
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise CheckpointError(f"{path}: peft_type is {cfg['peft_type']!r}; only LORA adapters "
@@ -186,6 +185,7 @@ def load_adapter(path) -> LoraAdapter:
         scale = alpha / math.sqrt(r) if use_rslora else alpha / r
         adapter.modules[name] = LoraModule(name, A, B, r, alpha, scale,
                                            bool(cfg.get("fan_in_fan_out", False)))
+    lora_config.check_scale(adapter, folder)
     return adapter
 
 

@@ -16,7 +16,7 @@ import os
 
 from . import approximation, dynamics, scales, spectra
 from .config import StudyConfig, full_config, quick_config
-from .output import RESULTS, REPORT, dumps, prepare, write_text
+from .output import RESULTS, REPORT, dumps, open_output, write_text
 
 __all__ = ["StudyConfig", "quick_config", "full_config", "run", "write", "run_study"]
 
@@ -70,8 +70,11 @@ def write(results: dict, out_dir: str) -> list:
 
 def run_study(cfg: StudyConfig, out_dir="rslora-study", *, force: bool = False,
               progress: bool | None = None) -> dict:
-    """Check ``out_dir``, run the study, write its files; returns the results dict."""
-    out_dir = prepare(out_dir, force)
-    results = run(cfg, progress)
-    write(results, out_dir)
+    """Check ``out_dir``, run the study, write its files; returns the results dict.
+
+    The files are written into a temporary sibling of ``out_dir`` that replaces it only when all
+    are written: a crash leaves the previous output as it was."""
+    with open_output(out_dir, force) as tmp:
+        results = run(cfg, progress)
+        write(results, str(tmp))
     return results
