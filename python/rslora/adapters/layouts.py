@@ -75,7 +75,7 @@ def layout_evidence(ck) -> set:
 
 
 def decide_conv1d(module: str, stored: tuple, d_out: int, d_in: int, *, model_type=None,
-                  evidence=frozenset(), flag=None) -> bool:
+                  evidence=frozenset(), flag=None, key=None) -> bool:
     """Whether ``module``'s weight, stored with shape ``stored``, is a Conv1D (in, out) for an
     update of (d_out, d_in). ``evidence``: layouts seen elsewhere in the model; ``flag``: the
     adapter's fan_in_fan_out (PEFT's value after its last module), None for extraction.
@@ -85,8 +85,9 @@ def decide_conv1d(module: str, stored: tuple, d_out: int, d_in: int, *, model_ty
     fits_linear, fits_conv = tuple(stored) == (d_out, d_in), tuple(stored) == (d_in, d_out)
     by_type = conv1d_by_type(model_type, module)
     if not (fits_linear or fits_conv):
-        raise CheckpointError(f"module {module!r}: the base weight has shape {tuple(stored)} but "
-                              f"the adapter's update gives ({d_out}, {d_in}) (shape mismatch)")
+        raise CheckpointError(f"base weight {key or module + '.weight'!r} has shape {tuple(stored)} "
+                              f"but the adapter's update gives ({d_out}, {d_in}) (module {module!r}: "
+                              "shape mismatch)")
     if by_type is not None:
         if (fits_conv if by_type else fits_linear):
             return by_type
@@ -97,8 +98,9 @@ def decide_conv1d(module: str, stored: tuple, d_out: int, d_in: int, *, model_ty
     if fits_linear != fits_conv:
         if fits_linear or conv_seen:
             return fits_conv
-        raise CheckpointError(f"module {module!r}: the base weight has shape {tuple(stored)} but "
-                              f"the adapter's update gives ({d_out}, {d_in}); it would fit a Conv1D "
+        raise CheckpointError(f"base weight {key or module + '.weight'!r} has shape {tuple(stored)} "
+                              f"but the adapter's update gives ({d_out}, {d_in}) (module {module!r}); "
+                              "it would fit a Conv1D "
                               "(in, out) layer, but nothing says the model has any (no config.json "
                               "model_type, no fan_in_fan_out)")
     # Square: the layouts seen in the rest of the model (and PEFT's saved flag) must agree.

@@ -102,7 +102,7 @@ def plan_merge(adapter: LoraAdapter, shapes: dict, *, model_cfg=None, evidence=f
             d_out, d_in = mod.B.shape[0], mod.A.shape[1]
             if mod.fan_in_fan_out is None:
                 conv = decide_conv1d(name, stored, d_out, d_in, model_type=model_type,
-                                     evidence=evidence, flag=flag)
+                                     evidence=evidence, flag=flag, key=key)
             else:
                 conv = bool(mod.fan_in_fan_out)
                 if stored != ((d_in, d_out) if conv else (d_out, d_in)):

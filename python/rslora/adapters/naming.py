@@ -30,10 +30,11 @@ def _suffixes(name: str):
 
 
 def match_modules(names, available, *, prefix=None, what="adapter module", where="BASE",
-                  suffix="") -> dict:
+                  suffix="", partial=False):
     """Map each of ``names`` to a member of ``available`` (module paths, without ``.weight``).
 
-    Raises CheckpointError listing what stays unmatched or matches more than one module.
+    Raises CheckpointError listing what stays unmatched or matches more than one module; with
+    ``partial``, returns ``(found, unmatched)`` instead of raising for unmatched names.
     """
     names, have = list(names), set(available)
     rewrite = parse_prefix(prefix)
@@ -62,11 +63,13 @@ def match_modules(names, available, *, prefix=None, what="adapter module", where
         raise CheckpointError(f"{len(ambiguous)} {what}(s) match several modules in {where}, e.g. "
                               f"{n!r} -> {', '.join(map(repr, cand[:4]))}; pass --prefix "
                               "(prefix='OLD=NEW') to choose")
+    if partial:
+        return found, unmatched
     if unmatched:
         sample = sorted(have)[:3]
         hint = f"--prefix {rewrite[0]}={rewrite[1]} gives no match" if rewrite else \
             "pass --prefix OLD=NEW (prefix=) to map the names"
-        raise CheckpointError(f"{len(unmatched)} {what}(s) have no weight in {where}: "
+        raise CheckpointError(f"{len(unmatched)} {what}(s) have no weight in {where}, e.g. "
                               f"{', '.join(repr(n + suffix) for n in unmatched[:5])}"
                               f"{', ...' if len(unmatched) > 5 else ''} ({where} has e.g. "
                               f"{', '.join(repr(n + suffix) for n in sample)}); {hint}")

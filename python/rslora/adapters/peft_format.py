@@ -211,8 +211,10 @@ def load_adapter(path) -> LoraAdapter:
         emb = any(k.startswith("lora_embedding") for k in p)
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
         if set(p) != {a_key, b_key}:
-            raise CheckpointError(f"{weights}: module {name!r} has "
-                                  f"{', '.join(sorted(p))} but needs {a_key} and {b_key}")
+            missing = sorted({a_key, b_key} - set(p)) or sorted(p)
+            raise CheckpointError(f"{weights}: module {name!r} has no {missing[0]}"
+                                  f"{'' if emb else '.weight'}" + ("" if set(p) <= {a_key, b_key}
+                                  else " (it mixes Linear and embedding LoRA keys)"))
         A, B = p[a_key], p[b_key]
         if A.ndim != 2 or B.ndim != 2:
             raise CheckpointError(f"{weights}: module {name!r} has {A.ndim}-D LoRA factors "
