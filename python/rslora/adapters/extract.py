@@ -48,6 +48,7 @@ class ExtractResult:
     #: Module -> "linear", "conv1d" or "embedding": the PEFT layout each module was written in.
     layouts: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    tied: bool = False  # config.json ties the output layer to the input embedding
 
     @property
     def error(self) -> float:
@@ -96,6 +97,7 @@ def _check_same_model(base, tuned, cb, ct, result):
         raise CheckpointError(f"BASE is a {tb!r} model and TUNED a {tt!r} model (config.json "
                               "model_type): they are different architectures")
     if ft.get("tie_word_embeddings") or fb.get("tie_word_embeddings"):
+        result.tied = True
         result.notes.append("the model ties lm_head to its input embedding: an extracted "
                             "embedding LoRA reproduces TUNED once merged (PEFT merges it into the "
                             "shared weight); unmerged, PEFT applies it to the input side only")
@@ -276,6 +278,8 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
         A /= root
         B /= root
     with atomic_output_dir(out, force) as tmp:
+        if not any(result.layouts[m] == "embedding" for m in factors):
+            result.notes = [n for n in result.notes if "ties lm_head" not in n]
         write_adapter_files(tmp, factors, config, dtype,
                             embeddings={m for m in factors if result.layouts[m] == "embedding"})
     result.config = config

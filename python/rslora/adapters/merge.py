@@ -59,7 +59,7 @@ def _tied_embedding(name: str, mod: LoraModule, shapes: dict, stems: set, cfg: d
     if mod.kind != "linear" or any(s == name or s.endswith("." + name) or name.endswith("." + s)
                                    for s in stems):
         return None
-    if cfg and not cfg.get("tie_word_embeddings", False):
+    if cfg and not cfg.get("tie_word_embeddings", True):  # transformers' default: tied
         return None
     d_out, d_in = mod.B.shape[0], mod.A.shape[1]
     cand = [s for s in stems if _WORD_EMBEDDINGS.search(s) and shapes[f"{s}.weight"] == (d_out, d_in)]
@@ -111,6 +111,7 @@ def plan_merge(adapter: LoraAdapter, shapes: dict, *, model_cfg=None, evidence=f
                                           f"lora_A {mod.A.shape} gives {mod.shape}")
             mod = dataclasses.replace(mod, fan_in_fan_out=conv)
         plan.updates.setdefault(key, []).append(mod)
+    _stored_ties(plan, shapes, stems, cfg)
     # Full tensors, matched by module path with the parameter name kept.
     by_param: dict[str, list] = {}
     for k in adapter.tensors:
@@ -131,6 +132,24 @@ def plan_merge(adapter: LoraAdapter, shapes: dict, *, model_cfg=None, evidence=f
                 raise CheckpointError(f"the adapter saves two different values for {key!r}")
             plan.replace[key] = arr
     return plan
+
+
+def _stored_ties(plan: MergePlan, shapes: dict, stems: set, cfg: dict) -> None:
+    """A tied model saved with both lm_head and the embedding (older checkpoints): transformers
+    re-ties them on load, so an update to either must go to both, as PEFT's shared weight gets."""
+    if not cfg.get("tie_word_embeddings") or "lm_head" not in stems:
+        return
+    out_key = "lm_head.weight"
+    emb = [s for s in stems if _WORD_EMBEDDINGS.search(s) and shapes[f"{s}.weight"] ==
+           shapes[out_key]]
+    if len(emb) != 1:
+        return
+    emb_key = f"{emb[0]}.weight"
+    a, b = plan.updates.get(out_key, []), plan.updates.get(emb_key, [])
+    if a or b:
+        plan.updates[out_key] = plan.updates[emb_key] = a + b
+        plan.notes.append(f"lm_head is tied to {emb[0]}: the update of either is merged into "
+                          "both (as PEFT's merge_and_unload changes the shared weight)")
 
 
 def _apply(W: np.ndarray, key: str, plan: MergePlan) -> np.ndarray:
