@@ -4,7 +4,6 @@ by the randomized SVD, written as a PEFT adapter (see :func:`extract_adapter`)."
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
