@@ -81,9 +81,10 @@ def perturb_trained(peft_model, seed: int = 3) -> None:
                 p.add_(0.2 * torch.randn(p.shape, generator=g).to(p.dtype))
 
 
-def low_rank_tuned(model, pattern: str, rank: int = 2, seed: int = 5):
+def low_rank_tuned(model, pattern: str, rank: int = 2, seed: int = 5, biases: bool = False):
     """A copy of ``model`` whose 2-D weights matching ``pattern`` moved by an exactly rank-``rank``
-    update (so an adapter of that rank reproduces it up to float rounding)."""
+    update (so an adapter of that rank reproduces it up to float rounding); with ``biases``,
+    every bias moved too."""
     g = torch.Generator().manual_seed(seed)
     tuned = copy.deepcopy(model)
     changed = []
@@ -94,5 +95,7 @@ def low_rank_tuned(model, pattern: str, rank: int = 2, seed: int = 5):
                 v = torch.randn(rank, p.shape[1], generator=g)
                 p.add_(0.3 * (u @ v) / p.shape[1] ** 0.5)
                 changed.append(name)
+            elif biases and p.ndim == 1 and "bias" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
     assert changed, pattern
     return tuned, changed

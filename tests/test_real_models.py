@@ -196,7 +196,9 @@ EXTRACT_CASES = {
     "llama-all-linear-embed-lm_head": ("llama", r"proj|embed_tokens|lm_head", False, []),
     "qwen2-attn": ("qwen2", r"self_attn", False, ["--rule", "standard", "--alpha", "16"]),
     "gpt2_untied-conv1d-wpe-lm_head": ("gpt2_untied", r"c_attn|c_proj|c_fc|wpe|lm_head", False, []),
-    "gpt2-conv1d-bf16-adapter": ("gpt2", r"c_attn|c_fc", False, ["--dtype", "float32"]),
+    "gpt2-tied-conv1d": ("gpt2", r"c_attn|c_fc", False, ["--dtype", "float32"]),
+    "gpt2-conv1d-trained-biases": ("gpt2", r"c_attn|mlp.c_proj", False, ["--biases"]),
+    "qwen2-trained-biases": ("qwen2", r"q_proj|k_proj|down_proj", False, ["--biases"]),
     "bert-hub-base-vs-bare-tuned": ("bert", r"query|value|attention.output.dense|word_emb", True,
                                     ["--on-missing", "skip"]),
 }
@@ -214,7 +216,7 @@ def test_extracted_adapter_loads_in_peft_and_reproduces_tuned(case, tmp_path):
     base = hm.build(arch)
     hm.save(base, tmp_path / "base")
     base_part = base.base_model if bare_tuned else base
-    tuned, changed = hm.low_rank_tuned(base_part, pattern, rank=2)
+    tuned, changed = hm.low_rank_tuned(base_part, pattern, rank=2, biases="--biases" in extra)
     hm.save(tuned, tmp_path / "tuned", shard="30KB")
     assert cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "ad",
                "--rank", "2", "-q", *extra) == 0

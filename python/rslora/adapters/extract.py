@@ -178,7 +178,8 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
                     max_rank: int | None = None, rule: str = "rslora", alpha: float | None = None,
                     include: str | None = None, exclude: str | None = None,
                     dtype: str = "float32", on_missing: str = "error", force: bool = False,
-                    seed: int | None = 0, progress: bool = False, prefix=None) -> ExtractResult:
+                    seed: int | None = 0, progress: bool = False, prefix=None,
+                    biases: bool = False) -> ExtractResult:
     """Extract a PEFT LoRA adapter approximating ``tuned - base``.
 
     Parameters
@@ -208,6 +209,9 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
         ``"OLD=NEW"``: TUNED's modules starting with NEW are named OLD... in the adapter (e.g.
         ``"=bert."`` for an adapter on a bare ``BertModel`` from a ``bert.``-prefixed checkpoint);
         modules outside NEW are skipped. BASE is matched to TUNED by module path either way.
+    biases : bool
+        Also carry TUNED's biases, whole, as PEFT's ``bias="all"`` does (every tensor whose name
+        holds "bias"), so fine-tuned biases are reproduced; default: reported, not carried.
     dtype : {"float32", "float16", "bfloat16"}
         Storage dtype of the factors.
     on_missing : {"error", "skip"}
@@ -261,15 +265,18 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
         if not modules:
             raise CheckpointError("no 2-D weight to extract (is --include/--exclude too narrow?)")
         factors = _factor_all(cb, ct, modules, rank, tol, max_rank, seed, progress, result)
-    if not factors:
-        raise CheckpointError("every selected weight is unchanged between BASE and TUNED: "
-                              "nothing to extract")
+        if not factors:
+            raise CheckpointError("every selected weight is unchanged between BASE and TUNED: "
+                                  "nothing to extract")
+        full = _biases(ct, factors, prefix, result) if biases else {}
 
     ranks = {m: A.shape[0] for m, (A, B) in factors.items()}
     a = float(common_rank(ranks)) if alpha is None else float(alpha)
     # PEFT sets fan_in_fan_out per module from its class on load; the flag only records Conv1D.
     config = peft_config(ranks, a, rule == "rslora", base_model=base,
                          fan_in_fan_out=any(result.layouts[m] == "conv1d" for m in factors))
+    if biases:
+        config["bias"] = "all"
     for m, (A, B) in factors.items():
         # Factors were computed for s = 1 (B A = delta_r); split s evenly over both sides.
         r = A.shape[0]
@@ -280,9 +287,30 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
         if not any(result.layouts[m] == "embedding" for m in factors):
             result.notes = [n for n in result.notes if "ties lm_head" not in n]
         write_adapter_files(tmp, factors, config, dtype,
-                            embeddings={m for m in factors if result.layouts[m] == "embedding"})
+                            embeddings={m for m in factors if result.layouts[m] == "embedding"},
+                            full=full)
     result.config = config
     return result
+
+
+def _biases(ct: Checkpoint, factors: dict, prefix, result: ExtractResult) -> dict:
+    """TUNED's bias tensors under the keys PEFT's ``bias="all"`` saves: every float tensor whose
+    name holds "bias", ``<module>.base_layer.bias`` for modules that carry LoRA."""
+    rewrite = parse_prefix(prefix)
+    full, carried = {}, set()
+    for key in ct.keys():
+        if "bias" not in key or ct.dtype(key) not in FLOAT_CODES:
+            continue
+        stem, param = _split(key)
+        if rewrite is not None:
+            old, new = rewrite
+            if not stem.startswith(new):
+                continue
+            stem = old + stem[len(new):]
+        full[f"{stem}.base_layer.{param}" if stem in factors else f"{stem}.{param}"] = ct.read(key)
+        carried.add(key)
+    result.changed_not_extracted = [k for k in result.changed_not_extracted if k not in carried]
+    return full
 
 
 def _factor_all(cb, ct, modules, rank, tol, max_rank, seed, progress, result) -> dict:

@@ -281,9 +281,10 @@ def peft_config(ranks: dict, alpha: float, use_rslora: bool, *, base_model=None,
 
 
 def write_adapter_files(folder: Path, factors: dict, config: dict, dtype: str = "float32",
-                        embeddings=()) -> None:
+                        embeddings=(), full=None) -> None:
     """Write ``{module: (A, B)}`` and ``config`` into ``folder`` (which must exist); modules in
-    ``embeddings`` are written as PEFT's ``lora_embedding_A`` / ``lora_embedding_B``."""
+    ``embeddings`` are written as PEFT's ``lora_embedding_A`` / ``lora_embedding_B``; ``full``
+    maps keys in the PEFT model (``<module>.base_layer.bias``, ...) to tensors saved whole."""
     if dtype not in DTYPE_CODES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_CODES)}, got {dtype!r}")
     code = DTYPE_CODES[dtype]
@@ -293,6 +294,8 @@ def write_adapter_files(folder: Path, factors: dict, config: dict, dtype: str = 
             ("lora_A.weight", "lora_B.weight")
         tensors[f"{PREFIX}{name}.{a}"] = (A, code)
         tensors[f"{PREFIX}{name}.{b}"] = (B, code)
+    for key, arr in (full or {}).items():
+        tensors[f"{PREFIX}{key}"] = (arr, code)
     save_tensors(folder / WEIGHTS_NAME, tensors)
     # Top-level keys sorted as PEFT writes them; rank_pattern keeps its order (PEFT takes the
     # first matching key, so json's sort_keys would change which rank a module gets).

@@ -40,6 +40,8 @@ def register(sub) -> None:
     p.add_argument("--prefix", metavar="OLD=NEW",
                    help="name TUNED's modules NEW... as OLD... in the adapter (e.g. '=bert.' for a "
                         "bare BertModel); BASE is matched to TUNED by module path either way")
+    p.add_argument("--biases", action="store_true",
+                   help="carry TUNED's biases whole (PEFT bias='all'), so trained biases are kept")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no table")
@@ -61,7 +63,8 @@ def run(args) -> int:
             args.base, args.tuned, args.output, rank=args.rank, tol=args.tol,
             max_rank=args.max_rank, rule=args.rule, alpha=args.alpha, include=args.include,
             exclude=args.exclude, dtype=args.dtype, on_missing=args.on_missing,
-            force=args.force, seed=args.seed, progress=not args.quiet, prefix=args.prefix)
+            force=args.force, seed=args.seed, progress=not args.quiet, prefix=args.prefix,
+            biases=args.biases)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise UserError(str(e)) from None
     for side, names in (("BASE", res.only_in_base), ("TUNED", res.only_in_tuned)):
