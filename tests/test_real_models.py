@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 import rslora
@@ -307,6 +308,30 @@ def test_refusals(tmp_path, capsys):
 
 
 def test_zz_report_measured():
-    """Prints the measured maxima (run with -s); asserts the table is complete."""
+    """Prints the maxima measured above (run with -s), for the record."""
     for k, (d, other) in sorted(MEASURED.items()):
         print(f"{k:50s} max|logit diff| {d:.3e}   ({'max|w diff|' if k.startswith('merge') else 'tuned-base'} {other:.3e})")
+
+
+def test_merge_adapter_in_memory_gpt2_state_dict(tmp_path):
+    """The in-memory API on a GPT-2 state dict: non-square Conv1D weights are recognised from
+    their biases; the square attn.c_proj needs model_type (config=) and is refused without it."""
+    model = hm.build("gpt2_untied")
+    sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        target_modules=["c_attn", "c_fc", "lm_head"], r=3, lora_alpha=6, init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "a1")
+    want = pm.merge_and_unload().state_dict()
+    got = rslora.merge_adapter({k: v.copy() for k, v in sd.items()}, tmp_path / "a1")
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v.numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        target_modules=["attn.c_proj", "lm_head"], r=3, lora_alpha=6, init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "a2")
+    want = pm.merge_and_unload().state_dict()
+    with pytest.raises(rslora.CheckpointError, match="attn.c_proj.*square"):
+        rslora.merge_adapter({k: v.copy() for k, v in sd.items()}, tmp_path / "a2")
+    got = rslora.merge_adapter({k: v.copy() for k, v in sd.items()}, tmp_path / "a2",
+                               config={"model_type": "gpt2"})
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v.numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
