@@ -5,7 +5,7 @@ from __future__ import annotations
 USAGE = """examples:
   rslora merge base/ adapter/ -o merged/
   rslora merge model.safetensors adapter/ -o merged/ --dtype bfloat16 --force
-  rslora merge gpt2/ adapter/ -o merged/ --prefix transformer.=     # adapter on GPT2LMHeadModel
+  rslora merge gpt2/ adapter/ -o merged/ --prefix transformer.=   # adapter transformer.h.., base h..
   rslora merge llama/ adapter/ -o merged/ --max-shard-size 2GB
 """
 
