@@ -77,11 +77,15 @@ def test_half_and_bfloat16_widen_exactly(tmp_path):
             ck.read("i")
 
 
-def test_bfloat16_without_torch_is_a_clear_error(tmp_path, monkeypatch):
-    save_tensors(tmp_path / "m.safetensors", {"w": (np.ones((2, 2), np.float32), "BF16")})
+def test_bfloat16_without_torch(tmp_path, monkeypatch):
+    x = np.array([[1.0, -2.5], [3.0e-3, 65504.0]], np.float32)  # all exact in bfloat16
+    save_tensors(tmp_path / "m.safetensors", {"w": (x, "BF16")})
     monkeypatch.setitem(__import__("sys").modules, "torch", None)
     with rslora.Checkpoint(tmp_path / "m.safetensors") as ck:
-        with pytest.raises(rslora.CheckpointError, match="bfloat16.*needs PyTorch"):
+        np.testing.assert_array_equal(ck.read("w"), from_bfloat16_bits(to_bfloat16_bits(x)))
+        assert ck.read_raw("w")[0].dtype == np.uint16
+        monkeypatch.setitem(__import__("sys").modules, "ml_dtypes", None)
+        with pytest.raises(rslora.CheckpointError, match="bfloat16.*needs ml_dtypes"):
             ck.read("w")
 
 
@@ -286,7 +290,9 @@ def test_merge_checkpoint_streams_shards(tmp_path, sharded):
         rslora.merge_checkpoint(base, ad, tmp_path / "merged")
     rslora.merge_checkpoint(base, ad, tmp_path / "merged", dtype="bfloat16", force=True)
     with rslora.Checkpoint(tmp_path / "merged") as ck:
-        assert ck.dtype("layers.1.proj.weight") == "BF16" and ck.dtype("layers.0.proj.weight") == "F32"
+        # --dtype converts every float tensor (merged or not); integers stay as they are
+        assert ck.dtype("layers.1.proj.weight") == "BF16" and ck.dtype("layers.0.proj.weight") == "BF16"
+        assert ck.dtype("steps") == "I64"
         np.testing.assert_array_equal(
             ck.read("layers.1.proj.weight"),
             from_bfloat16_bits(to_bfloat16_bits(expect["layers.1.proj.weight"])))

@@ -97,7 +97,7 @@ def test_tolerance_picks_the_smallest_rank_per_layer(tmp_path):
     assert [l.rank for l in res2.layers] == [5, 5]
 
 
-def test_rank_is_capped_zero_deltas_and_embeddings_skipped(tmp_path):
+def test_rank_is_capped_zero_deltas_skipped_embeddings_as_embedding_lora(tmp_path):
     rng = np.random.default_rng(1)
     base = {"model.embed_tokens.weight": rng.standard_normal((50, 8)).astype(np.float32),
             "model.a.weight": rng.standard_normal((6, 4)).astype(np.float32),
@@ -109,13 +109,15 @@ def test_rank_is_capped_zero_deltas_and_embeddings_skipped(tmp_path):
     save_file(tuned, tmp_path / "tuned.safetensors")
     res = rslora.extract_adapter(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors",
                                  tmp_path / "adapter", rank=16)
-    assert {l.module: l.rank for l in res.layers} == {"model.a": 4, "lm_head": 8}
-    assert "embedding" in res.skipped["model.embed_tokens"]
+    assert {l.module: l.rank for l in res.layers} == {"model.a": 4, "lm_head": 8,
+                                                      "model.embed_tokens": 8}
+    assert res.layouts["model.embed_tokens"] == "embedding" and res.layouts["lm_head"] == "linear"
     assert "unchanged" in res.skipped["model.same"]
     for l in res.layers:  # full rank: exact up to float32 rounding
         assert l.error < 1e-5
     cfg = rslora.load_adapter(tmp_path / "adapter").config
-    assert set(cfg["target_modules"]) == {"model.a", "lm_head"} and len(cfg["rank_pattern"]) == 1
+    assert set(cfg["target_modules"]) == {"model.a", "lm_head", "model.embed_tokens"}
+    assert len(cfg["rank_pattern"]) == 1
 
 
 def test_include_exclude_sharded_and_summary(tmp_path, capsys):
@@ -371,7 +373,7 @@ def test_bad_adapters(tmp_path, capsys):
         (adapter("half", {}, {"base_model.model.a.lora_A.weight": ok["base_model.model.a.lora_A.weight"]}),
          "module 'a' has no lora_B.weight"),
         (adapter("emb", {}, {**ok, "base_model.model.e.lora_embedding_A": np.ones((2, 4), np.float32)}),
-         "'base_model.model.e.lora_embedding_A' is not a Linear LoRA factor"),
+         "module 'e' has no lora_embedding_B"),
         (adapter("other", {}, {"base_model.model.b.lora_A.weight": np.ones((2, 4), np.float32),
                                "base_model.model.b.lora_B.weight": np.ones((4, 2), np.float32)}),
          "1 adapter module(s) have no weight in the base, e.g. 'b.weight'"),

@@ -5,9 +5,9 @@ A checkpoint is a ``.safetensors`` file, a folder holding one or more of them, o
 opened through ``safetensors.safe_open`` (memory-mapped, headers parsed by safetensors itself), so
 reading a tensor costs that tensor's memory, not the model's.
 
-NumPy has no bfloat16: BF16 tensors are read through PyTorch when it is installed (safetensors'
-``framework="pt"``; the widening to float32 is exact) and written as raw 16-bit patterns with
-safetensors' own ``serialize_file``, rounded to nearest even.
+NumPy has no bfloat16 of its own: ``ml_dtypes`` gives it one, which safetensors' NumPy reader
+returns for BF16 tensors (widened to float32 exactly); BF16 is written as raw 16-bit patterns with
+safetensors' own ``serialize_file``, rounded to nearest even as torch does. No torch needed.
 """
 
 from __future__ import annotations
@@ -234,7 +234,6 @@ class Checkpoint:
         self.path = Path(os.fspath(path))
         self._where: dict[str, Path] = {}  # tensor -> file
         self._handles: dict[Path, object] = {}
-        self._pt_handles: dict[Path, object] = {}
         p = self.path
         if not p.exists():
             raise FileNotFoundError(f"{p}: no such file or folder")
@@ -317,9 +316,7 @@ class Checkpoint:
         if code not in FLOAT_CODES:
             raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} is {code}, not a float "
                                   "tensor (float16/bfloat16/float32/float64)")
-        if code == "BF16":
-            return self._read_torch(key).float().numpy()
-        arr = self._handles[self.file_of(key)].get_tensor(key)
+        arr = self._get(key, code)
         if arr.dtype != np.float32 or not arr.flags.writeable:
             arr = arr.astype(np.float32)
         return arr
@@ -327,30 +324,24 @@ class Checkpoint:
     def read_raw(self, key: str) -> tuple[np.ndarray, str]:
         """``key`` in its stored dtype, with its code. BF16 comes back as its uint16 bit patterns."""
         code = self.dtype(key)
-        if code == "BF16":
-            import torch
+        arr = self._get(key, code)
+        return (arr.view(np.uint16) if code == "BF16" else arr), code
 
-            return self._read_torch(key).view(torch.int16).numpy().view(np.uint16), code
+    def _get(self, key: str, code: str) -> np.ndarray:
+        if code == "BF16":
+            try:
+                import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy for safetensors)
+            except ImportError:
+                raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} is bfloat16; reading "
+                                      "it needs ml_dtypes (pip install 'rslora[cli]')") from None
         try:
-            return self._handles[self.file_of(key)].get_tensor(key), code
+            return self._handles[self.file_of(key)].get_tensor(key)
         except TypeError:
             raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} has dtype {code}, which "
                                   "NumPy cannot hold") from None
 
-    def _read_torch(self, key: str):
-        f = self.file_of(key)
-        if f not in self._pt_handles:
-            try:
-                import torch  # noqa: F401
-            except ImportError:
-                raise CheckpointError(f"{f}: tensor {key!r} is bfloat16, which NumPy cannot hold; "
-                                      "reading it needs PyTorch (pip install torch)") from None
-            self._pt_handles[f] = _open(f, "pt")
-        return self._pt_handles[f].get_tensor(key)
-
     def close(self) -> None:
         self._handles.clear()
-        self._pt_handles.clear()
 
     def __enter__(self):
         return self
@@ -364,13 +355,11 @@ class Checkpoint:
 
 # -- writing -----------------------------------------------------------------------------------
 def to_bfloat16_bits(a: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even; NaN stays NaN."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-    rounded = ((u + (np.uint32(0x7FFF) + ((u >> 16) & 1))) >> 16).astype(np.uint16)
-    nan = np.isnan(a)
-    if nan.any():
-        rounded[nan] = ((u[nan] >> 16) | 0x0040).astype(np.uint16)  # keep sign, force quiet NaN
-    return rounded
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even (ml_dtypes' cast, as
+    torch's); NaN stays NaN. Wider inputs are rounded once, straight to bfloat16."""
+    import ml_dtypes
+
+    return np.ascontiguousarray(np.asarray(a).astype(ml_dtypes.bfloat16)).view(np.uint16)
 
 
 def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
@@ -396,6 +385,8 @@ def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
     for name, (arr, code) in tensors.items():
         if code == "BF16":
             arr = arr if arr.dtype == np.uint16 else to_bfloat16_bits(arr)
+        elif code in ("F32", "F16", "F64") and arr.dtype.name == "bfloat16":
+            arr = arr.astype(np.float32)  # exact; then cast once to the code below
         elif code in ("F32", "F16", "F64"):
             arr = np.asarray(arr, dtype=_NUMPY_NAMES[code])
         arr = np.ascontiguousarray(arr)

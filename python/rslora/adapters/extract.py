@@ -11,15 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_output_dir, check_output_dir
-from .peft_format import common_rank, peft_config, write_adapter_files
 from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError
+from .layouts import EMBEDDING_NAMES, layout_evidence, model_config, stored_conv1d
+from .naming import match_modules, parse_prefix
+from .peft_format import common_rank, peft_config, write_adapter_files
 
 __all__ = ["extract_adapter", "ExtractResult", "LayerReport", "EMBEDDING_NAMES"]
-
-#: Module names treated as embeddings and left out: PEFT adapts nn.Embedding with other keys
-#: (lora_embedding_A/B) than the Linear layers an extracted adapter describes.
-EMBEDDING_NAMES = re.compile(r"(^|\.)(embed_tokens|embed_positions|embed_in|word_embeddings|"
-                             r"position_embeddings|token_type_embeddings|wte|wpe)$")
 
 
 @dataclass
@@ -45,6 +42,12 @@ class ExtractResult:
     only_in_tuned: list = field(default_factory=list)
     #: Tensors of other shapes (biases, norms) that differ: a LoRA adapter cannot carry them.
     changed_not_extracted: list = field(default_factory=list)
+    #: Non-2-D tensors in only one checkpoint, or of other shapes: signs of different models.
+    structure_differs: list = field(default_factory=list)
+    #: Module -> "linear", "conv1d" or "embedding": the PEFT layout each module was written in.
+    layouts: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    tied: bool = False  # config.json ties the output layer to the input embedding
 
     @property
     def error(self) -> float:
@@ -80,40 +83,94 @@ def _compile(pattern, what):
         raise ValueError(f"{what} is not a valid regular expression ({e}): {pattern!r}") from None
 
 
-def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: ExtractResult):
-    """The modules to extract, checked before any work: shapes, dtypes, presence."""
-    def candidates(ck):
-        return {k[: -len(".weight")]: k for k in ck.keys() if k.endswith(".weight")}
+def _split(key: str) -> tuple[str, str]:
+    stem, _, param = key.rpartition(".")
+    return stem, param
 
-    cb, ct = candidates(base), candidates(tuned)
+
+def _check_same_model(base, tuned, cb, ct, result):
+    """Refuse two checkpoints whose config.json name different architectures; return the config."""
+    fb, ft = model_config(base), model_config(tuned)
+    tb, tt = fb.get("model_type"), ft.get("model_type")
+    if tb and tt and tb != tt:
+        raise CheckpointError(f"BASE is a {tb!r} model and TUNED a {tt!r} model (config.json "
+                              "model_type): they are different architectures")
+    if ft.get("tie_word_embeddings") or fb.get("tie_word_embeddings"):
+        result.tied = True
+        result.notes.append("the model ties lm_head to its input embedding: an extracted "
+                            "embedding LoRA reproduces TUNED once merged (PEFT merges it into the "
+                            "shared weight); unmerged, PEFT applies it to the input side only")
+    return ft or fb
+
+
+def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: ExtractResult,
+          prefix=None, model_type=None):
+    """The modules to extract, checked before any work: names, shapes, dtypes, layouts.
+
+    Returns ``[(adapter module name, base key, tuned key, layout)]``. TUNED's keys are matched
+    to BASE's by module path (exact, else a unique dotted suffix); the adapter names modules as
+    TUNED does, rewritten by ``prefix`` ("OLD=NEW": TUNED's NEW... is the adapter's OLD...).
+    """
+    stems_b = {_split(k)[0] for k in base.keys()}
+    stems_t = {_split(k)[0] for k in tuned.keys()}
+    found, _ = match_modules(sorted(stems_t), stems_b, what="TUNED module", where="BASE",
+                             partial=True)
+    key_map = {}  # tuned key -> base key
+    for k in tuned.keys():
+        stem, param = _split(k)
+        if stem in found and f"{found[stem]}.{param}" in base:
+            key_map[k] = f"{found[stem]}.{param}"
+    mapped_b = set(key_map.values())
+    rewrite = parse_prefix(prefix)
+    evidence = layout_evidence(tuned)
     modules = []
-    for m in list(cb) + [m for m in ct if m not in cb]:
-        if include is not None and not include.search(m) or exclude is not None and exclude.search(m):
+    for kt in list(tuned.keys()):
+        stem, param = _split(kt)
+        kb = key_map.get(kt)
+        st = tuned.shape(kt)
+        if kb is None:
+            (result.only_in_tuned if len(st) == 2 and param == "weight"
+             else result.structure_differs).append(kt)
             continue
-        key = f"{m}.weight"
-        if m not in ct or m not in cb:
-            if len((base if m in cb else tuned).shape(key)) == 2:
-                (result.only_in_base if m in cb else result.only_in_tuned).append(key)
-            continue
-        sb, st = base.shape(key), tuned.shape(key)
+        sb = base.shape(kb)
         if sb != st:
-            raise CheckpointError(f"tensor {key!r} has shape {sb} in {base.path} but {st} in "
-                                  f"{tuned.path}")
-        if len(sb) != 2:
+            if len(sb) == 2 and len(st) == 2:
+                raise CheckpointError(f"tensor {kt!r} has shape {sb} in {base.path} but {st} in "
+                                      f"{tuned.path}")
+            result.structure_differs.append(kt)
             continue
-        for ck in (base, tuned):
+        if len(st) != 2 or param != "weight":
+            if len(st) <= 1 and base.dtype(kb) in FLOAT_CODES and tuned.dtype(kt) in FLOAT_CODES \
+                    and not np.array_equal(base.read(kb), tuned.read(kt)):
+                result.changed_not_extracted.append(kt)
+            continue
+        name = stem
+        if rewrite is not None:
+            old, new = rewrite
+            if not stem.startswith(new):
+                result.skipped[stem] = f"outside --prefix (does not start with {new!r})"
+                continue
+            name = old + stem[len(new):]
+        if include is not None and not include.search(name) or \
+                exclude is not None and exclude.search(name):
+            continue
+        for ck, key in ((base, kb), (tuned, kt)):
             if ck.dtype(key) not in FLOAT_CODES:
                 raise CheckpointError(f"{ck.file_of(key)}: tensor {key!r} is {ck.dtype(key)}, not "
                                       "a float tensor; leave it out with --exclude")
-        if EMBEDDING_NAMES.search(m):
-            result.skipped[m] = "an embedding (PEFT stores embedding LoRA differently)"
-            continue
-        modules.append(m)
-    for key in base.keys():  # biases, norms: small, so compared in full
-        if key in tuned and len(base.shape(key)) <= 1 and base.shape(key) == tuned.shape(key) \
-                and base.dtype(key) in FLOAT_CODES and tuned.dtype(key) in FLOAT_CODES \
-                and not np.array_equal(base.read(key), tuned.read(key)):
-            result.changed_not_extracted.append(key)
+        if EMBEDDING_NAMES.search(stem):
+            layout = "embedding"
+        else:
+            bias = f"{stem}.bias"
+            blen = tuned.shape(bias)[0] if bias in tuned and len(tuned.shape(bias)) == 1 else None
+            layout = "conv1d" if stored_conv1d(stem, st, blen, model_type=model_type,
+                                               evidence=evidence) else "linear"
+        modules.append((name, kb, kt, layout))
+    for kb in base.keys():
+        if kb not in mapped_b:
+            stem, param = _split(kb)
+            (result.only_in_base if len(base.shape(kb)) == 2 and param == "weight"
+             else result.structure_differs).append(kb)
     return modules
 
 
@@ -121,7 +178,8 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
                     max_rank: int | None = None, rule: str = "rslora", alpha: float | None = None,
                     include: str | None = None, exclude: str | None = None,
                     dtype: str = "float32", on_missing: str = "error", force: bool = False,
-                    seed: int | None = 0, progress: bool = False) -> ExtractResult:
+                    seed: int | None = 0, progress: bool = False, prefix=None,
+                    biases: bool = False) -> ExtractResult:
     """Extract a PEFT LoRA adapter approximating ``tuned - base``.
 
     Parameters
@@ -145,7 +203,15 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
         ``lora_alpha`` for every layer; default: the adapter's ``r`` (its most common rank).
         Any value gives the same merged weights; it only sets how the scale is split.
     include, exclude : str, optional
-        Regular expressions searched in module names (checkpoint keys without ``.weight``).
+        Regular expressions searched in module names (the adapter's names: TUNED's keys without
+        ``.weight``, rewritten by ``prefix``).
+    prefix : str, optional
+        ``"OLD=NEW"``: TUNED's modules starting with NEW are named OLD... in the adapter (e.g.
+        ``"=bert."`` for an adapter on a bare ``BertModel`` from a ``bert.``-prefixed checkpoint);
+        modules outside NEW are skipped. BASE is matched to TUNED by module path either way.
+    biases : bool
+        Also carry TUNED's biases, whole, as PEFT's ``bias="all"`` does (every tensor whose name
+        holds "bias"), so fine-tuned biases are reproduced; default: reported, not carried.
     dtype : {"float32", "float16", "bfloat16"}
         Storage dtype of the factors.
     on_missing : {"error", "skip"}
@@ -188,8 +254,10 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
     out = check_output_dir(out_dir, force, inputs=(base, tuned))
 
     result = ExtractResult(out_dir=out, config={})
+    parse_prefix(prefix)
     with Checkpoint(base) as cb, Checkpoint(tuned) as ct:
-        modules = _plan(cb, ct, inc, exc, result)
+        model_type = _check_same_model(base, tuned, cb, ct, result).get("model_type")
+        modules = _plan(cb, ct, inc, exc, result, prefix, model_type)
         for side, names in (("BASE", result.only_in_base), ("TUNED", result.only_in_tuned)):
             if names and on_missing == "error":
                 raise CheckpointError(f"{len(names)} weight(s) only in {side}, e.g. {names[0]!r}; "
@@ -197,13 +265,18 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
         if not modules:
             raise CheckpointError("no 2-D weight to extract (is --include/--exclude too narrow?)")
         factors = _factor_all(cb, ct, modules, rank, tol, max_rank, seed, progress, result)
-    if not factors:
-        raise CheckpointError("every selected weight is unchanged between BASE and TUNED: "
-                              "nothing to extract")
+        if not factors:
+            raise CheckpointError("every selected weight is unchanged between BASE and TUNED: "
+                                  "nothing to extract")
+        full = _biases(ct, factors, prefix, result) if biases else {}
 
     ranks = {m: A.shape[0] for m, (A, B) in factors.items()}
     a = float(common_rank(ranks)) if alpha is None else float(alpha)
-    config = peft_config(ranks, a, rule == "rslora", base_model=base)
+    # PEFT sets fan_in_fan_out per module from its class on load; the flag only records Conv1D.
+    config = peft_config(ranks, a, rule == "rslora", base_model=base,
+                         fan_in_fan_out=any(result.layouts[m] == "conv1d" for m in factors))
+    if biases:
+        config["bias"] = "all"
     for m, (A, B) in factors.items():
         # Factors were computed for s = 1 (B A = delta_r); split s evenly over both sides.
         r = A.shape[0]
@@ -211,9 +284,33 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
         A /= root
         B /= root
     with atomic_output_dir(out, force, inputs=(base, tuned)) as tmp:
-        write_adapter_files(tmp, factors, config, dtype)
+        if not any(result.layouts[m] == "embedding" for m in factors):
+            result.notes = [n for n in result.notes if "ties lm_head" not in n]
+        write_adapter_files(tmp, factors, config, dtype,
+                            embeddings={m for m in factors if result.layouts[m] == "embedding"},
+                            full=full)
     result.config = config
     return result
+
+
+def _biases(ct: Checkpoint, factors: dict, prefix, result: ExtractResult) -> dict:
+    """TUNED's bias tensors under the keys PEFT's ``bias="all"`` saves: every float tensor whose
+    name holds "bias", ``<module>.base_layer.bias`` for modules that carry LoRA."""
+    rewrite = parse_prefix(prefix)
+    full, carried = {}, set()
+    for key in ct.keys():
+        if "bias" not in key or ct.dtype(key) not in FLOAT_CODES:
+            continue
+        stem, param = _split(key)
+        if rewrite is not None:
+            old, new = rewrite
+            if not stem.startswith(new):
+                continue
+            stem = old + stem[len(new):]
+        full[f"{stem}.base_layer.{param}" if stem in factors else f"{stem}.{param}"] = ct.read(key)
+        carried.add(key)
+    result.changed_not_extracted = [k for k in result.changed_not_extracted if k not in carried]
+    return full
 
 
 def _factor_all(cb, ct, modules, rank, tol, max_rank, seed, progress, result) -> dict:
@@ -224,12 +321,13 @@ def _factor_all(cb, ct, modules, rank, tol, max_rank, seed, progress, result) ->
     factors = {}
     seeds = np.random.SeedSequence(seed).spawn(len(modules))
     bar = tqdm(modules, desc="extract", unit="layer", disable=None if progress else True)
-    for m, ss in zip(bar, seeds):
-        key = f"{m}.weight"
-        delta = ct.read(key)
-        delta -= cb.read(key)
+    for (m, kb, kt, layout), ss in zip(bar, seeds):
+        delta = ct.read(kt)
+        delta -= cb.read(kb)
         if not np.isfinite(delta).all():
-            raise CheckpointError(f"tensor {key!r}: the delta has NaN or Inf entries")
+            raise CheckpointError(f"tensor {kt!r}: the delta has NaN or Inf entries")
+        if layout != "linear":  # stored (in, out): PEFT's factors are of the transpose
+            delta = np.ascontiguousarray(delta.T)
         norm = float(np.linalg.norm(delta))
         if norm == 0.0:
             result.skipped[m] = "unchanged (zero delta)"
@@ -248,6 +346,7 @@ def _factor_all(cb, ct, modules, rank, tol, max_rank, seed, progress, result) ->
         result.layers.append(LayerReport(m, tuple(delta.shape), int(A.shape[0]),
                                          max(0.0, 1.0 - err * err), err, norm))
         factors[m] = (A, B)
+        result.layouts[m] = layout
         del delta
     bar.close()
     return factors

@@ -1,21 +1,40 @@
-"""Merging a LoRA adapter into base weights: in memory (:func:`merge_adapter`) or from one
-checkpoint on disk to another, one shard at a time (:func:`merge_checkpoint`)."""
+"""Merging a LoRA adapter into base weights: in memory (:func:`merge_adapter`) or from a model
+folder on disk to a new one (:func:`merge_checkpoint`), one shard at a time.
+
+What PEFT's ``merge_and_unload`` does, module by module: tensors the adapter saved in full
+(``modules_to_save`` copies, trained biases, the base weights PEFT saves beside embedding and
+``lm_head`` LoRA) replace the base's; then ``W += scale * B @ A``, transposed for Conv1D and
+embedding layers. Every module is matched, its layout decided and its shape checked before any
+output is written (see :mod:`.naming`, :mod:`.layouts`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
+import shutil
 from collections.abc import MutableMapping
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import atomic_output_dir, check_output_dir
+from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError, save_tensors
+from .layouts import decide_conv1d, model_config
+from .naming import match_modules
 from .peft_format import LoraAdapter, LoraModule, load_adapter
-from .checkpoint import DTYPE_CODES, Checkpoint, CheckpointError, save_tensors
 from ..linear import merge
 
-__all__ = ["merge_adapter", "merge_checkpoint"]
+__all__ = ["merge_adapter", "merge_checkpoint", "MergePlan", "plan_merge"]
+
+#: Input-embedding names an output layer (lm_head) may be tied to.
+_WORD_EMBEDDINGS = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|shared)$")
+#: Files in a model folder that hold weights in other formats: never copied into a merged model
+#: (they would be the unmerged weights).
+_OTHER_WEIGHTS = re.compile(r"\.(bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|safetensors)$|"
+                            r"\.safetensors\.index\.json$|\.bin\.index\.json$")
 
 
 def _as_adapter(adapter) -> LoraAdapter:
@@ -26,24 +45,138 @@ def _as_adapter(adapter) -> LoraAdapter:
     raise TypeError(f"adapter must be a LoraAdapter or a folder path, got {type(adapter).__name__}")
 
 
-def _merge_one(W: np.ndarray, mod: LoraModule, key: str) -> None:
-    """W += scale * B @ A in place, in W's dtype (float32, or float64 for float64 weights)."""
-    if W.shape != mod.shape:
-        raise CheckpointError(f"base weight {key!r} has shape {W.shape} but the adapter's "
-                              f"lora_B {mod.B.shape} @ lora_A {mod.A.shape} gives {mod.shape}")
-    A, B = mod.A.astype(W.dtype, copy=False), mod.B.astype(W.dtype, copy=False)
-    merge(W.T if mod.fan_in_fan_out else W, A, B, scale=mod.scale)
+@dataclasses.dataclass
+class MergePlan:
+    """What merging changes, by base key: LoRA updates (layout resolved) and full replacements."""
+
+    updates: dict  # key -> [LoraModule, ...] (several when lm_head is tied to the embedding)
+    replace: dict  # key -> ndarray
+    notes: list
 
 
-def _missing(adapter: LoraAdapter, have) -> None:
-    absent = [name for name in adapter if f"{name}.weight" not in have]
-    if absent:
-        raise CheckpointError(f"{len(absent)} adapter module(s) have no weight in the base, "
-                              f"e.g. {absent[0] + '.weight'!r}")
+def _tied_embedding(name: str, mod: LoraModule, shapes: dict, stems: set, cfg: dict):
+    """The input-embedding key an output layer ``name`` is tied to, or None."""
+    if mod.kind != "linear" or any(s == name or s.endswith("." + name) or name.endswith("." + s)
+                                   for s in stems):
+        return None
+    if cfg and not cfg.get("tie_word_embeddings", True):  # transformers' default: tied
+        return None
+    d_out, d_in = mod.B.shape[0], mod.A.shape[1]
+    cand = [s for s in stems if _WORD_EMBEDDINGS.search(s) and shapes[f"{s}.weight"] == (d_out, d_in)]
+    return f"{cand[0]}.weight" if len(cand) == 1 else None
 
 
-def merge_adapter(base, adapter):
-    """Merge a LoRA adapter into base weights: ``W += scale * B @ A`` per adapted module.
+def plan_merge(adapter: LoraAdapter, shapes: dict, *, model_cfg=None, evidence=frozenset(),
+               prefix=None) -> MergePlan:
+    """Match every adapter module and saved tensor to a base key and check it (no arrays read).
+
+    ``shapes`` maps base keys to shapes; ``model_cfg`` is config.json's content (or {}).
+    """
+    cfg = model_cfg or {}
+    model_type = cfg.get("model_type")
+    stems = {k[: -len(".weight")] for k, s in shapes.items() if k.endswith(".weight")}
+    plan = MergePlan({}, {}, [])
+    tied = {}
+    for name, mod in adapter.modules.items():
+        key = None if prefix is not None else _tied_embedding(name, mod, shapes, stems, cfg)
+        if key is not None:
+            tied[name] = key
+            plan.notes.append(f"{name} is tied to {key[: -len('.weight')]}: its update is merged "
+                              "into the shared weight, so the input embedding changes too (as "
+                              "PEFT's merge_and_unload does)")
+    found = match_modules([n for n in adapter.modules if n not in tied], stems, prefix=prefix,
+                          where="the base", suffix=".weight")
+    found = {n: f"{s}.weight" for n, s in found.items()} | tied
+    flag = adapter.config.get("fan_in_fan_out")
+    for name, mod in adapter.modules.items():
+        key = found[name]
+        stored = tuple(shapes[key])
+        if len(stored) != 2:
+            raise CheckpointError(f"module {name!r}: base weight {key!r} is {len(stored)}-D "
+                                  f"{stored}, not a Linear, Conv1D or Embedding weight")
+        if mod.kind == "embedding":
+            if stored != mod.shape:
+                raise CheckpointError(f"module {name!r}: base weight {key!r} has shape {stored} "
+                                      f"but the embedding LoRA gives {mod.shape} (shape mismatch)")
+        else:
+            d_out, d_in = mod.B.shape[0], mod.A.shape[1]
+            if mod.fan_in_fan_out is None:
+                conv = decide_conv1d(name, stored, d_out, d_in, model_type=model_type,
+                                     evidence=evidence, flag=flag, key=key)
+            else:
+                conv = bool(mod.fan_in_fan_out)
+                if stored != ((d_in, d_out) if conv else (d_out, d_in)):
+                    raise CheckpointError(f"module {name!r}: base weight {key!r} has shape "
+                                          f"{stored} but the adapter's lora_B {mod.B.shape} @ "
+                                          f"lora_A {mod.A.shape} gives {mod.shape}")
+            mod = dataclasses.replace(mod, fan_in_fan_out=conv)
+        plan.updates.setdefault(key, []).append(mod)
+    _stored_ties(plan, shapes, stems, cfg)
+    # Full tensors, matched by module path with the parameter name kept.
+    by_param: dict[str, list] = {}
+    for k in adapter.tensors:
+        stem, _, param = k.rpartition(".")
+        by_param.setdefault(param, []).append(stem)
+    for param, names in by_param.items():
+        avail = {k[: -len(param) - 1] for k in shapes if k.endswith("." + param)}
+        tied_names = {n: tied[n] for n in names if n in tied and param == "weight"}
+        got = match_modules([n for n in names if n not in tied_names], avail, prefix=prefix,
+                            what="saved tensor", where="the base", suffix="." + param)
+        for n in names:
+            key = tied_names.get(n) or f"{got[n]}.{param}"
+            arr = adapter.tensors[f"{n}.{param}"]
+            if tuple(arr.shape) != tuple(shapes[key]):
+                raise CheckpointError(f"adapter tensor {n}.{param!s} has shape {tuple(arr.shape)} "
+                                      f"but base {key!r} has {tuple(shapes[key])} (shape mismatch)")
+            if key in plan.replace and not np.array_equal(plan.replace[key], arr):
+                raise CheckpointError(f"the adapter saves two different values for {key!r}")
+            plan.replace[key] = arr
+    return plan
+
+
+def _stored_ties(plan: MergePlan, shapes: dict, stems: set, cfg: dict) -> None:
+    """A tied model saved with both lm_head and the embedding (older checkpoints): transformers
+    re-ties them on load, so an update to either must go to both, as PEFT's shared weight gets."""
+    if not cfg.get("tie_word_embeddings") or "lm_head" not in stems:
+        return
+    out_key = "lm_head.weight"
+    emb = [s for s in stems if _WORD_EMBEDDINGS.search(s) and shapes[f"{s}.weight"] ==
+           shapes[out_key]]
+    if len(emb) != 1:
+        return
+    emb_key = f"{emb[0]}.weight"
+    a, b = plan.updates.get(out_key, []), plan.updates.get(emb_key, [])
+    if a or b:
+        plan.updates[out_key] = plan.updates[emb_key] = a + b
+        plan.notes.append(f"lm_head is tied to {emb[0]}: the update of either is merged into "
+                          "both (as PEFT's merge_and_unload changes the shared weight)")
+
+
+def _apply(W: np.ndarray, key: str, plan: MergePlan) -> np.ndarray:
+    """Replacement then updates, in W's float dtype (float32, or float64 for float64 weights)."""
+    if key in plan.replace:
+        W[...] = plan.replace[key]
+    for mod in plan.updates.get(key, ()):
+        A, B = mod.A.astype(W.dtype, copy=False), mod.B.astype(W.dtype, copy=False)
+        merge(W.T if mod.transposed else W, A, B, scale=mod.scale)
+    return W
+
+
+def _dict_evidence(base) -> set:
+    seen = set()
+    for k, W in base.items():
+        b = base.get(k[: -len("weight")] + "bias") if k.endswith(".weight") else None
+        s = getattr(W, "shape", ())
+        if b is not None and len(s) == 2 and s[0] != s[1] and getattr(b, "ndim", 0) == 1:
+            if b.shape[0] == s[1]:
+                seen.add("conv1d")
+            elif b.shape[0] == s[0]:
+                seen.add("linear")
+    return seen
+
+
+def merge_adapter(base, adapter, *, prefix=None, config: dict | None = None):
+    """Merge a LoRA adapter into base weights, as PEFT's ``merge_and_unload`` does.
 
     Parameters
     ----------
@@ -53,6 +186,12 @@ def merge_adapter(base, adapter):
         read into a new dict of float32 arrays (non-float tensors as stored).
     adapter : LoraAdapter, or str or os.PathLike
         A loaded adapter or a PEFT adapter folder (:func:`rslora.load_adapter`).
+    prefix : str, optional
+        ``"OLD=NEW"``: adapter module names starting with OLD are base keys starting with NEW
+        (``"NEW"`` alone adds NEW). Default: exact names, else a unique dotted suffix.
+    config : dict, optional
+        The model's config.json content (``model_type`` decides Conv1D layers, and
+        ``tie_word_embeddings`` a tied lm_head); read from beside a checkpoint path by default.
 
     Returns
     -------
@@ -62,89 +201,181 @@ def merge_adapter(base, adapter):
     Notes
     -----
     Each update is one GEMM with beta = 1 (:func:`rslora.merge`), in the weight's own dtype; the
-    scale is the one PEFT uses (``use_rslora``, ``rank_pattern``, ``alpha_pattern``), so the
-    result equals PEFT's ``merge_and_unload`` to float32 rounding. For ``fan_in_fan_out``
-    adapters (GPT-2's Conv1D) the transposed update is added.
+    scale is the one PEFT uses (``use_rslora``, ``rank_pattern``, ``alpha_pattern``). Conv1D
+    layers (GPT-2) and embeddings get the transposed update; whether a layer is a Conv1D is
+    decided per module as PEFT does (see :mod:`rslora.adapters.layouts`).
     """
     adapter = _as_adapter(adapter)
     if isinstance(base, (str, os.PathLike)):
+        cfg = model_config(base) if config is None else config
         with Checkpoint(base) as ck:
-            _missing(adapter, ck)
             weights = {}
             for key in ck.keys():
-                code = ck.dtype(key)
-                weights[key] = ck.read(key) if code in ("F32", "F16", "BF16") else ck.read_raw(key)[0]
+                weights[key] = ck.read(key) if ck.dtype(key) in ("F32", "F16", "BF16") \
+                    else ck.read_raw(key)[0]
         base = weights
     elif not isinstance(base, MutableMapping):
         raise TypeError(f"base must be a dict of arrays or a checkpoint path, got {type(base).__name__}")
-    _missing(adapter, base)
-    for name, mod in adapter.modules.items():
-        key = f"{name}.weight"
+    else:
+        cfg = config or {}
+    shapes = {k: tuple(getattr(v, "shape", ())) for k, v in base.items()}
+    plan = plan_merge(adapter, shapes, model_cfg=cfg, evidence=_dict_evidence(base), prefix=prefix)
+    for key in list(plan.updates) + [k for k in plan.replace if k not in plan.updates]:
         W = base[key]
         if not isinstance(W, np.ndarray) or W.dtype not in (np.float32, np.float64):
             raise TypeError(f"base[{key!r}] must be a float32 or float64 NumPy array, got "
                             f"{getattr(W, 'dtype', type(W).__name__)}")
-        _merge_one(W, mod, key)
+    for key in list(plan.updates) + [k for k in plan.replace if k not in plan.updates]:
+        _apply(base[key], key, plan)
     return base
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size) -> int:
+    """``"5GB"``, ``"500MiB"``, ``2_000_000`` -> bytes (transformers' max_shard_size spelling)."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        n = int(size)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+        if m is None or m[2] not in _UNITS:
+            raise ValueError(f"max_shard_size must be a size like '5GB' or '500MB', got {size!r}")
+        n = int(float(m[1]) * _UNITS[m[2]])
+    if n <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return n
+
+
+def _model_folder(base: Path) -> Path | None:
+    """The model folder whose other files belong in the output (a folder or an index's folder)."""
+    if base.is_dir():
+        return base
+    if base.name.endswith(".json"):
+        return base.parent
+    return None
+
+
 def merge_checkpoint(base, adapter, out_dir, *, dtype: str | None = None, force: bool = False,
-                     progress: bool = False) -> Path:
-    """Write ``base`` with ``adapter`` merged into ``out_dir``, one shard in memory at a time.
+                     progress: bool = False, prefix=None, max_shard_size=None,
+                     notes: list | None = None) -> Path:
+    """Write ``base`` with ``adapter`` merged into ``out_dir`` as a model folder, one shard in
+    memory at a time.
 
     Parameters
     ----------
     base : str or os.PathLike
-        The base checkpoint (file, folder or index).
+        The base model: a folder (config.json, tokenizer files, safetensors weights), an index,
+        or a single ``.safetensors`` file.
     adapter : LoraAdapter, or str or os.PathLike
     out_dir : str or os.PathLike
-        Output folder: the base's safetensors files under the same names (plus
-        ``model.safetensors.index.json`` when the base has several files). Written atomically;
-        an existing folder is replaced only with ``force=True``. Only weights are written (copy
-        config.json and tokenizer files yourself).
+        Output folder, written atomically; an existing folder is replaced only with ``force``.
+        For a folder (or index) base: every other file of the folder is copied (config.json,
+        generation_config.json, tokenizer files; weights in other formats are not), and the
+        weights are written under the base's file names with its index.
     dtype : {"float32", "float16", "bfloat16"}, optional
-        Storage dtype of the merged weights; default: each weight's own dtype. Merging runs in
-        float32 (float64 for float64 weights). Tensors the adapter does not touch are copied
-        bit for bit.
+        Storage dtype of every floating-point tensor (config.json's dtype updated to match);
+        default: each tensor's own. Merging runs in float32 (float64 for float64 weights);
+        tensors left alone are copied bit for bit.
+    prefix : str, optional
+        Force the name mapping (see :func:`merge_adapter`).
+    max_shard_size : int or str, optional
+        Re-shard the weights (``"2GB"``) as transformers names them, instead of the base's files.
+    notes : list, optional
+        Receives one line per thing worth telling the user (a tied lm_head).
     """
-    if dtype is not None and dtype not in DTYPE_CODES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPE_CODES)}, got {dtype!r}")
+    if dtype is not None and (dtype not in DTYPE_CODES or dtype == "float64"):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    shard_limit = None if max_shard_size is None else parse_size(max_shard_size)
     inputs = (base, adapter if isinstance(adapter, (str, os.PathLike)) else adapter.path)
     check_output_dir(out_dir, force, inputs)
     adapter = _as_adapter(adapter)
+    base_path = Path(os.fspath(base))
+    folder = _model_folder(base_path) if base_path.exists() else None
+    cfg = model_config(base_path) if base_path.exists() else {}
     with Checkpoint(base) as ck:
-        _missing(adapter, ck)
-        files = ck.files()
-        by_file: dict[Path, list[str]] = {f: [] for f in files}
-        for key in ck.keys():
-            by_file[ck.file_of(key)].append(key)
-        bar = _bar(len(adapter), progress)
+        from .layouts import layout_evidence
+
+        shapes = {k: ck.shape(k) for k in ck.keys()}
+        plan = plan_merge(adapter, shapes, model_cfg=cfg, evidence=layout_evidence(ck),
+                          prefix=prefix)
+        for key in set(plan.updates) | set(plan.replace):
+            if ck.dtype(key) not in FLOAT_CODES:
+                raise CheckpointError(f"base tensor {key!r} is {ck.dtype(key)}, not a float tensor")
+        if notes is not None:
+            notes.extend(plan.notes)
+        groups = _shards(ck, shard_limit, dtype)
+        bar = _bar(len(plan.updates), progress)
         weight_map, total = {}, 0
         with atomic_output_dir(out_dir, force, inputs) as tmp:
-            for f in files:
+            for fname, keys in groups:
                 tensors = {}
-                for key in by_file[f]:
-                    name = key[: -len(".weight")] if key.endswith(".weight") else None
-                    if name in adapter.modules:
-                        code = ck.dtype(key)
+                for key in keys:
+                    code = ck.dtype(key)
+                    out_code = DTYPE_CODES[dtype] if dtype and code in FLOAT_CODES else code
+                    if key in plan.updates or key in plan.replace:
                         W = ck.read_raw(key)[0].copy() if code == "F64" else ck.read(key)
-                        _merge_one(W, adapter[name], key)
-                        tensors[key] = (W, DTYPE_CODES[dtype] if dtype else code)
-                        bar.update(1)
+                        tensors[key] = (_apply(W, key, plan), out_code)
+                        bar.update(key in plan.updates)
+                    elif out_code != code:
+                        tensors[key] = (ck.read(key), out_code)
                     else:
                         tensors[key] = ck.read_raw(key)
-                    weight_map[key] = f.name
-                save_tensors(tmp / f.name, tensors)
+                    weight_map[key] = fname
+                save_tensors(tmp / fname, tensors)
                 total += sum(_nbytes(a, c) for a, c in tensors.values())
                 del tensors
-            if len(files) > 1:
+            if len(groups) > 1:
                 index = {"metadata": {"total_size": total}, "weight_map": weight_map}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            if folder is not None:
+                _copy_other_files(folder, tmp, dtype)
         bar.close()
     return Path(os.fspath(out_dir))
 
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+def _shards(ck: Checkpoint, limit, dtype) -> list:
+    """[(file name, keys)]: the base's files, or new shards of at most ``limit`` bytes."""
+    if limit is None:
+        by_file: dict[str, list] = {f.name: [] for f in ck.files()}
+        for key in ck.keys():
+            by_file[ck.file_of(key).name].append(key)
+        return [(f, keys) for f, keys in by_file.items() if keys]
+    groups, cur, size = [], [], 0
+    for key in ck.keys():
+        code = ck.dtype(key)
+        itemsize = _ITEMSIZE.get(DTYPE_CODES[dtype] if dtype and code in FLOAT_CODES else code, 8)
+        n = int(np.prod(ck.shape(key), dtype=np.int64)) * itemsize
+        if cur and size + n > limit:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(key)
+        size += n
+    groups.append(cur)
+    if len(groups) == 1:
+        return [("model.safetensors", groups[0])]
+    n = len(groups)
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def _copy_other_files(folder: Path, out: Path, dtype) -> None:
+    """Copy the model folder's non-weight files (config, tokenizer, ...) into ``out``."""
+    for f in sorted(folder.iterdir()):
+        if not f.is_file() or f.name.startswith(".") or _OTHER_WEIGHTS.search(f.name):
+            continue
+        if f.name == "config.json" and dtype is not None:
+            cfg = json.loads(f.read_text())
+            for k in ("torch_dtype", "dtype"):
+                if k in cfg or k == "dtype" and "torch_dtype" not in cfg:
+                    cfg[k] = dtype
+            (out / f.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        else:
+            shutil.copyfile(f, out / f.name)
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1}
 
 
 def _nbytes(arr: np.ndarray, code: str) -> int:

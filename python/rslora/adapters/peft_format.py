@@ -21,14 +21,17 @@ import numpy as np
 
 from . import lora_config
 from .atomic import atomic_output_dir
-from .checkpoint import DTYPE_CODES, Checkpoint, CheckpointError, save_tensors
+from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError, save_tensors
 
 __all__ = ["LoraModule", "LoraAdapter", "load_adapter", "save_adapter", "pattern_key"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+_KEY = re.compile(r"^(?P<module>.+)\.(?:(?P<part>lora_A|lora_B)\.weight|"
+                  r"(?P<emb>lora_embedding_A|lora_embedding_B))$")
+#: bias values PEFT's LoraConfig accepts; "all"/"lora_only" adapters carry trained biases.
+BIAS_MODES = ("none", "all", "lora_only")
 
 
 def pattern_key(patterns, module: str) -> str | None:
@@ -39,7 +42,13 @@ def pattern_key(patterns, module: str) -> str | None:
 
 @dataclass
 class LoraModule:
-    """One adapted module: ``W' = W + scale * B @ A`` (``W.T`` for ``fan_in_fan_out``)."""
+    """One adapted module: ``W' = W + scale * B @ A``, transposed where the weight is stored
+    (in, out): a Conv1D (``fan_in_fan_out``) or an embedding (``kind="embedding"``: A is
+    ``lora_embedding_A`` (r, num_embeddings), B ``lora_embedding_B`` (dim, r)).
+
+    ``fan_in_fan_out=None`` (as loaded from a file) means "not known yet": PEFT sets it per
+    module from the layer's class, so merging decides it from the model (see ``layouts``).
+    """
 
     name: str
     A: np.ndarray  # (r, d_in)
@@ -47,18 +56,24 @@ class LoraModule:
     r: int
     alpha: float
     scale: float
-    fan_in_fan_out: bool = False
+    fan_in_fan_out: bool | None = None
+    kind: str = "linear"  # or "embedding"
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the stored weight is (d_in, d_out): Conv1D or embedding."""
+        return self.kind == "embedding" or bool(self.fan_in_fan_out)
 
     @property
     def shape(self) -> tuple[int, int]:
-        """(d_out, d_in) of the base weight (as stored: transposed for ``fan_in_fan_out``)."""
+        """The base weight's shape as stored ((d_in, d_out) when :attr:`transposed`)."""
         d_out, d_in = self.B.shape[0], self.A.shape[1]
-        return (d_in, d_out) if self.fan_in_fan_out else (d_out, d_in)
+        return (d_in, d_out) if self.transposed else (d_out, d_in)
 
     def delta(self) -> np.ndarray:
-        """``scale * B @ A`` in float32 (transposed for ``fan_in_fan_out``), the weight update."""
+        """``scale * B @ A`` in float32 (transposed when stored so), the weight update."""
         d = (self.B @ self.A) * np.float32(self.scale)
-        return d.T.copy() if self.fan_in_fan_out else d
+        return d.T.copy() if self.transposed else d
 
 
 @dataclass
@@ -72,6 +87,10 @@ class LoraAdapter:
     modules: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     path: Path | None = None
+    #: Full tensors the adapter replaces, by key in the model (``<module>.weight`` / ``.bias``):
+    #: ``modules_to_save`` copies, trained biases (``bias="all"/"lora_only"``), and the base
+    #: weights PEFT saves beside embedding/lm_head LoRA (``base_layer``), float32.
+    tensors: dict = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> LoraModule:
         return self.modules[name]
@@ -111,7 +130,8 @@ def _read_config(folder: Path) -> dict:
         raise CheckpointError(f"{path}: peft_type is {cfg['peft_type']!r}; only LORA adapters "
                               "are supported")
     for flag, what in (("use_dora", "DoRA"), ("lora_bias", "lora_bias"),
-                       ("use_qalora", "QALoRA")):
+                       ("use_qalora", "QALoRA"), ("target_parameters", "target_parameters"),
+                       ("ensure_weight_tying", "ensure_weight_tying")):
         if cfg.get(flag):
             raise CheckpointError(f"{path}: {what} adapters ({flag}=true) are not supported")
     if cfg.get("layer_replication"):
@@ -119,7 +139,15 @@ def _read_config(folder: Path) -> dict:
     for key in ("r", "lora_alpha"):
         if key not in cfg:
             raise CheckpointError(f"{path}: missing {key!r}")
+    if cfg.get("bias", "none") not in BIAS_MODES:
+        raise CheckpointError(f"{path}: bias is {cfg['bias']!r}; PEFT accepts "
+                              f"{', '.join(map(repr, BIAS_MODES))}")
     return cfg
+
+
+def _full_key(key: str) -> str:
+    """A saved full tensor's key in the model: PEFT's wrapper segments dropped."""
+    return ".".join(p for p in key.split(".") if p not in ("base_layer", "modules_to_save"))
 
 
 def load_adapter(path) -> LoraAdapter:
@@ -162,20 +190,35 @@ def load_adapter(path) -> LoraAdapter:
     alpha_pattern = cfg.get("alpha_pattern") or {}
     use_rslora = bool(cfg.get("use_rslora", False))
     parts: dict[str, dict] = {}
+    adapter = LoraAdapter(config=cfg, path=folder)
     with Checkpoint(weights) as ck:
         for key in ck.keys():
-            m = _KEY.match(key)
-            if m is None:
-                raise CheckpointError(f"{weights}: tensor {key!r} is not a Linear LoRA factor "
-                                      "(lora_A/lora_B); embedding, DoRA and modules_to_save "
-                                      "weights are not supported")
-            parts.setdefault(m["module"], {})[m["part"]] = ck.read(key)
-    adapter = LoraAdapter(config=cfg, path=folder)
+            name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            m = _KEY.match(name)
+            if m is not None:
+                part = m["part"] or m["emb"]
+                parts.setdefault(m["module"], {})[part] = ck.read(key)
+            elif "lora_" in name or "magnitude" in name:
+                why = "DoRA" if "magnitude" in name else "a LoRA variant rslora cannot apply"
+                raise CheckpointError(f"{weights}: tensor {key!r} belongs to {why} (module "
+                                      f"{name.split('.lora_')[0]!r}); not supported")
+            else:  # modules_to_save copies, trained biases, saved base layers
+                code = ck.dtype(key)
+                adapter.tensors[_full_key(name)] = ck.read(key) if code in FLOAT_CODES \
+                    else ck.read_raw(key)[0]
     for name, p in parts.items():
-        if set(p) != {"lora_A", "lora_B"}:
-            missing = ({"lora_A", "lora_B"} - set(p)).pop()
-            raise CheckpointError(f"{weights}: module {name!r} has no {missing}.weight")
-        A, B = p["lora_A"], p["lora_B"]
+        emb = any(k.startswith("lora_embedding") for k in p)
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
+        if set(p) != {a_key, b_key}:
+            missing = sorted({a_key, b_key} - set(p)) or sorted(p)
+            raise CheckpointError(f"{weights}: module {name!r} has no {missing[0]}"
+                                  f"{'' if emb else '.weight'}" + ("" if set(p) <= {a_key, b_key}
+                                  else " (it mixes Linear and embedding LoRA keys)"))
+        A, B = p[a_key], p[b_key]
+        if A.ndim != 2 or B.ndim != 2:
+            raise CheckpointError(f"{weights}: module {name!r} has {A.ndim}-D LoRA factors "
+                                  f"{A.shape}, {B.shape}: not a Linear, Conv1D or Embedding layer "
+                                  "(unknown layer type); not supported")
         rk, ak = pattern_key(rank_pattern, name), pattern_key(alpha_pattern, name)
         r = int(rank_pattern[rk]) if rk is not None else int(cfg["r"])
         alpha = alpha_pattern[ak] if ak is not None else cfg["lora_alpha"]
@@ -184,7 +227,7 @@ def load_adapter(path) -> LoraAdapter:
                                   f"{B.shape}, but the config gives it r={r}")
         scale = alpha / math.sqrt(r) if use_rslora else alpha / r
         adapter.modules[name] = LoraModule(name, A, B, r, alpha, scale,
-                                           bool(cfg.get("fan_in_fan_out", False)))
+                                           kind="embedding" if emb else "linear")
     lora_config.check_scale(adapter, folder)
     return adapter
 
@@ -198,7 +241,7 @@ def common_rank(ranks: dict) -> int:
 
 
 def peft_config(ranks: dict, alpha: float, use_rslora: bool, *, base_model=None,
-                r: int | None = None) -> dict:
+                r: int | None = None, fan_in_fan_out: bool = False) -> dict:
     """An ``adapter_config.json`` for modules with the given ranks (``{module: r}``).
 
     ``r`` defaults to the most common rank; the others go to ``rank_pattern``, whose keys are
@@ -225,7 +268,7 @@ def peft_config(ranks: dict, alpha: float, use_rslora: bool, *, base_model=None,
         "alpha_pattern": {},
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": bool(fan_in_fan_out),
         "init_lora_weights": True,
         "inference_mode": True,
         "use_dora": False,
@@ -237,15 +280,22 @@ def peft_config(ranks: dict, alpha: float, use_rslora: bool, *, base_model=None,
     }
 
 
-def write_adapter_files(folder: Path, factors: dict, config: dict, dtype: str = "float32") -> None:
-    """Write ``{module: (A, B)}`` and ``config`` into ``folder`` (which must exist)."""
+def write_adapter_files(folder: Path, factors: dict, config: dict, dtype: str = "float32",
+                        embeddings=(), full=None) -> None:
+    """Write ``{module: (A, B)}`` and ``config`` into ``folder`` (which must exist); modules in
+    ``embeddings`` are written as PEFT's ``lora_embedding_A`` / ``lora_embedding_B``; ``full``
+    maps keys in the PEFT model (``<module>.base_layer.bias``, ...) to tensors saved whole."""
     if dtype not in DTYPE_CODES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_CODES)}, got {dtype!r}")
     code = DTYPE_CODES[dtype]
     tensors = {}
     for name, (A, B) in factors.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = (A, code)
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = (B, code)
+        a, b = ("lora_embedding_A", "lora_embedding_B") if name in embeddings else \
+            ("lora_A.weight", "lora_B.weight")
+        tensors[f"{PREFIX}{name}.{a}"] = (A, code)
+        tensors[f"{PREFIX}{name}.{b}"] = (B, code)
+    for key, arr in (full or {}).items():
+        tensors[f"{PREFIX}{key}"] = (arr, code)
     save_tensors(folder / WEIGHTS_NAME, tensors)
     # Top-level keys sorted as PEFT writes them; rank_pattern keeps its order (PEFT takes the
     # first matching key, so json's sort_keys would change which rank a module gets).

@@ -39,6 +39,11 @@ def register(sub) -> None:
                    help="storage dtype of the adapter (computation is float32)")
     p.add_argument("--on-missing", choices=("error", "skip"), default="error",
                    help="weights present in only one checkpoint: stop (default) or skip them")
+    p.add_argument("--prefix", metavar="OLD=NEW",
+                   help="name TUNED's modules NEW... as OLD... in the adapter (e.g. '=bert.' for a "
+                        "bare BertModel); BASE is matched to TUNED by module path either way")
+    p.add_argument("--biases", action="store_true",
+                   help="carry TUNED's biases whole (PEFT bias='all'), so trained biases are kept")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no table")
@@ -60,7 +65,8 @@ def run(args) -> int:
             args.base, args.tuned, args.output, rank=args.rank, tol=args.tol,
             max_rank=args.max_rank, rule=args.rule, alpha=args.alpha, include=args.include,
             exclude=args.exclude, dtype=args.dtype, on_missing=args.on_missing,
-            force=args.force, seed=args.seed, progress=not args.quiet)
+            force=args.force, seed=args.seed, progress=not args.quiet, prefix=args.prefix,
+            biases=args.biases)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise UserError(str(e)) from None
     for side, names in (("BASE", res.only_in_base), ("TUNED", res.only_in_tuned)):
@@ -72,6 +78,13 @@ def run(args) -> int:
         print(f"rslora extract: note: {len(names)} tensor(s) that are not 2-D weights differ and are "
               "not in the adapter: " + ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""),
               file=sys.stderr)
+    if res.structure_differs:
+        names = res.structure_differs
+        print(f"rslora extract: warning: {len(names)} tensor(s) that are not 2-D weights are in only "
+              "one checkpoint or differ in shape (are these the same model?): "
+              + ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""), file=sys.stderr)
+    for note in res.notes:
+        print(f"rslora extract: note: {note}", file=sys.stderr)
     if not args.quiet:
         print(res.summary())
     cfg = res.config

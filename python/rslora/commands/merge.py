@@ -7,6 +7,8 @@ NEEDS = ("tqdm", "safetensors")  # optional modules, checked before any work (rs
 USAGE = """examples:
   rslora merge base/ adapter/ -o merged/
   rslora merge model.safetensors adapter/ -o merged/ --dtype bfloat16 --force
+  rslora merge gpt2/ adapter/ -o merged/ --prefix transformer.=   # adapter transformer.h.., base h..
+  rslora merge llama/ adapter/ -o merged/ --max-shard-size 2GB
 """
 
 
@@ -16,14 +18,21 @@ def register(sub) -> None:
     p = sub.add_parser(
         "merge", help="merge a PEFT LoRA adapter into a checkpoint",
         description="Write BASE with W += scale * B @ A for every module of ADAPTER (scale as PEFT "
-                    "computes it: use_rslora, rank_pattern, alpha_pattern), one shard at a time. "
-                    "Only the safetensors weights are written.",
+                    "computes it: use_rslora, rank_pattern, alpha_pattern; Conv1D and embedding "
+                    "layers transposed), with modules_to_save and trained biases copied in, one "
+                    "shard at a time. A model folder gives a model folder: its other files "
+                    "(config.json, tokenizer) copied, its sharding kept.",
         epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("base", metavar="BASE", help="the base checkpoint (.safetensors, folder or index)")
     p.add_argument("adapter", metavar="ADAPTER", help="a PEFT LoRA adapter folder")
     p.add_argument("-o", "--output", metavar="OUT", required=True, help="folder to write")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                   help="storage dtype of merged weights (default: each weight's own)")
+                   help="storage dtype of every float tensor (default: each tensor's own)")
+    p.add_argument("--prefix", metavar="OLD=NEW",
+                   help="adapter modules named OLD... are BASE's NEW... ('NEW' alone: add NEW); "
+                        "default: exact names, else a unique dotted suffix")
+    p.add_argument("--max-shard-size", metavar="SIZE",
+                   help="re-shard the output (e.g. 2GB, 500MB) instead of keeping BASE's files")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -34,11 +43,17 @@ def run(args) -> int:
     from ..adapters.merge import merge_checkpoint
     from ..errors import UserError
 
+    import sys
+
+    notes: list = []
     try:
         adapter = load_adapter(args.adapter)
         merge_checkpoint(args.base, adapter, args.output, dtype=args.dtype, force=args.force,
-                         progress=not args.quiet)
+                         progress=not args.quiet, prefix=args.prefix,
+                         max_shard_size=args.max_shard_size, notes=notes)
     except (ValueError, OSError) as e:
         raise UserError(str(e)) from None
+    for note in notes:
+        print(f"rslora merge: note: {note}", file=sys.stderr)
     print(f"wrote {args.output} ({len(adapter)} modules merged)")
     return 0

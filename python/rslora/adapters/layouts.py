@@ -1,0 +1,132 @@
+"""Which layout a 2-D weight is stored in: ``nn.Linear`` (out, in), transformers' ``Conv1D``
+(in, out: GPT-2 and its relatives) or ``nn.Embedding`` (num_embeddings, dim).
+
+PEFT decides ``fan_in_fan_out`` per module from the module's class, whatever the adapter config
+says (it flips the flag for each Linear and Conv1D it wraps, so the saved flag is only the last
+module's). Without the model class, rslora decides from ``config.json``'s ``model_type`` (the
+table below), else from shapes: a non-square weight fits only one layout, a bias tells which
+side is ``out``; a square weight with nothing to decide it is refused, never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+
+__all__ = ["model_config", "conv1d_by_type", "layout_evidence", "decide_conv1d", "EMBEDDING_NAMES"]
+
+#: model_type -> leaf names of transformers' Conv1D modules (read from transformers' modeling files).
+CONV1D_MODULES = {
+    "gpt2": {"c_attn", "q_attn", "c_proj", "c_fc"},
+    "openai-gpt": {"c_attn", "c_proj", "c_fc"},
+    "imagegpt": {"c_attn", "q_attn", "c_proj", "c_fc"},
+    "decision_transformer": {"c_attn", "q_attn", "c_proj", "c_fc"},
+    "clvp": {"c_fc", "c_proj"},
+}
+
+#: Module names of nn.Embedding layers in common architectures.
+EMBEDDING_NAMES = re.compile(r"(^|\.)(embed_tokens|embed_positions|embed_in|word_embeddings|"
+                             r"position_embeddings|token_type_embeddings|wte|wpe|shared)$")
+
+
+def model_config(path) -> dict:
+    """``config.json`` next to a checkpoint (in the folder, or beside the file), or {}."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return {}
+    try:
+        data = json.loads(cfg.read_text())
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def conv1d_by_type(model_type, module: str) -> bool | None:
+    """True/False when ``model_type`` is known to rslora (GPT-2 family: Conv1D by leaf name;
+    anything else with a model_type: nn.Linear), None without a model_type."""
+    if not model_type:
+        return None
+    leaves = CONV1D_MODULES.get(str(model_type))
+    return bool(leaves) and module.rsplit(".", 1)[-1] in leaves
+
+
+def layout_evidence(ck) -> set:
+    """{"linear", "conv1d"}: the layouts that non-square weights with a bias show in ``ck``
+    (a Linear bias has length shape[0], a Conv1D bias shape[1])."""
+    seen = set()
+    for key in ck.keys():
+        if not key.endswith(".weight"):
+            continue
+        bias = key[: -len("weight")] + "bias"
+        if bias not in ck:
+            continue
+        s, b = ck.shape(key), ck.shape(bias)
+        if len(s) == 2 and len(b) == 1 and s[0] != s[1]:
+            if b[0] == s[0]:
+                seen.add("linear")
+            elif b[0] == s[1]:
+                seen.add("conv1d")
+    return seen
+
+
+def decide_conv1d(module: str, stored: tuple, d_out: int, d_in: int, *, model_type=None,
+                  evidence=frozenset(), flag=None, key=None) -> bool:
+    """Whether ``module``'s weight, stored with shape ``stored``, is a Conv1D (in, out) for an
+    update of (d_out, d_in). ``evidence``: layouts seen elsewhere in the model; ``flag``: the
+    adapter's fan_in_fan_out (PEFT's value after its last module), None for extraction.
+
+    Raises CheckpointError when the shape fits neither layout, or the layout cannot be decided.
+    """
+    fits_linear, fits_conv = tuple(stored) == (d_out, d_in), tuple(stored) == (d_in, d_out)
+    by_type = conv1d_by_type(model_type, module)
+    if not (fits_linear or fits_conv):
+        raise CheckpointError(f"base weight {key or module + '.weight'!r} has shape {tuple(stored)} "
+                              f"but the adapter's update gives ({d_out}, {d_in}) (module {module!r}: "
+                              "shape mismatch)")
+    if by_type is not None:
+        if (fits_conv if by_type else fits_linear):
+            return by_type
+        raise CheckpointError(f"module {module!r}: config.json's model_type {model_type!r} makes it "
+                              f"{'a Conv1D' if by_type else 'an nn.Linear'}, but its weight has shape "
+                              f"{tuple(stored)} for an update of ({d_out}, {d_in})")
+    conv_seen = "conv1d" in evidence or bool(flag)
+    if fits_linear != fits_conv:
+        if fits_linear or conv_seen:
+            return fits_conv
+        raise CheckpointError(f"base weight {key or module + '.weight'!r} has shape {tuple(stored)} "
+                              f"but the adapter's update gives ({d_out}, {d_in}) (module {module!r}); "
+                              "it would fit a Conv1D "
+                              "(in, out) layer, but nothing says the model has any (no config.json "
+                              "model_type, no fan_in_fan_out)")
+    # Square: the layouts seen in the rest of the model (and PEFT's saved flag) must agree.
+    if not conv_seen:
+        return False
+    if flag and evidence == {"conv1d"}:
+        return True
+    raise CheckpointError(f"module {module!r}: its weight is square {tuple(stored)} and the model "
+                          "has Conv1D layers, so nn.Linear (out, in) and Conv1D (in, out) cannot be "
+                          "told apart; put the model's config.json (model_type) next to the weights")
+
+
+def stored_conv1d(module: str, shape: tuple, bias_len, *, model_type=None,
+                  evidence=frozenset()) -> bool:
+    """For extraction (no adapter to compare with): whether ``module``'s 2-D weight is a Conv1D.
+
+    By model_type when known; else nn.Linear unless the model shows Conv1D layers, in which case
+    the module's own bias must tell (length shape[1]: Conv1D, shape[0]: Linear) or it is refused.
+    """
+    by_type = conv1d_by_type(model_type, module)
+    if by_type is not None:
+        return by_type
+    if "conv1d" not in evidence:
+        return False
+    if bias_len is not None and shape[0] != shape[1] and bias_len in shape:
+        return bias_len == shape[1]
+    raise CheckpointError(f"module {module!r}: the model has Conv1D (in, out) layers and nothing "
+                          f"tells whether this {tuple(shape)} weight is one; put the model's "
+                          "config.json (model_type) next to the weights, or --exclude it")
