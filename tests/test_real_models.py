@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import rslora
+from rslora._files import MANIFEST
 import rslora.cli
 
 torch = pytest.importorskip("torch")
@@ -103,7 +104,8 @@ def test_peft_adapter_merged_by_rslora_matches_merge_and_unload(case, tmp_path, 
     tied_target = hm.config(arch).tie_word_embeddings and "lm_head" in lora_kwargs["target_modules"]
     assert ("tied to" in capsys.readouterr().err) == tied_target  # said when it happens
     base_files = sorted(os.listdir(tmp_path / "base"))
-    assert sorted(os.listdir(tmp_path / "out")) == base_files  # config, tokenizer, shards, index
+    # config, tokenizer, shards, index; plus the manifest of what rslora wrote (for --force)
+    assert sorted(set(os.listdir(tmp_path / "out")) - {MANIFEST}) == base_files
     out = hm.head_class(arch).from_pretrained(tmp_path / "out").eval()
     dtype = save_kwargs.get("dtype") or torch.float32
     assert next(out.parameters()).dtype == dtype
