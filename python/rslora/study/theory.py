@@ -9,6 +9,7 @@ from __future__ import annotations
 
 SOURCES = {
     "rslora": {
+        "short": "rsLoRA paper's SGD argument",
         "cite": "Kalajdzievski 2023, arXiv:2312.03732",
         "assumes": "(stochastic) gradient descent on the adapter, B = 0 at initialisation, rank "
                    "r → ∞ at a fixed learning rate; it asks which scale γ_r keeps learning "
@@ -23,6 +24,7 @@ SOURCES = {
                    "are this study's derivation, not quoted from the paper.",
     },
     "muA": {
+        "short": "μA, unverified reading",
         "cite": "Chen, Villar & Hayou 2026, arXiv:2602.06204 (μA)",
         "assumes": "as read by this project's issue 14 from secondary write-ups (not checked "
                    "against the paper): a joint limit of width n and rank r → ∞ in the style of "
@@ -37,6 +39,7 @@ SOURCES = {
                    "lines as unverified.",
     },
     "one_step": {
+        "short": "one-step estimate",
         "cite": "this study (the one-step probe below)",
         "assumes": "the first step only (B = 0, so only B moves), Adam's first step = "
                    "lr·sign(gradient); lr* taken as the lr that gives a fixed output change. "
