@@ -109,57 +109,63 @@ def _rank_colors(ranks):
 
 
 def lr_map(res: dict):
-    """Final loss vs learning rate, one panel per optimizer x rule; seed 0 lines, optima of
-    every seed as markers."""
+    """Final loss relative to its own optimum vs learning rate, one panel per optimizer x rule
+    (ranks below d): each curve touches 1 at its lr*, so the panel shows lr* moving with r."""
+    from matplotlib.ticker import NullFormatter
+
     m = res["lr_map"]
-    col = _rank_colors(m["ranks"])
+    ranks = m["fit_ranks"]
+    col = _rank_colors(ranks)
     fig, ax = _figure(2, 2, width=5.0, height=3.7)
     for i, o in enumerate(("sgd", "adam")):
         for j, rule in enumerate(("standard", "rslora")):
             a = ax[i, j]
             cell = m["cells"][f"{o}/{rule}"]
-            for k, r in enumerate(m["ranks"]):
+            for r in ranks:
+                k = m["ranks"].index(r)
                 for rep, searches in enumerate(cell["searches"]):
                     s = searches[k]
-                    loss = [np.nan if v is None else max(v, FLOOR) for v in s["final_loss"]]
-                    a.plot(s["lr"], loss, "-" if rep == 0 else ":", color=col[r],
-                           lw=1.4 if rep == 0 else 0.8, alpha=1 if rep == 0 else 0.6,
-                           label=f"r = {r}" + (" (= d)" if r not in m["fit_ranks"] else "")
-                           if rep == 0 else None)
-                    a.plot([s["best_lr"]], [max(s["best_loss"], FLOOR)], "o", color=col[r],
-                           ms=4, mfc="none")
-            a.set(xscale="log", yscale="log", xlabel="learning rate",
-                  ylabel="final population loss",
-                  title=f"{OPT_NAME[o]}, {LABELS[rule]} (seed 0 solid, others dotted)")
-            a.set_ylim(max(np.nanmin([min(x for x in s["final_loss"] if x)
-                                      for c in m["cells"].values() for ss in c["searches"]
-                                      for s in ss if any(s["final_loss"])]) / 3, FLOOR), 3)
+                    rel = [np.nan if v is None else v / s["best_loss"] for v in s["final_loss"]]
+                    a.plot(s["lr"], rel, "-o" if rep == 0 else ":", color=col[r], ms=2.5,
+                           lw=1.4 if rep == 0 else 0.9, alpha=1 if rep == 0 else 0.6,
+                           label=f"r = {r}" if rep == 0 else None)
+                    a.axvline(s["optimum_lr"], color=col[r], lw=0.6, alpha=0.5)
+            a.set(xscale="log", yscale="log", xlabel="learning rate", ylim=(0.97, 2.5),
+                  ylabel="final loss / its minimum over lr",
+                  title=f"{OPT_NAME[o]}, {LABELS[rule]}")
+            a.xaxis.set_minor_formatter(NullFormatter())
+            _log_labels(a)
             a.grid(alpha=0.3)
-            a.legend(fontsize=7)
+            a.legend(fontsize=7, title="seed 0 solid, others dotted;\nthin lines: lr*",
+                     title_fontsize=6.5)
     return fig
 
 
 def _lr_optimum_panel(a, section, o, fit_ranks, title):
-    ranks = section["ranks"]
     from .theory import LINES, SOURCES
 
+    ranks = section["ranks"]
+    fit = [ranks.index(r) for r in fit_ranks]
     styles = {"rslora": "--", "muA": ":", "one_step": "-."}
     for rule in ("standard", "rslora"):
         cell = section["cells"][f"{o}/{rule}"]
         lrs = np.asarray(cell["optimum_lr"])  # (ranks, seeds)
-        for rep in range(lrs.shape[1]):
-            a.plot(ranks, lrs[:, rep], "o", color=COLORS[rule], ms=4, alpha=0.5)
-        mean = np.exp(np.mean(np.log(lrs), axis=1))
+        for i, r in enumerate(ranks):
+            a.plot([r] * lrs.shape[1], lrs[i], "o" if i in fit else "x", color=COLORS[rule],
+                   ms=4, alpha=0.5)
+        mean = np.exp(np.mean(np.log(lrs[fit]), axis=1))
         sl = cell["slope"]
-        a.plot(ranks, mean, "-", color=COLORS[rule], lw=1.5,
+        a.plot(fit_ranks, mean, "-", color=COLORS[rule], lw=1.5,
                label=f"{LABELS[rule]}: slope {sl['mean']:+.2f} [{sl['min']:+.2f}, "
                      f"{sl['max']:+.2f}]")
         r = np.asarray(fit_ranks, dtype=float)
         for p, src in LINES[o, rule]:
             a.plot(r, mean[0] * (r / r[0]) ** p, styles[src], color=COLORS[rule], alpha=0.6,
-                   lw=1.2, label=f"  {p:+g}: {SOURCES[src]['cite'].split(',')[0].split(' (')[0]}"
-                   + (" (unverified)" if src == "muA" else ""))
-    a.set(yscale="log", xlabel="rank r", ylabel="optimal learning rate lr*", title=title)
+                   lw=1.2, label=f"   theory {p:+g}: {SOURCES[src]['short']}")
+    a.set(yscale="log", xlabel="rank r" + (" (×: r = d, not fitted)" if len(fit) < len(ranks)
+                                          else ""),
+          ylabel="optimal learning rate lr*", title=title)
+    _log_labels(a)
     _rank_axis(a, ranks)
     a.grid(alpha=0.3)
     a.legend(fontsize=6.5)
@@ -208,8 +214,10 @@ def comparison(res: dict):
         a.set(yscale="log", xlabel="rank r (shaded: r = d, degenerate)",
               ylabel="final population loss",
               title=f"{OPT_NAME[o]}: one lr vs own best (mean, seed range)")
-        bottom = min(x for x in np.concatenate([mean, lo]) if x > 0)
-        a.set_ylim(max(bottom / 5, 1e-6), 1.5)
+        lows = [x["min"] for c in m["cells"].values() if c is not None
+                for proto in ("tuned_at_r0", "own_best") for x in c[proto]["final_loss"]
+                if x["min"]]
+        a.set_ylim(max(min(lows) / 3, FLOOR), 1.5)
         _rank_axis(a, ranks)
         a.grid(alpha=0.3)
         a.legend(fontsize=6.5)
