@@ -251,7 +251,6 @@ def test_the_two_comparisons(quick):
     _, res = quick
     m, cfg = res["lr_map"], res["config"]
     n = cfg["seeds"]
-    r0 = cfg["ranks"][0]
     for o in ("sgd", "adam"):
         std, rs = m["cells"][f"{o}/standard"], m["cells"][f"{o}/rslora"]
         # at r0 the rules are one run: same searches, same tuned lr
@@ -289,6 +288,7 @@ def test_equivalence_in_the_report(quick):
     cfg = res["config"]
     r0 = cfg["ranks"][0]
     assert e["max_rel_diff"] < 1e-12
+    assert {row["rank"] for row in e["rows"]} == {3 * r0, cfg["ranks"][-1]}
     for row in e["rows"]:
         r = row["rank"]
         assert row["multiplier"] == pytest.approx(row["multiplier_theory"], rel=1e-12)

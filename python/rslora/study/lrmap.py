@@ -15,7 +15,6 @@ description alone, so the map is the same for any number of processes.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -68,7 +67,7 @@ class _Memo:
         self.cfg, self.runner, self.done = cfg, runner, {}
 
     def ensure(self, jobs) -> None:
-        todo = sorted(set(j for j in jobs if j not in self.done))
+        todo = sorted({j for j in jobs if j not in self.done})
         cost = lambda j: dynamics.run_cost(self.cfg, j[1])  # noqa: E731
         for j, res in zip(todo, self.runner.map(run_job, self.cfg, todo, cost)):
             self.done[j] = res

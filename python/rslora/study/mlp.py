@@ -71,7 +71,7 @@ def cross_entropy(logits, labels):
 
 def backward_lora(W, dlogits, cache, adapters):
     """Gradients of (A1, B1, A2, B2) through both adapted layers (rslora's backward)."""
-    (c1, c2), h2 = cache
+    (c1, c2), _ = cache
     dz = (dlogits @ W[2]) * (c2[1] > 0)
     A, B, s = adapters[1]
     dh1, dA2, dB2 = lora_linear_backward(dz, c2[0], W[1], A, B, scale=s, xa=c2[2])
@@ -204,7 +204,7 @@ def run(cfg, runner) -> dict:
 
     def run_many(todo):
         jobs = [canon(*key, k) for key, k in todo]
-        new = sorted(set(j for j in jobs if j not in done))
+        new = sorted({j for j in jobs if j not in done})
         done.update(zip(new, runner.map(run_job, cfg, new)))
         return [done[j] for j in jobs]
 

@@ -6,7 +6,6 @@ loss falls with rank), not written in advance.
 
 from __future__ import annotations
 
-import math
 
 from . import report_training as rt
 

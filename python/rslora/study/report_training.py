@@ -5,7 +5,6 @@ results dict alone. Every sentence that states a finding is built from the numbe
 
 from __future__ import annotations
 
-import math
 
 from .theory import LINES, SOURCES
 
@@ -233,7 +232,8 @@ def _equivalence(res) -> str:
         + table(["optimizer", "r", "lr", "Adam ε", "B-lr multiplier", "max rel. diff of sBA",
                  "max rel. diff of loss", "final loss", "α/r at the same lr, no multiplier"],
                 rows)
-        + f"\n\nThe largest difference without ε is {g(e['max_rel_diff'])} (float64 rounding); "
+        + f"\n\nThe largest difference without ε is {g(e['max_rel_diff'])} (float64 rounding; "
+        "exactly 0 where r/r₀ is a power of 4, since the scales are then powers of two); "
         f"with ε = {eps_row['eps']:g} it is {g(eps_row['product_max_rel_diff'])}. What follows: "
         "the rule changes no capacity (the same adapters are reachable), only the ratio of "
         "B's to A's learning rate, as in LoRA+. Everything measured above is therefore a "
