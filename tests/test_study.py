@@ -239,6 +239,10 @@ def test_lr_map_slopes_are_fits_and_follow_the_rules(quick):
     for section in (m, res["mlp"]):
         assert rt.slope_gap_every_seed(section, "sgd")
         assert "the α/r slope is the larger in every seed" in report.render(res)
+    # MLP under AdamW: lr* flat under alpha/r, falling under alpha/sqrt(r)
+    mc = res["mlp"]["cells"]
+    assert abs(mc["adam/standard"]["slope"]["mean"]) < 0.3
+    assert mc["adam/rslora"]["slope"]["max"] < 0
     # the measured SGD slopes sit near the lines: +1 (alpha/r) and 0 (alpha/sqrt r) + a gap
     assert 0.8 < m["cells"]["sgd/standard"]["slope"]["mean"] < 1.6
     assert -0.1 < m["cells"]["sgd/rslora"]["slope"]["mean"] < 0.8

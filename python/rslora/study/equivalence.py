@@ -54,8 +54,8 @@ def run(cfg, lrs: dict) -> dict:
     """
     delta, _ = spectra.make_delta(cfg, "facts", cfg.train_dim)
     prob = dynamics.Problem(cfg, "facts", delta, dtype=np.float64)
-    # ranks[-1] / ranks[0] is a power of 4 in the default configs: the scales are then powers
-    # of two and both runs do bit-identical arithmetic. 3 * ranks[0] has irrational scales.
+    # Where both scales are powers of two (r0 = 4, r = 64 in the full config) the two runs do
+    # bit-identical arithmetic; 3 * ranks[0] always has an irrational multiplier.
     rows = []
     for r in sorted({min(3 * cfg.ranks[0], cfg.train_dim), cfg.ranks[-1]}):
         rows += [compare(cfg, prob, r, "sgd", lrs["sgd"], 0.0),

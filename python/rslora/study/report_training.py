@@ -220,8 +220,8 @@ def _equivalence(res) -> str:
     eps_row = next(x for x in e["rows"] if x["eps"] > 0)
     return (
         "\n**The rule switch is a learning-rate multiplier on B.** Write the adapter as sBA "
-        "and let C = sB. Then ∂L/∂A = Cᵀ·(∂L/∂(sBA))·… does not involve s, and ∂L/∂B = "
-        "s·(∂L/∂C). In the variables (A, C), an SGD step moves A by −lr·∂L/∂A and C by "
+        "and let C = sB, G = ∂L/∂(sBA). Then ∂L/∂A = CᵀG does not involve s, and ∂L/∂B = "
+        "s·GAᵀ = s·(∂L/∂C). In the variables (A, C), an SGD step moves A by −lr·∂L/∂A and C by "
         "−lr·s²·∂L/∂C; an Adam step (without ε) is unchanged by a constant factor on a "
         "gradient, so it moves C by −lr·s·(m̂/√v̂ of ∂L/∂C). With B = 0, C starts at 0 under "
         "either rule and A starts equal. So rsLoRA at rank r is exactly the standard rule "
@@ -233,12 +233,15 @@ def _equivalence(res) -> str:
                  "max rel. diff of loss", "final loss", "α/r at the same lr, no multiplier"],
                 rows)
         + f"\n\nThe largest difference without ε is {g(e['max_rel_diff'])} (float64 rounding; "
-        "exactly 0 where r/r₀ is a power of 4, since the scales are then powers of two); "
+        "exactly 0 where both scales are powers of two: the two runs then do the same "
+        "arithmetic); "
         f"with ε = {eps_row['eps']:g} it is {g(eps_row['product_max_rel_diff'])}. What follows: "
         "the rule changes no capacity (the same adapters are reachable), only the ratio of "
         "B's to A's learning rate, as in LoRA+. Everything measured above is therefore a "
-        "statement about learning rates: a rule is better at one lr only because it sets a "
-        "better B/A ratio at that lr, and the map is the honest comparison.\n")
+        "statement about learning rates: at one shared lr, α/√r raises B's lr by r/r₀ (SGD) "
+        "or √(r/r₀) (Adam) relative to α/r, which helps where the shared lr was too small for "
+        "B at rank r; each rule at its own best lr compares two fixed B/A ratios, and neither "
+        "rule is the best ratio in general.\n")
 
 
 def _probes(res) -> str:
