@@ -98,64 +98,129 @@ def approximation(res: dict):
     return fig
 
 
-def _runs(res, kind, optimizer, rule):
-    return sorted((x for x in res["dynamics"]["runs"] if x["target"] == kind
-                   and x["optimizer"] == optimizer and x["rule"] == rule),
-                  key=lambda x: x["rank"])
+OPT_NAME = {"sgd": "SGD", "adam": "Adam"}
 
 
-def loss_curves(res: dict):
+def _rank_colors(ranks):
     from matplotlib import colormaps
 
-    dyn = res["dynamics"]
-    kinds, opts = ("style", "facts"), ("sgd", "adam")
-    ranks = res["config"]["ranks"]
     cmap = colormaps["viridis"]
-    col = {r: cmap(i / max(len(ranks) - 1, 1) * 0.9) for i, r in enumerate(ranks)}
-    fig, ax = _figure(2, 2, width=5.4, height=3.8)
-    for i, kind in enumerate(kinds):
-        for j, opt in enumerate(opts):
+    return {r: cmap(i / max(len(ranks) - 1, 1) * 0.9) for i, r in enumerate(ranks)}
+
+
+def lr_map(res: dict):
+    """Final loss relative to its own optimum vs learning rate, one panel per optimizer x rule
+    (ranks below d): each curve touches 1 at its lr*, so the panel shows lr* moving with r."""
+    from matplotlib.ticker import NullFormatter
+
+    m = res["lr_map"]
+    ranks = m["fit_ranks"]
+    col = _rank_colors(ranks)
+    fig, ax = _figure(2, 2, width=5.0, height=3.7)
+    for i, o in enumerate(("sgd", "adam")):
+        for j, rule in enumerate(("standard", "rslora")):
             a = ax[i, j]
-            for rule, ls in (("rslora", "-"), ("standard", "--")):
-                for run in _runs(res, kind, opt, rule):
-                    loss = [np.nan if v is None else max(v, FLOOR) for v in run["loss"]]
-                    a.plot(run["steps"], loss, ls, color=col[run["rank"]], lw=1.4)
-            lr = dyn["learning_rates"][f"{opt}/{kind}"]["lr"]
-            a.set(yscale="log", xlabel="step", ylabel="population loss ||sBA − Δ||²/||Δ||²",
-                  title=f"{kind}, {opt.upper() if opt == 'sgd' else 'Adam'} (lr {lr:g})")
+            cell = m["cells"][f"{o}/{rule}"]
+            for r in ranks:
+                k = m["ranks"].index(r)
+                for rep, searches in enumerate(cell["searches"]):
+                    s = searches[k]
+                    rel = [np.nan if v is None else v / s["best_loss"] for v in s["final_loss"]]
+                    a.plot(s["lr"], rel, "-o" if rep == 0 else ":", color=col[r], ms=2.5,
+                           lw=1.4 if rep == 0 else 0.9, alpha=1 if rep == 0 else 0.6,
+                           label=f"r = {r}" if rep == 0 else None)
+                    a.axvline(s["optimum_lr"], color=col[r], lw=0.6, alpha=0.5)
+            a.set(xscale="log", yscale="log", xlabel="learning rate", ylim=(0.97, 2.5),
+                  ylabel="final loss / its minimum over lr",
+                  title=f"{OPT_NAME[o]}, {LABELS[rule]}")
+            a.xaxis.set_minor_formatter(NullFormatter())
+            _log_labels(a)
             a.grid(alpha=0.3)
-    handles = [ax[0, 0].plot([], [], "-", color=col[r])[0] for r in ranks]
-    handles += [ax[0, 0].plot([], [], ls, color="0.3")[0] for ls in ("-", "--")]
-    fig.legend(handles, [f"r = {r}" for r in ranks] + ["rsLoRA α/√r", "standard α/r"],
-               loc="outside right center", fontsize=8)
+            a.legend(fontsize=7, title="seed 0 solid, others dotted;\nthin lines: lr*",
+                     title_fontsize=6.5)
     return fig
 
 
-def final_loss(res: dict):
-    dyn = res["dynamics"]
-    fig, ax = _figure(2, 2, width=5.0, height=3.6)
-    for i, kind in enumerate(("style", "facts")):
-        for j, opt in enumerate(("sgd", "adam")):
-            a = ax[i, j]
-            for rule in ("standard", "rslora"):
-                runs = _runs(res, kind, opt, rule)
-                r = [x["rank"] for x in runs]
-                f = [np.nan if x["final_loss"] is None else max(x["final_loss"], FLOOR)
-                     for x in runs]
-                a.plot(r, f, "o-", color=COLORS[rule], label=LABELS[rule])
-            opt_r = res["config"]["ranks"]
-            lows = [x["final_loss"] for x in res["dynamics"]["runs"] if x["target"] == kind
-                    and x["optimizer"] == opt and x["final_loss"] is not None]
-            bottom = min(lows) / 10
-            best = [max(v, bottom / 10) for v in dyn["optimum"][kind]]
-            a.plot(opt_r, best, ":", color="k", label="best rank-r fit (Eckart–Young)")
-            a.set_ylim(bottom, 2)
-            a.set(yscale="log", xlabel="rank r", ylabel="final population loss",
-                  title=f"{kind}, {'SGD' if opt == 'sgd' else 'Adam'}: "
-                        f"{res['config']['steps']} steps")
-            _rank_axis(a, opt_r)
-            a.grid(alpha=0.3)
-            a.legend(fontsize=7)
+def _lr_optimum_panel(a, section, o, fit_ranks, title):
+    from .theory import LINES, SOURCES
+
+    ranks = section["ranks"]
+    fit = [ranks.index(r) for r in fit_ranks]
+    styles = {"rslora": "--", "muA": ":", "one_step": "-."}
+    for rule in ("standard", "rslora"):
+        cell = section["cells"][f"{o}/{rule}"]
+        lrs = np.asarray(cell["optimum_lr"])  # (ranks, seeds)
+        for i, r in enumerate(ranks):
+            a.plot([r] * lrs.shape[1], lrs[i], "o" if i in fit else "x", color=COLORS[rule],
+                   ms=4, alpha=0.5)
+        mean = np.exp(np.mean(np.log(lrs[fit]), axis=1))
+        sl = cell["slope"]
+        a.plot(fit_ranks, mean, "-", color=COLORS[rule], lw=1.5,
+               label=f"{LABELS[rule]}: slope {sl['mean']:+.2f} [{sl['min']:+.2f}, "
+                     f"{sl['max']:+.2f}]")
+        r = np.asarray(fit_ranks, dtype=float)
+        for p, src in LINES[o, rule]:
+            a.plot(r, mean[0] * (r / r[0]) ** p, styles[src], color=COLORS[rule], alpha=0.6,
+                   lw=1.2, label=f"   theory {p:+g}: {SOURCES[src]['short']}")
+    a.set(yscale="log", xlabel="rank r" + (" (×: r = d, not fitted)" if len(fit) < len(ranks)
+                                          else ""),
+          ylabel="optimal learning rate lr*", title=title)
+    _log_labels(a)
+    _rank_axis(a, ranks)
+    a.grid(alpha=0.3)
+    a.legend(fontsize=6.5)
+
+
+def lr_optimum(res: dict):
+    m = res["lr_map"]
+    fig, ax = _figure(2, width=5.6, height=4.2)
+    for j, o in enumerate(("sgd", "adam")):
+        _lr_optimum_panel(ax[0, j], m, o, m["fit_ranks"],
+                          f"linear toy, {OPT_NAME[o]}: lr* vs r (dots: seeds)")
+    return fig
+
+
+def mlp_lr(res: dict):
+    mm = res["mlp"]
+    fig, ax = _figure(2, width=5.6, height=4.2)
+    for j, o in enumerate(("sgd", "adam")):
+        _lr_optimum_panel(ax[0, j], mm, o, mm["ranks"],
+                          f"MLP fine-tune, {'SGD' if o == 'sgd' else 'AdamW'}: lr* vs r")
+    return fig
+
+
+def comparison(res: dict):
+    m = res["lr_map"]
+    fig, ax = _figure(2, width=5.4, height=4.0)
+    ranks = m["ranks"]
+    for j, o in enumerate(("sgd", "adam")):
+        a = ax[0, j]
+        for rule in ("standard", "rslora"):
+            cell = m["cells"][f"{o}/{rule}"]
+            for proto, ls, name in (("tuned_at_r0", "--", "one lr (tuned at r₀)"),
+                                    ("own_best", "-", "own best lr")):
+                f = cell[proto]["final_loss"]
+                mean = np.array([np.nan if x["mean"] is None else max(x["mean"], FLOOR)
+                                 for x in f])
+                lo = np.array([np.nan if x["min"] is None else max(x["min"], FLOOR) for x in f])
+                hi = np.array([np.nan if x["max"] is None else max(x["max"], FLOOR) for x in f])
+                a.errorbar(ranks, mean, yerr=[mean - lo, hi - mean], fmt="o" + ls,
+                           color=COLORS[rule], capsize=3, ms=4,
+                           mfc="none" if proto == "tuned_at_r0" else COLORS[rule],
+                           label=f"{LABELS[rule]}, {name}")
+        ey = [max(v, FLOOR) for v in m["eckart_young"]]
+        a.plot(ranks, ey, "k:", label="Eckart–Young (best rank-r)")
+        a.axvspan(m["fit_ranks"][-1] * 1.4, ranks[-1] * 1.3, color="0.9", zorder=0)
+        a.set(yscale="log", xlabel="rank r (shaded: r = d, degenerate)",
+              ylabel="final population loss",
+              title=f"{OPT_NAME[o]}: one lr vs own best (mean, seed range)")
+        lows = [x["min"] for c in m["cells"].values() if c is not None
+                for proto in ("tuned_at_r0", "own_best") for x in c[proto]["final_loss"]
+                if x["min"]]
+        a.set_ylim(max(min(lows) / 3, FLOOR), 1.5)
+        _rank_axis(a, ranks)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=6.5)
     return fig
 
 
@@ -205,8 +270,10 @@ def one_step(res: dict):
 FIGURES = {
     "spectra.png": spectra,
     "approximation.png": approximation,
-    "loss_curves.png": loss_curves,
-    "final_loss.png": final_loss,
+    "lr_map.png": lr_map,
+    "lr_optimum.png": lr_optimum,
+    "comparison.png": comparison,
+    "mlp_lr.png": mlp_lr,
     "grad_norm.png": grad_norm,
     "one_step.png": one_step,
 }

@@ -12,9 +12,12 @@ KINDS = ("style", "facts")
 _SEED_KEY = {"style": 1, "facts": 2}
 
 
-def make_delta(cfg, kind: str, dim: int, dtype=np.float64):
-    """The study's update of one kind: ``(delta, S)``, ``||delta||_F = 1``, seeded by cfg.seed."""
-    seed = subseed(cfg.seed, _SEED_KEY[kind], dim)
+def make_delta(cfg, kind: str, dim: int, dtype=np.float64, rep: int = 0):
+    """The study's update of one kind: ``(delta, S)``, ``||delta||_F = 1``, seeded by cfg.seed.
+
+    ``rep`` > 0 draws another update with the same spectrum (new singular vectors): the seeds.
+    """
+    seed = subseed(cfg.seed, _SEED_KEY[kind], dim, *((rep,) if rep else ()))
     if kind == "style":
         delta, _, S, _ = synthetic.style_delta(dim, dim, tau=cfg.style_tau, seed=seed, dtype=dtype,
                                                return_svd=True)
