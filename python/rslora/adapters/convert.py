@@ -88,7 +88,7 @@ def convert_adapter(adapter, out_dir, *, rule: str, alpha: float | None = None,
         ratio = m.scale / scales[name]
         a = narrow(m.A, m.a_code, f"module {name!r}: A")
         b = narrow(m.B * ratio, m.b_code,
-                   f"module {name!r}: B times {ratio:.4g} (pick another --alpha)")
+                   f"module {name!r}: B times {ratio:.4g} (pick another alpha)")
         if not math.isclose(ratio, 1.0, rel_tol=1e-12, abs_tol=0.0):  # else B is unchanged
             result.rescaled[name] = ratio
         factors[name] = (a, b)
