@@ -98,7 +98,7 @@ def read_factors(path) -> dict:
 
     out = {}
     with safe_open(str(Path(path) / "adapter_model.safetensors"), "pt") as f:
-        for k in f.keys():
+        for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             t = f.get_tensor(k)
             code = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                     torch.float64: "F64"}[t.dtype]

@@ -9,14 +9,21 @@ import math
 
 import numpy as np
 import pytest
-
 import rslora
 import rslora.cli
-from lora_models import (CODES, load_strict, logits, make_adapter, peft_deltas, read_config,
-                         read_factors, rel_diff, uniform_deltas)
-
-from rslora.adapters.rewrite import _round_to_odd_f32, narrow
+from lora_models import (
+    CODES,
+    load_strict,
+    logits,
+    make_adapter,
+    peft_deltas,
+    read_config,
+    read_factors,
+    rel_diff,
+    uniform_deltas,
+)
 from rslora.adapters.checkpoint import from_bfloat16_bits
+from rslora.adapters.rewrite import _round_to_odd_f32, module_patterns, narrow
 
 # Storage rounding of one factor (relative, per element) -> relative error of the update.
 TOL = {"float32": 4e-7, "float16": 2e-3, "bfloat16": 1.6e-2}
@@ -256,3 +263,34 @@ def test_python_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="alpha must be a positive"):
         rslora.convert_adapter(src, tmp_path / "o", rule="standard", alpha=-math.inf)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("values, default", [
+    ({"a.b": 4, "x.a.b": 8, "y.a.b": 4, "a_b": 8, "m.q": 2, "n.q": 8}, 8),  # suffixes, dots
+    ({"h.0.attn(x)": 2, "h.1.attn(x)": 4, "h.2.attn[0]": 4}, 4),  # regex metacharacters
+    ({"q": 1.5, "k": 2.0}, 2.0),
+])
+def test_module_patterns_are_exact_under_peft_matching(values, default):
+    from peft.utils.other import get_pattern_key
+
+    pat = module_patterns(values, default)
+    for m, v in values.items():
+        key = get_pattern_key(list(pat), m)  # PEFT's own lookup
+        assert pat.get(key, default) == v, (m, pat)
+
+
+def test_invalid_pattern_regex_is_a_clear_error(tmp_path):
+    src = make_adapter(tmp_path / "in", "llama", r=2, lora_alpha=2)
+    cfg = read_config(src)
+    cfg["rank_pattern"] = {"q_proj(": 3}
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        rslora.convert_adapter(src, tmp_path / "out", rule="rslora")
+
+
+def test_narrow_overflow_is_named():
+    with pytest.raises(ValueError, match=r"module 'm': B: a value \(1e\+39\) overflows BF16"):
+        narrow(np.array([1.0, 1e39]), "BF16", "module 'm': B")
+    with pytest.raises(ValueError, match="overflows F32"):
+        narrow(np.array([1e39]), "F32", "x")
+    assert narrow(np.array([65504.0]), "F16", "x")[0].dtype == np.float16

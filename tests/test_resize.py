@@ -8,12 +8,19 @@ import json
 
 import numpy as np
 import pytest
-
 import rslora
 import rslora.cli
-from lora_models import (CODES, load_strict, logits, make_adapter, peft_deltas, read_config,
-                         read_factors, rel_diff, uniform_deltas)
-
+from lora_models import (
+    CODES,
+    load_strict,
+    logits,
+    make_adapter,
+    peft_deltas,
+    read_config,
+    read_factors,
+    rel_diff,
+    uniform_deltas,
+)
 from rslora.adapters.resize import choose_rank, factor_svd, truncate
 
 TOL = {"float32": 4e-7, "float16": 2e-3, "bfloat16": 1.6e-2}
@@ -105,7 +112,7 @@ def test_dynamic_ranks_are_the_smallest_that_meet_the_target(tmp_path, mode):
     from safetensors.numpy import load_file, save_file
 
     t = load_file(src / "adapter_model.safetensors")
-    for i, key in enumerate(k for k in t if k.endswith("lora_B.weight") or k.endswith("embedding_B")):
+    for i, key in enumerate(k for k in t if k.endswith(("lora_B.weight", "embedding_B"))):
         t[key] = (t[key] * np.logspace(0, -(i % 4 + 1), 8)).astype(np.float32)
     save_file(t, src / "adapter_model.safetensors", metadata={"format": "pt"})
     d0 = peft_deltas(load_strict(src, "llama"))

@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..scaling import RULES
-from .rewrite import check_distinct, narrow, read_raw_adapter, uniform_config, write_raw_adapter
+from .rewrite import (
+    check_distinct,
+    narrow,
+    read_raw_adapter,
+    uniform_config,
+    write_raw_adapter,
+)
 
 __all__ = ["convert_adapter", "ConvertResult"]
 

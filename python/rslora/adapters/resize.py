@@ -17,7 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .rewrite import check_distinct, narrow, read_raw_adapter, uniform_config, write_raw_adapter
+from .rewrite import (
+    check_distinct,
+    narrow,
+    read_raw_adapter,
+    uniform_config,
+    write_raw_adapter,
+)
 
 __all__ = ["resize_adapter", "ResizeResult", "ModuleReport", "factor_svd", "choose_rank",
            "truncate"]

@@ -31,9 +31,14 @@ import numpy as np
 
 from ..scaling import scale as lora_scale
 from .atomic import atomic_output_dir, check_output_dir
-from .checkpoint import Checkpoint, CheckpointError, from_bfloat16_bits, save_tensors, \
-    to_bfloat16_bits
-from .peft_format import CONFIG_NAME, WEIGHTS_NAME, _read_config, pattern_key
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    from_bfloat16_bits,
+    save_tensors,
+    to_bfloat16_bits,
+)
+from .peft_format import CONFIG_NAME, WEIGHTS_NAME, _read_config, common_rank, pattern_key
 
 __all__ = ["ModuleFactors", "RawAdapter", "read_raw_adapter", "module_patterns",
            "uniform_config", "write_raw_adapter", "check_distinct", "narrow"]
@@ -85,8 +90,8 @@ def _round_to_odd_f32(x: np.ndarray) -> np.ndarray:
     Rounding that to a narrower format (bfloat16) is then correctly rounded from float64 in one
     step, which float64 -> float32 -> bfloat16 by nearest is not (a value just above a bfloat16
     tie can land on the tie in float32 and then round down)."""
-    f = x.astype(np.float32)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, caught by narrow
+        f = x.astype(np.float32)
         toward_zero = np.abs(f.astype(np.float64)) > np.abs(x)
     f = np.where(toward_zero, np.nextafter(f, np.float32(0)), f)
     bits = f.view(np.uint32).copy()
@@ -149,7 +154,7 @@ def read_raw_adapter(path) -> RawAdapter:
     raw = RawAdapter(folder, cfg, rule)
     parts: dict[str, dict] = {}
     with Checkpoint(weights) as ck:
-        for key in ck.keys():
+        for key in ck.keys():  # noqa: SIM118 (Checkpoint is not iterable)
             raw.order.append(key)
             m = _FACTOR.match(key)
             if m is None:
@@ -167,14 +172,18 @@ def read_raw_adapter(path) -> RawAdapter:
                                                        "embedding" in m["part"])
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     for mod, p in parts.items():
-        name = mod[len(_PREFIX):] if mod.startswith(_PREFIX) else mod
+        name = mod.removeprefix(_PREFIX)
         if set(p) != {"lora_A", "lora_B"} or p["lora_A"][3] != p["lora_B"][3]:
             have = ", ".join(sorted(v[0][len(mod) + 1:] for v in p.values()))
             raise CheckpointError(f"{weights}: module {name!r} needs both LoRA factors of one "
                                   f"kind, has {have}")
         (a_key, a_code, a_raw, emb), (b_key, b_code, b_raw, _) = p["lora_A"], p["lora_B"]
         A, B = _widen(a_raw, a_code), _widen(b_raw, b_code)
-        rk, ak = pattern_key(rank_pattern, name), pattern_key(alpha_pattern, name)
+        try:
+            rk, ak = pattern_key(rank_pattern, name), pattern_key(alpha_pattern, name)
+        except re.error as e:
+            raise CheckpointError(f"{folder / CONFIG_NAME}: a rank_pattern or alpha_pattern key "
+                                  f"is not a valid regular expression ({e})") from None
         r_m = rank_pattern[rk] if rk is not None else r
         alpha_m = alpha_pattern[ak] if ak is not None else alpha
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != r_m or B.shape[1] != r_m:
@@ -212,7 +221,10 @@ def module_patterns(values: dict, default) -> dict:
         keys = {m for m, v in values.items() if v != default}
         while True:
             pat = {esc(m): values[m] for m in sorted(keys, key=len, reverse=True)}
-            wrong = {m for m in values if lookup(pat, m) != values[m]}
+            try:
+                wrong = {m for m in values if lookup(pat, m) != values[m]}
+            except re.error:  # a name that is no valid regex as it stands
+                break
             if not wrong:
                 return pat
             if wrong <= keys:
@@ -231,8 +243,6 @@ def uniform_config(config: dict, ranks: dict, alpha: float, rule: str) -> tuple[
     """``config`` rewritten for modules of ranks ``{module: r}`` under ``rule`` and top-level
     ``lora_alpha = alpha`` in uniform-scale form (module docstring). Returns the new config and
     ``{module: the scale PEFT will compute for it}`` (the value to fold the factors against)."""
-    from .peft_format import common_rank
-
     r = common_rank(ranks)
     alphas = {m: alpha * (math.sqrt(k / r) if rule == "rslora" else k / r)
               for m, k in ranks.items()}
