@@ -34,7 +34,8 @@ CASES = {
     "rslora-patterns": dict(r=4, lora_alpha=8, use_rslora=True,
                             rank_pattern={"v_proj": 2, "layers.1.mlp.down_proj": 6, "c_proj": 3},
                             alpha_pattern={"q_proj": 3, "c_attn": 5.5}),
-    "standard-patterns": dict(r=3, lora_alpha=5, use_rslora=False,
+    # fan_in_fan_out as a GPT-2 user sets it (PEFT resets it per module for Linear layers)
+    "standard-patterns": dict(r=3, lora_alpha=5, use_rslora=False, fan_in_fan_out=True,
                               rank_pattern={"down_proj": 5, "wte": 2}, alpha_pattern={"v_proj": 7}),
 }
 

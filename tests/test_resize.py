@@ -27,7 +27,7 @@ TOL = {"float32": 4e-7, "float16": 2e-3, "bfloat16": 1.6e-2}
 CASES = {
     "rslora": dict(r=8, lora_alpha=8, use_rslora=True,
                    rank_pattern={"v_proj": 3, "c_proj": 6}, alpha_pattern={"q_proj": 3}),
-    "standard": dict(r=6, lora_alpha=12, use_rslora=False,
+    "standard": dict(r=6, lora_alpha=12, use_rslora=False, fan_in_fan_out=True,
                      rank_pattern={"down_proj": 8, "wte": 2}, alpha_pattern={"c_attn": 5}),
 }
 
