@@ -22,6 +22,7 @@ from .svd import RsvdTolResult, rsvd, rsvd_tol  # noqa: E402
 from .adapters import (  # noqa: E402
     Checkpoint, CheckpointError, LoraAdapter, LoraModule, extract_adapter, load_adapter,
     merge_adapter, merge_checkpoint, save_adapter)
+from .adapters import convert_adapter, resize_adapter  # noqa: E402
 from .study import synthetic  # noqa: E402  (style/facts updates; the study in rslora.study)
 from . import adapters as _adapters  # noqa: E402
 
@@ -52,6 +53,8 @@ __all__ = [
     "merge_adapter",
     "merge_checkpoint",
     "extract_adapter",
+    "convert_adapter",
+    "resize_adapter",
     "LoraAdapter",
     "LoraModule",
     "Checkpoint",

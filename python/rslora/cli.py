@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import commands
 
     parser = _Parser(
-        prog="rslora", description="Rank-stabilized LoRA tools: study, extract, merge.")
+        prog="rslora", description="Rank-stabilized LoRA tools: study, extract, merge, convert, resize.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):

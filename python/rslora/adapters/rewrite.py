@@ -1,0 +1,292 @@
+"""Rewriting a PEFT LoRA adapter in place of its factors: what ``convert`` and ``resize`` share.
+
+An adapter is read as stored. Each module's factors (``lora_A.weight``/``lora_B.weight`` of
+Linear and Conv1D layers, ``lora_embedding_A``/``lora_embedding_B`` of embeddings) come back in
+float64 with their storage dtype; every other tensor (``modules_to_save`` copies, trained
+biases, saved embedding layers, trainable tokens) is kept as raw bytes and written back
+unchanged, as are the adapter folder's other files (README, tokenizer) and config fields.
+
+Only the product ``B @ A`` and the scale matter here, so the layouts need no special case: PEFT
+stores ``A (r, d_in)``, ``B (d_out, r)`` for Linear and Conv1D alike (``fan_in_fan_out`` only
+transposes the merged delta) and ``(B @ A).T`` is an embedding's delta.
+
+The written config is in *uniform-scale form*: every module's scale is ``lora_alpha / r`` (or
+``/ sqrt(r)`` with ``use_rslora``) for the config's top-level ``r``, and modules of another rank
+get an ``alpha_pattern`` entry that gives them that same scale. A client that honours the
+patterns (PEFT) and one that applies the top-level scale to every module (several serving
+stacks) then compute the same update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..scaling import scale as lora_scale
+from .atomic import atomic_output_dir, check_output_dir
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    from_bfloat16_bits,
+    save_tensors,
+    to_bfloat16_bits,
+)
+from .peft_format import CONFIG_NAME, WEIGHTS_NAME, _read_config, common_rank, pattern_key
+
+__all__ = ["ModuleFactors", "RawAdapter", "read_raw_adapter", "module_patterns",
+           "uniform_config", "write_raw_adapter", "check_distinct", "narrow"]
+
+_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|"
+                     r"lora_embedding_A|lora_embedding_B)$")
+_PREFIX = "base_model.model."
+#: Config fields of LoRA variants whose update is not ``scale * B @ A`` with plain factors.
+_VARIANTS = ("kasa_config", "monteclora_config", "use_bdlora", "arrow_config",
+             "target_parameters")
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+
+
+@dataclass
+class ModuleFactors:
+    """One adapted module: update ``scale * B @ A`` (transposed for embeddings/fan_in_fan_out)."""
+
+    name: str  # the module's name in the base model (PEFT's key for rank/alpha patterns)
+    a_key: str
+    b_key: str
+    A: np.ndarray  # float64 (r, n)
+    B: np.ndarray  # float64 (m, r)
+    a_code: str  # storage dtype (safetensors code)
+    b_code: str
+    r: int
+    alpha: float
+    scale: float
+    embedding: bool
+
+
+@dataclass
+class RawAdapter:
+    path: Path
+    config: dict
+    rule: str  # "rslora" or "standard"
+    modules: dict = field(default_factory=dict)  # name -> ModuleFactors, in file order
+    other: dict = field(default_factory=dict)  # key -> (raw array, code), in file order
+    order: list = field(default_factory=list)  # every tensor key, in file order
+
+
+def _widen(arr: np.ndarray, code: str) -> np.ndarray:
+    if code == "BF16" and arr.dtype == np.uint16:  # bit patterns (checkpoint.read_raw)
+        arr = from_bfloat16_bits(arr)
+    return np.asarray(arr, dtype=np.float64)
+
+
+def _round_to_odd_f32(x: np.ndarray) -> np.ndarray:
+    """float64 -> float32 rounded to odd: truncate, then set the last bit if anything was lost.
+    Rounding that to a narrower format (bfloat16) is then correctly rounded from float64 in one
+    step, which float64 -> float32 -> bfloat16 by nearest is not (a value just above a bfloat16
+    tie can land on the tie in float32 and then round down)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, caught by narrow
+        f = x.astype(np.float32)
+        toward_zero = np.abs(f.astype(np.float64)) > np.abs(x)
+    f = np.where(toward_zero, np.nextafter(f, np.float32(0)), f)
+    bits = f.view(np.uint32).copy()
+    inexact = (f.astype(np.float64) != x) & np.isfinite(x)
+    bits[inexact] |= np.uint32(1)
+    return bits.view(np.float32)
+
+
+def narrow(x: np.ndarray, code: str, what: str) -> tuple[np.ndarray, str]:
+    """float64 ``x`` rounded once to the storage dtype ``code``, for :func:`save_tensors`.
+    ValueError naming ``what`` if a value does not fit."""
+    if code == "BF16":
+        out = to_bfloat16_bits(_round_to_odd_f32(x))
+        finite = np.isfinite(from_bfloat16_bits(out))
+    else:
+        with np.errstate(over="ignore"):
+            out = x.astype({"F64": np.float64, "F32": np.float32, "F16": np.float16}[code])
+        finite = np.isfinite(out)
+    if not finite.all():
+        big = float(np.abs(x[~finite]).max())
+        raise ValueError(f"{what}: a value ({big:.3g}) overflows {code} storage")
+    return out, code
+
+
+def read_raw_adapter(path) -> RawAdapter:
+    """Read a PEFT LoRA adapter folder for rewriting (see the module docstring).
+
+    Raises FileNotFoundError / CheckpointError (a ValueError) with a one-line message naming the
+    file, field or module: not an adapter, a variant whose update is not ``scale * B @ A``
+    (DoRA, lora_bias, ...), an unknown LoRA tensor, factors of the wrong shape or non-finite.
+    """
+    folder = Path(os.fspath(path))
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: an adapter is a folder with {CONFIG_NAME} and "
+                              f"{WEIGHTS_NAME}")
+    cfg = _read_config(folder)
+    for key in _VARIANTS:
+        if cfg.get(key):
+            raise CheckpointError(f"{folder / CONFIG_NAME}: {key} is set; only plain LoRA "
+                                  "factors (update = scale * B @ A) can be rewritten")
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: r must be an integer >= 1, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+            or not math.isfinite(alpha) or alpha == 0:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: lora_alpha must be a finite nonzero "
+                              f"number, got {alpha!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(cfg.get(key) or {}, dict):
+            raise CheckpointError(f"{folder / CONFIG_NAME}: {key} must be an object")
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise CheckpointError(f"{folder}: only adapter_model.bin (a pickle) is present; "
+                                  f"rslora reads {WEIGHTS_NAME} (PEFT's default format)")
+        raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME}")
+    rule = "rslora" if cfg.get("use_rslora") else "standard"
+    raw = RawAdapter(folder, cfg, rule)
+    parts: dict[str, dict] = {}
+    with Checkpoint(weights) as ck:
+        for key in ck.keys():  # noqa: SIM118 (Checkpoint is not iterable)
+            raw.order.append(key)
+            m = _FACTOR.match(key)
+            if m is None:
+                if re.search(r"(^|\.)lora_", key):
+                    raise CheckpointError(f"{weights}: tensor {key!r} is a LoRA tensor rslora "
+                                          "cannot rewrite exactly (only lora_A/lora_B and "
+                                          "lora_embedding_A/B)")
+                raw.other[key] = ck.read_raw(key)
+                continue
+            code = ck.dtype(key)
+            if code not in _FLOAT_CODES:
+                raise CheckpointError(f"{weights}: tensor {key!r} is {code}, not a float tensor")
+            part = m["part"].replace(".weight", "").replace("embedding_", "")
+            parts.setdefault(m["module"], {})[part] = (key, code, ck.read_raw(key)[0],
+                                                       "embedding" in m["part"])
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    for mod, p in parts.items():
+        name = mod.removeprefix(_PREFIX)
+        if set(p) != {"lora_A", "lora_B"} or p["lora_A"][3] != p["lora_B"][3]:
+            have = ", ".join(sorted(v[0][len(mod) + 1:] for v in p.values()))
+            raise CheckpointError(f"{weights}: module {name!r} needs both LoRA factors of one "
+                                  f"kind, has {have}")
+        (a_key, a_code, a_raw, emb), (b_key, b_code, b_raw, _) = p["lora_A"], p["lora_B"]
+        A, B = _widen(a_raw, a_code), _widen(b_raw, b_code)
+        try:
+            rk, ak = pattern_key(rank_pattern, name), pattern_key(alpha_pattern, name)
+        except re.error as e:
+            raise CheckpointError(f"{folder / CONFIG_NAME}: a rank_pattern or alpha_pattern key "
+                                  f"is not a valid regular expression ({e})") from None
+        r_m = rank_pattern[rk] if rk is not None else r
+        alpha_m = alpha_pattern[ak] if ak is not None else alpha
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != r_m or B.shape[1] != r_m:
+            raise CheckpointError(f"{weights}: module {name!r} has A {tuple(A.shape)} and B "
+                                  f"{tuple(B.shape)}, but the config gives it r={r_m!r}")
+        if isinstance(alpha_m, bool) or not isinstance(alpha_m, (int, float)) \
+                or not math.isfinite(alpha_m):
+            raise CheckpointError(f"{folder / CONFIG_NAME}: alpha_pattern gives module {name!r} "
+                                  f"a non-number {alpha_m!r}")
+        for what, x in (("A", A), ("B", B)):
+            if not np.isfinite(x).all():
+                raise CheckpointError(f"{weights}: module {name!r}: factor {what} holds NaN or "
+                                      "inf")
+        raw.modules[name] = ModuleFactors(name, a_key, b_key, A, B, a_code, b_code, int(r_m),
+                                          float(alpha_m), lora_scale(alpha_m, int(r_m), rule),
+                                          emb)
+    if not raw.modules:
+        raise CheckpointError(f"{weights}: no LoRA factors in it")
+    return raw
+
+
+def module_patterns(values: dict, default) -> dict:
+    """A PEFT pattern dict (``rank_pattern`` / ``alpha_pattern``) giving each module of
+    ``values`` (``{module: value}``) its value, and ``default`` to modules with no entry.
+
+    Keys are the module names, longest first; they are regex-escaped, and modules at the default
+    that a shorter key would catch get their own entry, only if PEFT's suffix-regex matching
+    (:func:`pattern_key`) would otherwise give a module a wrong value.
+    """
+    def lookup(pat, m):
+        k = pattern_key(pat, m)
+        return default if k is None else pat[k]
+
+    for esc in (str, re.escape):
+        keys = {m for m, v in values.items() if v != default}
+        while True:
+            pat = {esc(m): values[m] for m in sorted(keys, key=len, reverse=True)}
+            try:
+                wrong = {m for m in values if lookup(pat, m) != values[m]}
+            except re.error:  # a name that is no valid regex as it stands
+                break
+            if not wrong:
+                return pat
+            if wrong <= keys:
+                break
+            keys |= wrong
+    raise AssertionError("escaped module names always give an exact pattern")  # pragma: no cover
+
+
+def _json_number(x: float):
+    """An alpha as PEFT writes it: an int when it is one."""
+    x = float(x)
+    return int(x) if x.is_integer() and abs(x) < 2 ** 53 else x
+
+
+def uniform_config(config: dict, ranks: dict, alpha: float, rule: str) -> tuple[dict, dict]:
+    """``config`` rewritten for modules of ranks ``{module: r}`` under ``rule`` and top-level
+    ``lora_alpha = alpha`` in uniform-scale form (module docstring). Returns the new config and
+    ``{module: the scale PEFT will compute for it}`` (the value to fold the factors against)."""
+    r = common_rank(ranks)
+    alphas = {m: alpha * (math.sqrt(k / r) if rule == "rslora" else k / r)
+              for m, k in ranks.items()}
+    alphas = {m: (alpha if ranks[m] == r else a) for m, a in alphas.items()}
+    cfg = dict(config)
+    cfg.update(r=int(r), lora_alpha=_json_number(alpha), use_rslora=rule == "rslora",
+               rank_pattern=module_patterns(ranks, r),
+               alpha_pattern={k: _json_number(v) for k, v in
+                              module_patterns(alphas, alpha).items()})
+    a_written = {m: float(_json_number(a)) for m, a in alphas.items()}
+    scales = {m: lora_scale(a_written[m], ranks[m], rule) for m in ranks}
+    return cfg, scales
+
+
+def _same_or_inside(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
+
+
+def check_distinct(adapter, out_dir) -> None:
+    """ValueError if ``out_dir`` is the adapter folder or holds it (replacing it would lose the
+    input)."""
+    src, out = Path(os.fspath(adapter)), Path(os.fspath(out_dir))
+    if src.exists() and _same_or_inside(src, out):
+        raise ValueError(f"output {out} is the input adapter or holds it; write to another "
+                         "folder")
+
+
+def write_raw_adapter(raw: RawAdapter, out_dir, config: dict, factors: dict, *,
+                      force: bool = False) -> None:
+    """Write ``raw`` with new ``factors`` (``{module: (A, B)}`` as ``(array, code)`` pairs
+    from :func:`narrow`) and ``config`` to ``out_dir`` atomically; every other tensor and every
+    other file of the input folder is copied unchanged."""
+    check_output_dir(out_dir, force)
+    keyed = {}
+    for name, (a, b) in factors.items():
+        mod = raw.modules[name]
+        keyed[mod.a_key], keyed[mod.b_key] = a, b
+    tensors = {key: keyed[key] if key in keyed else raw.other[key] for key in raw.order}
+    with atomic_output_dir(out_dir, force) as tmp:
+        save_tensors(tmp / WEIGHTS_NAME, tensors)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        for f in sorted(raw.path.iterdir()):
+            # adapter_model.bin would hold the old weights: a loader preferring it would be wrong
+            if f.is_file() and f.name not in (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin") \
+                    and not f.name.startswith("."):
+                shutil.copy2(f, tmp / f.name)
