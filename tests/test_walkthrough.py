@@ -18,6 +18,9 @@ import rslora.cli  # noqa: E402
 
 import hf_models as hm  # noqa: E402
 
+# transformers/PEFT deprecation notices about their own internals are not ours to fail on.
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
