@@ -20,6 +20,8 @@ ARGV = {
     "extract": lambda out: ["extract", "base.safetensors", "tuned.safetensors", "-o", out,
                             "--rank", "4"],
     "merge": lambda out: ["merge", "base.safetensors", "adapter", "-o", out],
+    "convert": lambda out: ["convert", "adapter", "-o", out, "--rule", "standard"],
+    "resize": lambda out: ["resize", "adapter", "-o", out, "--rank", "2"],
 }
 
 

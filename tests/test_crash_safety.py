@@ -23,7 +23,8 @@ NO_EXCHANGE = "import rslora._files as f; f._exchange = lambda a, b: False; "
 TINY_STUDY = ("import rslora.study as s; s.quick_config = lambda seed=0: s.StudyConfig("
               "mode='quick', seed=seed, spectrum_dim=24, approx_ranks=(2, 4), train_dim=16, "
               "ranks=(2, 4), probe_ranks=(1, 2, 4), steps=4, batch=8, evals=2, probe_inputs=2, "
-              "sgd_lrs=(0.02,), adam_lrs=(1e-3,)); ")
+              "seeds=1, degenerate=False, lr_points=3, lr_widen=1, mlp_dim=8, mlp_ranks=(2,), "
+              "mlp_pretrain_steps=4, mlp_steps=4, mlp_batch=8, mlp_eval=16); ")
 
 
 def run(args, crash=None, patch="", check=True):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+NEEDS = ("safetensors",)  # optional modules, checked before any work (rslora.cli.require)
+
 USAGE = """examples:
   rslora convert adapter/ -o adapter-standard/ --rule standard     # serve an rsLoRA adapter anywhere
   rslora convert adapter/ -o adapter-rs/ --rule rslora --alpha 16 --force

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+NEEDS = ("tqdm", "safetensors")  # optional modules, checked before any work (rslora.cli.require)
+
 USAGE = """examples:
   rslora resize adapter/ -o adapter-r16/ --rank 16
   rslora resize adapter/ -o adapter-small/ --tol 0.05 --max-rank 64

@@ -54,7 +54,8 @@ class Problem:
         # One A draw per target; a rank-r run starts from its first r rows.
         reps = (rep,) if rep else ()  # rep 0 keeps the streams of the single-seed study
         self.A_init, _ = synthetic.lora_init(self.delta.shape[0], d,
-                                             max(cfg.probe_ranks + cfg.map_ranks),
+                                             max(cfg.probe_ranks + cfg.map_ranks
+                                                 + (min(3 * cfg.ranks[0], d),)),  # equivalence
                                              seed=subseed(cfg.seed, 4, KINDS.index(kind), *reps),
                                              dtype=dtype)
         self.batch_seed = subseed(cfg.seed, 5, KINDS.index(kind), *reps)
