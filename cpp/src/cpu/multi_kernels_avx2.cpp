@@ -92,6 +92,11 @@ RSLORA_AVX2 RSLORA_INLINE T lane_sum(typename Simd<T>::V v) {
   return s;
 }
 
+// Elements of a row of A ahead to prefetch in the shrink: A streams from memory, and 256-bit
+// loads leave fewer misses in flight than the AVX-512 kernel's (measured: ~20% off the shrink).
+// Prefetches past the end of A are harmless (they never fault).
+constexpr i64 kAhead = 512;
+
 // xa[k * r + q0 + q] for K rows of x and Q rows of A from q0 on.
 template <class T, int K, int Q>
 RSLORA_AVX2 RSLORA_INLINE void shrink_tile(const T* const* x, const T* A, i64 A_rs, i64 d, i64 r,
@@ -104,10 +109,14 @@ RSLORA_AVX2 RSLORA_INLINE void shrink_tile(const T* const* x, const T* A, i64 A_
     for (int q = 0; q < Q; ++q) acc[k][q] = S::zero();
   const T* a = A + q0 * A_rs;
   for (i64 j = 0; j < dv; j += L) {
+    if (j % (64 / sizeof(T)) == 0)  // A streams from memory: one prefetch per line, far ahead
+      for (int q = 0; q < Q; ++q)
+        _mm_prefetch(reinterpret_cast<const char*>(a + q * A_rs + j + kAhead), _MM_HINT_T0);
     typename S::V av[Q];
     for (int q = 0; q < Q; ++q) av[q] = S::load(a + q * A_rs + j);
     for (int k = 0; k < K; ++k) {
-      const typename S::V xv = S::load(x[k] + j);
+      typename S::V xv = S::load(x[k] + j);
+      asm("" : "+x"(xv));  // one load of x per row: keep GCC from folding it into each FMA
       for (int q = 0; q < Q; ++q) acc[k][q] = S::fma(xv, av[q], acc[k][q]);
     }
   }
@@ -160,7 +169,7 @@ RSLORA_AVX2 RSLORA_INLINE void expand_rows(T* const* y, i64 j0, i64 jb, const T*
   }
 }
 
-constexpr i64 kPrefetchRows = 32;  // rows of B ahead (B streams from memory)
+constexpr i64 kPrefetchRows = 64;  // rows of B ahead (B streams from memory)
 
 template <class T>
 RSLORA_AVX2 void expand_impl(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, i64 d_out,
