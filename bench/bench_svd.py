@@ -192,7 +192,7 @@ def test_rsvd_tol(benchmark, problems, n, spec):
     benchmark.extra_info.update(rank=len(S), error=err)
     assert true <= tol * (1 + 1e-4)
     assert abs(err - true) <= 1e-2 * true  # the reported error is the real one
-    assert K <= len(S) <= 2 * K
+    assert len(S) <= 2 * K  # (noisy: fewer than K meet the bar, the tail is flat)
 
 
 @pytest.mark.parametrize("n, spec", CASES, ids=IDS)
