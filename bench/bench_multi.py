@@ -8,6 +8,9 @@ float32, d_in = d_out = 4096, r = 16, 64 adapters (A_all and B_all: 34 MB togeth
 - "numpy einsum gather": gather each row's A and B (n * 2 * r * d floats) and einsum.
 - "floor: read adapters": streaming every adapter once (a dot product over A_all and B_all),
   the memory traffic no implementation can avoid when every adapter is used.
+- "rslora, <path> forced": the same op with the SIMD kernel path forced (rslora.use_kernel_path),
+  so one machine times the AVX2 and baseline kernels that other CPUs run; "rslora" itself runs
+  the best path here (rslora.kernel_path(), named in the entry's extra_info).
 - "base x @ W.T" and "lora_linear": the whole op against the base GEMM alone, and against the
   single-adapter fused forward when every row is on one adapter.
 """
@@ -89,12 +92,28 @@ def run(benchmark, fn, rounds=10):
 @pytest.mark.parametrize("kind", ADD_KINDS)
 def test_add_rslora(benchmark, data, kind):
     x, y0, ids = batch(data, kind)
-    set_case(benchmark, f"lora_add_multi {kind}", "rslora")
+    set_case(benchmark, f"lora_add_multi {kind}", "rslora", kernel_path=rslora.kernel_path())
     y = y0.copy()
     rslora.lora_add_multi(y, x, data["A"], data["B"], ids, scales=data["scales"])
     assert_close(y, reference_add(y0, x, data, ids))
     run(benchmark, lambda: rslora.lora_add_multi(y, x, data["A"], data["B"], ids,
                                                  scales=data["scales"]), rounds=20)
+
+
+@pytest.mark.parametrize("kind", ADD_KINDS)
+@pytest.mark.parametrize("path", ["avx512", "avx2", "baseline"])
+def test_add_rslora_forced_path(benchmark, data, kind, path):
+    why = rslora.kernel_paths()[path]
+    if why:
+        pytest.skip(f"{path}: {why}")
+    x, y0, ids = batch(data, kind)
+    set_case(benchmark, f"lora_add_multi {kind}", f"rslora, {path} forced")
+    with rslora.use_kernel_path(path):
+        y = y0.copy()
+        rslora.lora_add_multi(y, x, data["A"], data["B"], ids, scales=data["scales"])
+        assert_close(y, reference_add(y0, x, data, ids))
+        run(benchmark, lambda: rslora.lora_add_multi(y, x, data["A"], data["B"], ids,
+                                                     scales=data["scales"]), rounds=20)
 
 
 @pytest.mark.parametrize("kind", ADD_KINDS)

@@ -15,17 +15,21 @@ busy 2-core machine. Every method compared draws a Gaussian (or uniform) test ma
 Gaussian sketch is rotation invariant (V^T Omega is Gaussian again), so the accuracy depends on
 the spectrum alone; the vectors only have to be dense and orthogonal.
 
-Each method gets the fewest iterations that reach <= 1.001 x the optimum on each spectrum and
-size (the table N_ITER; every benchmark asserts its accuracy), scikit-learn its defaults (n_iter=7
-and LU normalization here, about 1.0003). Roles in each group:
-  rslora         rsvd(M, 64, n_iter=N_ITER["rslora"][spectrum, n])   (2 n_iter + 2 GEMM passes)
-  rslora-auto    rsvd(M, 64) with n_iter="auto" (5 subspace iterations, 12 passes)
-  rslora-krylov  rsvd(M, 64, method="krylov", n_iter=N_ITER["krylov"][spectrum, n])
+Spectra: "style" and "facts" as above, "cliff" (flat s_i = 1 for i < k + 6, then
+1e-2 (1+i)^-1/2: the sketch straddles the cliff) and "noisy" (a rank-60 signal of 1 over a
+noise floor 0.03 (1 + i/n)), those two at 2048 only. Each method gets the fewest iterations
+that reach <= 1.001 x the optimum on each spectrum and size, checked at run time (the hint
+and one fewer, else 0, 1, 2, ...; outside the timing; every benchmark asserts its accuracy); scikit-learn runs its defaults (n_iter=7 and LU
+normalization here, about 1.0003). Roles in each group:
+  rslora         rsvd(M, 64): the defaults, n_iter="auto" stops at the 1.001 contract
+                 (extra_info: the iterations it chose)
+  rslora-fewest  rsvd(M, 64, n_iter=fewest fixed count reaching 1.001)
+  rslora-krylov  rsvd(M, 64, method="krylov", n_iter=fewest)
   rsvd_tol       rsvd_tol(M, tol = 1.001 x optimal relative error of rank 64)
   gemm-floor     only the 2 n_iter + 2 GEMMs (n x n times n x 74) that the rslora entry makes
   sklearn        sklearn.utils.extmath.randomized_svd(M, 64) (defaults)
-  torch          torch.svd_lowrank(M, q=74, niter=N_ITER["torch"][spectrum, n]), truncated to 64
-  fbpca          fbpca.pca(M, 64, raw=True, l=74, n_iter=N_ITER["fbpca"][spectrum, n])
+  torch          torch.svd_lowrank(M, q=74, niter=fewest), truncated to 64
+  fbpca          fbpca.pca(M, 64, raw=True, l=74, n_iter=fewest)
   numpy          numpy.linalg.svd(M, full_matrices=False) (n = 2048; 4096 with
                  RSLORA_BENCH_FULL_SVD=1: it takes minutes there)
 """
@@ -46,16 +50,19 @@ SIZES = (2048, 4096)
 SPECTRA = {
     "style": lambda n: np.exp(-np.arange(n) / 8.0),
     "facts": lambda n: (1.0 + np.arange(n)) ** -0.5,
+    "cliff": lambda n: np.where(np.arange(n) < K + 6, 1.0, 1e-2 * (1.0 + np.arange(n)) ** -0.5),
+    "noisy": lambda n: np.where(np.arange(n) < K - 4, 1.0, 0.0) + 0.03 * (1.0 + np.arange(n) / n),
 }
 BAR = 1.001
-# Fewest iterations reaching BAR for each (spectrum, n), measured (rslora's is asserted fewest).
-N_ITER = {
-    "rslora": {("style", 2048): 1, ("style", 4096): 1, ("facts", 2048): 5, ("facts", 4096): 4},
-    "krylov": {("style", 2048): 1, ("style", 4096): 1, ("facts", 2048): 3, ("facts", 4096): 3},
-    "torch": {("style", 2048): 1, ("style", 4096): 1, ("facts", 2048): 5, ("facts", 4096): 4},
-    "fbpca": {("style", 2048): 1, ("style", 4096): 1, ("facts", 2048): 5, ("facts", 4096): 4},
-}
-CASES = [(n, spec) for n in SIZES for spec in SPECTRA]
+MAX_ITER = 12
+# cliff and noisy at 2048 only: the suite runs these as tests, and 4096 adds minutes
+CASES = [(n, spec) for n in SIZES for spec in SPECTRA if n == 2048 or spec in ("style", "facts")]
+# Where the fewest iteration counts were found before (checked, not trusted: a wrong hint falls
+# back to trying 0, 1, 2, ...); saves the test run most of the search.
+HINT = {("style", 2048): 1, ("style", 4096): 1, ("facts", 2048): 5, ("facts", 4096): 4,
+        ("cliff", 2048): 0, ("noisy", 2048): 1}
+HINT_KRYLOV = {("style", 2048): 1, ("style", 4096): 1, ("facts", 2048): 3, ("facts", 4096): 3,
+               ("cliff", 2048): 0, ("noisy", 2048): 1}
 IDS = [f"{spec}-{n}" for n, spec in CASES]
 
 
@@ -105,6 +112,41 @@ def _ratio(M, U, S, Vt, opt) -> float:
     return np.sqrt(total) / opt
 
 
+_FEWEST: dict = {}
+
+
+def _fewest(name, n, spec, ratio_at):
+    """The fewest iterations q >= 0 with ratio_at(q) <= BAR (cached per method and case)."""
+    key = (name, n, spec)
+    hint = (HINT_KRYLOV if name == "krylov" else HINT).get((spec, n))
+    if key not in _FEWEST and hint is not None and ratio_at(hint) <= BAR and (
+            hint == 0 or ratio_at(hint - 1) > BAR):
+        _FEWEST[key] = hint
+    if key not in _FEWEST:
+        for q in range(MAX_ITER + 1):
+            if ratio_at(q) <= BAR:
+                _FEWEST[key] = q
+                break
+        else:
+            pytest.fail(f"{name} does not reach {BAR} on {spec} {n} within {MAX_ITER} iterations")
+    return _FEWEST[key]
+
+
+def _torch_svd(M, q):
+    import torch
+
+    torch.manual_seed(0)
+    U, S, V = torch.svd_lowrank(torch.from_numpy(M), q=K + OVERSAMPLE, niter=q)
+    return U[:, :K].numpy(), S[:K].numpy(), V[:, :K].numpy().T
+
+
+def _fbpca_svd(M, q):
+    import fbpca
+
+    np.random.seed(0)  # fbpca draws from NumPy's global generator
+    return fbpca.pca(M, k=K, raw=True, n_iter=q, l=K + OVERSAMPLE)
+
+
 def _run(benchmark, fn, rounds=3):
     return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
 
@@ -115,22 +157,25 @@ def _group(n, spec):
 
 @pytest.mark.parametrize("n, spec", CASES, ids=IDS)
 def test_rslora(benchmark, problems, n, spec):
+    """The defaults: n_iter="auto" must meet the contract it promises."""
     M, opt, _ = problems.get(n, spec)
-    q = N_ITER["rslora"][spec, n]
+    rslora.rsvd(M, K, seed=0)
+    q = _core.rsvd_last_n_iter()
     set_case(benchmark, _group(n, spec), "rslora", n_iter=q, passes=_core.rsvd_passes("subspace", q))
-    U, S, Vt = _run(benchmark, lambda: rslora.rsvd(M, K, n_iter=q, seed=0), rounds=5)
+    U, S, Vt = _run(benchmark, lambda: rslora.rsvd(M, K, seed=0), rounds=5)
     r = _ratio(M, U, S, Vt, opt)
     benchmark.extra_info["ratio"] = r
     assert r <= BAR
-    assert _ratio(M, *rslora.rsvd(M, K, n_iter=q - 1, seed=0), opt) > BAR  # q is the fewest
+    assert _core.rsvd_last_n_iter() == q
 
 
 @pytest.mark.parametrize("n, spec", CASES, ids=IDS)
-def test_rslora_auto(benchmark, problems, n, spec):
+def test_rslora_fewest(benchmark, problems, n, spec):
     M, opt, _ = problems.get(n, spec)
-    set_case(benchmark, _group(n, spec), "rslora-auto",
-             n_iter=_core.rsvd_auto_iters("subspace", n, n, K, OVERSAMPLE))
-    U, S, Vt = _run(benchmark, lambda: rslora.rsvd(M, K, seed=0))
+    q = _fewest("rslora", n, spec, lambda q: _ratio(M, *rslora.rsvd(M, K, n_iter=q, seed=0), opt))
+    set_case(benchmark, _group(n, spec), "rslora-fewest", n_iter=q,
+             passes=_core.rsvd_passes("subspace", q))
+    U, S, Vt = _run(benchmark, lambda: rslora.rsvd(M, K, n_iter=q, seed=0), rounds=5)
     r = _ratio(M, U, S, Vt, opt)
     benchmark.extra_info["ratio"] = r
     assert r <= BAR
@@ -139,7 +184,8 @@ def test_rslora_auto(benchmark, problems, n, spec):
 @pytest.mark.parametrize("n, spec", CASES, ids=IDS)
 def test_rslora_krylov(benchmark, problems, n, spec):
     M, opt, _ = problems.get(n, spec)
-    q = N_ITER["krylov"][spec, n]
+    q = _fewest("krylov", n, spec, lambda q: _ratio(
+        M, *rslora.rsvd(M, K, method="krylov", n_iter=q, seed=0), opt))
     set_case(benchmark, _group(n, spec), "rslora-krylov", n_iter=q, passes=_core.rsvd_passes("krylov", q))
     U, S, Vt = _run(benchmark, lambda: rslora.rsvd(M, K, method="krylov", n_iter=q, seed=0))
     r = _ratio(M, U, S, Vt, opt)
@@ -157,14 +203,15 @@ def test_rsvd_tol(benchmark, problems, n, spec):
     benchmark.extra_info.update(rank=len(S), error=err)
     assert true <= tol * (1 + 1e-4)
     assert abs(err - true) <= 1e-2 * true  # the reported error is the real one
-    assert K <= len(S) <= 2 * K
+    assert len(S) <= 2 * K  # (noisy: fewer than K meet the bar, the tail is flat)
 
 
 @pytest.mark.parametrize("n, spec", CASES, ids=IDS)
 def test_gemm_floor(benchmark, problems, n, spec):
     """The GEMMs alone: Y = M Om, then alternately Z = M^T Y, Y = M Z (2 n_iter + 2 in all)."""
     M, _, _ = problems.get(n, spec)
-    passes = _core.rsvd_passes("subspace", N_ITER["rslora"][spec, n])
+    rslora.rsvd(M, K, seed=0)  # the passes the rslora entry (the defaults) makes
+    passes = _core.rsvd_passes("subspace", _core.rsvd_last_n_iter())
     set_case(benchmark, _group(n, spec), "gemm-floor", passes=passes)
     rng = np.random.default_rng(0)
     Y = rng.standard_normal((n, K + OVERSAMPLE), dtype=np.float32)
@@ -197,34 +244,23 @@ def test_sklearn(benchmark, problems, n, spec):
 
 @pytest.mark.parametrize("n, spec", CASES, ids=IDS)
 def test_torch(benchmark, problems, n, spec):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     M, opt, _ = problems.get(n, spec)
-    q = N_ITER["torch"][spec, n]
+    q = _fewest("torch", n, spec, lambda q: _ratio(M, *_torch_svd(M, q), opt))
     set_case(benchmark, _group(n, spec), "torch", niter=q)
-    Mt = torch.from_numpy(M)
-
-    def run():
-        torch.manual_seed(0)
-        return torch.svd_lowrank(Mt, q=K + OVERSAMPLE, niter=q)
-
-    U, S, V = _run(benchmark, run)
-    r = _ratio(M, U[:, :K].numpy(), S[:K].numpy(), V[:, :K].numpy().T, opt)
+    U, S, Vt = _run(benchmark, lambda: _torch_svd(M, q))
+    r = _ratio(M, U, S, Vt, opt)
     benchmark.extra_info["ratio"] = r
     assert r <= BAR
 
 
 @pytest.mark.parametrize("n, spec", CASES, ids=IDS)
 def test_fbpca(benchmark, problems, n, spec):
-    fbpca = pytest.importorskip("fbpca")
+    pytest.importorskip("fbpca")
     M, opt, _ = problems.get(n, spec)
-    q = N_ITER["fbpca"][spec, n]
+    q = _fewest("fbpca", n, spec, lambda q: _ratio(M, *_fbpca_svd(M, q), opt))
     set_case(benchmark, _group(n, spec), "fbpca", n_iter=q)
-
-    def run():
-        np.random.seed(0)  # fbpca draws from NumPy's global generator
-        return fbpca.pca(M, k=K, raw=True, n_iter=q, l=K + OVERSAMPLE)
-
-    U, S, Vt = _run(benchmark, run)
+    U, S, Vt = _run(benchmark, lambda: _fbpca_svd(M, q))
     r = _ratio(M, U, S, Vt, opt)
     benchmark.extra_info["ratio"] = r
     assert r <= BAR

@@ -68,7 +68,7 @@ void bind_svd(py::module_& m) {
   m.def(
       "rsvd",
       [](py::array M, i64 k, i64 oversample, int n_iter, const std::string& method,
-         const std::string& normalizer, std::uint64_t seed, bool check_finite) {
+         const std::string& normalizer, std::uint64_t seed, bool check_finite, double auto_tol) {
         int kind = same_kind({{&M, "M"}});
         require_ndim(M, "M", 2);
         check_k(M, k, "k");
@@ -77,11 +77,16 @@ void bind_svd(py::module_& m) {
         RsvdOptions opt;
         opt.oversample = oversample, opt.n_iter = n_iter, opt.method = method_of(method);
         opt.normalizer = normalizer_of(normalizer), opt.seed = seed, opt.check_finite = check_finite;
+        if (!(auto_tol > 0 && auto_tol < 1))
+          throw std::invalid_argument("auto_tol must be in (0, 1), got " + std::to_string(auto_tol));
+        opt.auto_tol = auto_tol;
         return kind == 0 ? run_rsvd<float>(M, k, opt) : run_rsvd<double>(M, k, opt);
       },
       py::arg("M"), py::arg("k"), py::arg("oversample"), py::arg("n_iter"), py::arg("method"),
-      py::arg("normalizer"), py::arg("seed"), py::arg("check_finite"),
+      py::arg("normalizer"), py::arg("seed"), py::arg("check_finite"), py::arg("auto_tol") = 1e-3,
       "(U, S, Vt): rank-k randomized SVD of the 2-D float array M; n_iter = -1 means auto.");
+  m.def("rsvd_last_n_iter", &rsvd_last_n_iter,
+        "Power iterations the last rsvd call on this thread made (what 'auto' chose).");
 
   m.def(
       "rsvd_tol",

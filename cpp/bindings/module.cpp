@@ -3,6 +3,7 @@
 
 namespace rslora::bind {
 void bind_blas(py::module_& m);
+void bind_kernels(py::module_& m);
 void bind_linear(py::module_& m);
 void bind_backward(py::module_& m);
 void bind_multi(py::module_& m);
@@ -30,6 +31,7 @@ PYBIND11_MODULE(_core, m) {
   });
   rslora::set_interrupt_checker(&python_signal_pending);
   rslora::bind::bind_blas(m);
+  rslora::bind::bind_kernels(m);
   rslora::bind::bind_linear(m);
   rslora::bind::bind_backward(m);
   rslora::bind::bind_multi(m);

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import sys as _sys
 
-from . import _blas, _core  # noqa: F401  (_core first: a build problem fails here, clearly)
+from . import _blas, _core, _kernels  # noqa: F401  (_core first: a build problem fails here)
 
 _blas.bind()
+_kernels.apply_env()  # RSLORA_CPU_KERNELS forces a SIMD kernel path
+from ._kernels import kernel_path, kernel_paths, set_kernel_path, use_kernel_path  # noqa: E402
 
 from .scaling import format_scale_table, scale, scale_table  # noqa: E402
 from .linear import lora_linear, merge, unmerge  # noqa: E402
@@ -60,6 +62,10 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "show_config",
+    "kernel_path",
+    "kernel_paths",
+    "set_kernel_path",
+    "use_kernel_path",
     "rsvd",
     "rsvd_tol",
     "RsvdTolResult",
@@ -71,13 +77,14 @@ __all__ = [
 
 
 def show_config(print_: bool = True) -> dict:
-    """Which BLAS the core is bound to (and why), its threads, and the backends built.
+    """Which BLAS the core is bound to (and why), its threads, the SIMD kernel path, the backends.
 
     Returns the same facts as a dict; prints them unless ``print_=False``.
     """
     import numpy as np
 
-    cfg = {"version": __version__, "numpy": np.__version__, "blas": _blas.config()}
+    cfg = {"version": __version__, "numpy": np.__version__, "blas": _blas.config(),
+           "kernels": {"path": kernel_path(), "supported": _kernels.supported_kernel_paths()}}
     from . import cuda
 
     try:  # loads the CUDA module (finding cuBLAS in the nvidia wheels) and asks for devices
@@ -95,5 +102,8 @@ def show_config(print_: bool = True) -> dict:
         print(f"  symbols: prefix={b['symbol_prefix']!r} suffix={b['symbol_suffix']!r} "
               f"int64={b['int64']}")
         print(f"  threads: {b['num_threads']}")
+        k = cfg["kernels"]
+        forced = "" if k["path"] == k["supported"][0] else f" (forced: {_kernels.ENV} or set_kernel_path)"
+        print(f"  kernels: {k['path']}{forced}; this CPU runs: {', '.join(k['supported'])}")
         print(f"  CUDA:    {cfg['cuda']}")
     return cfg

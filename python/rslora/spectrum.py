@@ -11,9 +11,20 @@ import numbers
 import numpy as np
 
 from .scaling import resolve
+from . import _core
 from .svd import _int, _matrix, rsvd, rsvd_tol
 
 __all__ = ["lora_from_delta", "spectrum", "Spectrum"]
+
+
+def _converged(n_iter, shape, k):
+    """"auto" here means the fixed iteration count that converges the vectors and singular
+    values themselves (5 subspace iterations; these functions promise the best rank-k factors),
+    not rsvd's adaptive stop at the 1.001x Frobenius contract."""
+    if (isinstance(n_iter, str) and n_iter == "auto" and len(shape) == 2
+            and isinstance(k, numbers.Integral) and not isinstance(k, bool) and 1 <= k <= min(shape)):
+        return _core.rsvd_auto_iters("subspace", shape[0], shape[1], int(k), 10)
+    return n_iter
 
 
 def lora_from_delta(delta, r=None, *, tol=None, max_rank=None, alpha=None, scale=None,
@@ -59,7 +70,7 @@ def lora_from_delta(delta, r=None, *, tol=None, max_rank=None, alpha=None, scale
                 and not 1 <= r <= min(shape)):
             raise ValueError(f"r must be in [1, min(d_out, d_in)] = [1, {min(shape)}] for delta "
                              f"of shape {tuple(shape)}, got {r}")
-        U, S, Vt = rsvd(delta, r, n_iter=n_iter, seed=seed)
+        U, S, Vt = rsvd(delta, r, n_iter=_converged(n_iter, shape, r), seed=seed)
     else:
         kw = {} if isinstance(n_iter, str) and n_iter == "auto" else {"n_iter": n_iter}
         U, S, Vt, _ = rsvd_tol(delta, tol, max_rank=max_rank, seed=seed, **kw)
@@ -171,7 +182,8 @@ def spectrum(M, k=None, *, seed=None, check_finite=True) -> Spectrum:
         s = s.astype(M.dtype, copy=False)
     else:
         k = _int(k, "k")
-        _, s, _ = rsvd(M, k, seed=seed, check_finite=check_finite)  # scales on its own
+        _, s, _ = rsvd(M, k, n_iter=_converged("auto", M.shape, k), seed=seed,
+                       check_finite=check_finite)  # scales on its own
         s = np.ldexp(s.astype(np.float64), e)
     total = float(np.einsum("ij,ij->", Ms, Ms, dtype=np.float64)) if M.size else 0.0
     return Spectrum(s, total, k is None or k == min(M.shape), exponent=e, dtype=M.dtype)

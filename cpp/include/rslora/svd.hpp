@@ -32,9 +32,19 @@ struct RsvdOptions {
   RsvdNormalizer normalizer = RsvdNormalizer::qr;  // between subspace passes; krylov needs qr
   std::uint64_t seed = 0;
   bool check_finite = true;  // NaN/Inf in M -> std::invalid_argument (seen in the first pass)
+  // n_iter = -1 with subspace iteration and the "qr" normalizer: iterate until the estimated
+  // relative Frobenius error is <= (1 + auto_tol) x the Eckart-Young optimum (see rsvd_converged).
+  double auto_tol = 1e-3;
 };
 
-// The iteration count "auto" stands for, measured on the "style" (s_i = exp(-i/8)) and "facts"
+// Subspace iterations that n_iter = -1 may make at most before it stops unconverged.
+constexpr int kRsvdAutoMaxIters = 12;
+
+// The power iterations the last rsvd call on this thread made (n_iter, or what "auto" chose).
+int rsvd_last_n_iter();
+
+// The fixed iteration count "auto" stands for where it does not adapt (method "krylov",
+// normalizers "lu" and "none"), measured on the "style" (s_i = exp(-i/8)) and "facts"
 // (s_i = (1 + i)^-1/2) spectra (see bench/bench_svd.py): the fewest that reach a relative
 // Frobenius error <= 1.001 x the Eckart-Young optimum on both, in float32, k = 64, m = n in
 // {2048, 4096}. 0 when the sketch already spans the short side.

@@ -1,15 +1,12 @@
-// Loops written so the compiler vectorizes them (fixed-width lane accumulators, unit strides);
-// target_clones compiles each for AVX-512, AVX2+FMA and baseline x86-64 and picks one at load
-// time (no -march=native in wheels).
+// The baseline path of the small-group kernels: loops written so the compiler vectorizes them for
+// the build's baseline ISA (fixed-width lane accumulators, unit strides), and the dispatch to the
+// SIMD paths (rslora/kernel_path.hpp). No -march=native in wheels.
 #include "multi_kernels.hpp"
 
 #include <algorithm>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define RSLORA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RSLORA_CLONES
-#endif
+#include "rslora/kernel_path.hpp"
+
 #define RSLORA_INLINE inline __attribute__((always_inline))
 
 namespace rslora::detail {
@@ -89,35 +86,43 @@ RSLORA_INLINE void expand_impl(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, 
   }
 }
 
-RSLORA_CLONES void shrink_portable(const float* const* x, i64 c, const float* A, i64 r, i64 A_rs,
+void shrink_portable(const float* const* x, i64 c, const float* A, i64 r, i64 A_rs,
                                    i64 d, float* xa, float* acc) {
   shrink_impl(x, c, A, r, A_rs, d, xa, acc);
 }
-RSLORA_CLONES void shrink_portable(const double* const* x, i64 c, const double* A, i64 r,
+void shrink_portable(const double* const* x, i64 c, const double* A, i64 r,
                                    i64 A_rs, i64 d, double* xa, double* acc) {
   shrink_impl(x, c, A, r, A_rs, d, xa, acc);
 }
-RSLORA_CLONES void expand_portable(float* const* y, i64 c, const float* B, i64 r, i64 B_rs,
+void expand_portable(float* const* y, i64 c, const float* B, i64 r, i64 B_rs,
                                    i64 d_out, const float* xa, float s, float* bt) {
   expand_impl(y, c, B, r, B_rs, d_out, xa, s, bt);
 }
-RSLORA_CLONES void expand_portable(double* const* y, i64 c, const double* B, i64 r, i64 B_rs,
+void expand_portable(double* const* y, i64 c, const double* B, i64 r, i64 B_rs,
                                    i64 d_out, const double* xa, double s, double* bt) {
   expand_impl(y, c, B, r, B_rs, d_out, xa, s, bt);
 }
 
 template <class T>
 void shrink_any(const T* const* x, i64 c, const T* A, i64 r, i64 A_rs, i64 d, T* xa, T* acc) {
-#if RSLORA_HAVE_AVX512_KERNELS
-  if (have_avx512()) return shrink_avx512(x, c, A, r, A_rs, d, xa);
+#if RSLORA_HAVE_X86_KERNELS
+  switch (kernel_path()) {
+    case KernelPath::avx512: return shrink_avx512(x, c, A, r, A_rs, d, xa);
+    case KernelPath::avx2: return shrink_avx2(x, c, A, r, A_rs, d, xa);
+    case KernelPath::baseline: break;
+  }
 #endif
   shrink_portable(x, c, A, r, A_rs, d, xa, acc);
 }
 template <class T>
 void expand_any(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, i64 d_out, const T* xa, T s,
                 T* bt) {
-#if RSLORA_HAVE_AVX512_KERNELS
-  if (have_avx512()) return expand_avx512(y, c, B, r, B_rs, d_out, xa, s, bt);
+#if RSLORA_HAVE_X86_KERNELS
+  switch (kernel_path()) {
+    case KernelPath::avx512: return expand_avx512(y, c, B, r, B_rs, d_out, xa, s, bt);
+    case KernelPath::avx2: return expand_avx2(y, c, B, r, B_rs, d_out, xa, s, bt);
+    case KernelPath::baseline: break;
+  }
 #endif
   expand_portable(y, c, B, r, B_rs, d_out, xa, s, bt);
 }

@@ -26,21 +26,27 @@ void expand(float* const* y_rows, i64 c, const float* B, i64 r, i64 B_rs, i64 d_
 void expand(double* const* y_rows, i64 c, const double* B, i64 r, i64 B_rs, i64 d_out,
             const double* xa, double s, double* bt);
 
-// Run-time dispatch: the AVX-512 kernels (multi_kernels_avx512.cpp) where the CPU has them, the
-// portable target_clones loops otherwise.
+// SIMD versions chosen at run time (rslora/kernel_path.hpp): AVX-512F (multi_kernels_avx512.cpp)
+// and AVX2+FMA (multi_kernels_avx2.cpp); the loops in multi_kernels.cpp are the baseline path,
+// compiled for the build's baseline ISA (x86-64: SSE2, no FMA).
 #if defined(__x86_64__) && defined(__GNUC__)
-#define RSLORA_HAVE_AVX512_KERNELS 1
+#define RSLORA_HAVE_X86_KERNELS 1
 bool have_avx512();
-void shrink_avx512(const float* const* x_rows, i64 c, const float* A, i64 r, i64 A_rs, i64 d,
-                   float* xa);
-void shrink_avx512(const double* const* x_rows, i64 c, const double* A, i64 r, i64 A_rs, i64 d,
-                   double* xa);
-void expand_avx512(float* const* y_rows, i64 c, const float* B, i64 r, i64 B_rs, i64 d_out,
-                   const float* xa, float s, float* bt);
-void expand_avx512(double* const* y_rows, i64 c, const double* B, i64 r, i64 B_rs, i64 d_out,
-                   const double* xa, double s, double* bt);
+bool have_avx2_fma();
+#define RSLORA_DECLARE_SIMD(SUFFIX)                                                              \
+  void shrink_##SUFFIX(const float* const* x_rows, i64 c, const float* A, i64 r, i64 A_rs,      \
+                       i64 d, float* xa);                                                        \
+  void shrink_##SUFFIX(const double* const* x_rows, i64 c, const double* A, i64 r, i64 A_rs,    \
+                       i64 d, double* xa);                                                       \
+  void expand_##SUFFIX(float* const* y_rows, i64 c, const float* B, i64 r, i64 B_rs, i64 d_out, \
+                       const float* xa, float s, float* bt);                                     \
+  void expand_##SUFFIX(double* const* y_rows, i64 c, const double* B, i64 r, i64 B_rs,          \
+                       i64 d_out, const double* xa, double s, double* bt);
+RSLORA_DECLARE_SIMD(avx512)
+RSLORA_DECLARE_SIMD(avx2)
+#undef RSLORA_DECLARE_SIMD
 #else
-#define RSLORA_HAVE_AVX512_KERNELS 0
+#define RSLORA_HAVE_X86_KERNELS 0
 #endif
 
 }  // namespace rslora::detail

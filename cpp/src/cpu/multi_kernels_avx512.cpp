@@ -4,9 +4,10 @@
 // and there are always >= 4 independent FMA chains; the expand transposes B 16 rows at a time
 // with in-register permutes instead of scalar copies. Same summation order as the portable
 // kernels: lane sums over j then a horizontal sum (shrink), sum over q then y += s * sum (expand).
+// (Lane counts and FMA differ between paths, so results agree to rounding, not bit for bit.)
 #include "multi_kernels.hpp"
 
-#if RSLORA_HAVE_AVX512_KERNELS
+#if RSLORA_HAVE_X86_KERNELS
 #include <immintrin.h>
 
 #include <algorithm>
@@ -251,10 +252,7 @@ RSLORA_AVX512 void expand_impl(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, 
 
 }  // namespace
 
-bool have_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-}
+bool have_avx512() { return __builtin_cpu_supports("avx512f"); }
 
 void shrink_avx512(const float* const* x, i64 c, const float* A, i64 r, i64 A_rs, i64 d,
                    float* xa) {

@@ -132,6 +132,12 @@ int rsvd_auto_iters(RsvdMethod method, i64 m, i64 n, i64 k, i64 oversample) {
 i64 rsvd_passes(RsvdMethod, int n_iter) { return 2 * static_cast<i64>(n_iter) + 2; }
 
 namespace {
+thread_local int last_n_iter = 0;
+}  // namespace
+
+int rsvd_last_n_iter() { return last_n_iter; }
+
+namespace {
 
 using detail::Sides;
 
@@ -166,6 +172,41 @@ i64 subspace(const Sides<T>& sd, i64 l, int iters, RsvdNormalizer how, std::uint
   detail::orthonormalize(Q.data(), p, l);
   sd.mul_t(Q.data(), l, W.data());
   check_interrupt();
+  return l;
+}
+
+// Subspace iteration that stops when the rank-k result has converged to (1 + eps) x the optimal
+// error (rsvd_converge.cpp), after at most max_iters iterations. Each iteration's basis is
+// orthonormalized to working precision, so its W = A^T Q gives the Ritz values (and is the final
+// W when the rule says stop): no pass more than the same number of fixed iterations. *iters
+// receives the iterations made.
+template <class T>
+i64 subspace_auto(const Sides<T>& sd, i64 l, i64 k, int max_iters, double eps, std::uint64_t seed,
+                  bool check_finite, std::vector<T>& Q, std::vector<T>& W, int* iters) {
+  const i64 p = sd.p, q = sd.q;
+  W.resize(static_cast<size_t>(q * l));
+  Q.resize(static_cast<size_t>(p * l));
+  random::normal<T>(W.data(), q * l, seed, 0);
+  sd.mul(W.data(), l, Q.data());
+  if (check_finite) detail::check_sketch_finite(sd, Q.data(), p * l);
+  check_interrupt();
+  const double normA2 = detail::frobenius2(sd.A);
+  std::vector<double> G, Wd, prev, cur;
+  double inc_prev = 0;
+  *iters = 0;
+  for (int it = 0;; ++it) {
+    detail::orthonormalize(Q.data(), p, l);
+    sd.mul_t(Q.data(), l, W.data());
+    check_interrupt();
+    detail::ritz_values(W.data(), q, l, G, Wd, cur);
+    if (it > 0 && detail::rsvd_converged<T>(prev, cur, k, normA2, eps, &inc_prev)) break;
+    if (it == max_iters) break;
+    std::swap(prev, cur);
+    detail::condition(W.data(), q, l);
+    sd.mul(W.data(), l, Q.data());
+    check_interrupt();
+    *iters = it + 1;
+  }
   return l;
 }
 
@@ -217,11 +258,16 @@ void rsvd(Mat<const T> M, i64 k, const RsvdOptions& opt, Mat<T> U, T* S, Mat<T> 
   const detail::Rescaled<T> scaled(M, opt.check_finite);
   const Sides<T> sd(scaled.M);
   const i64 l = opt.oversample >= sd.p - k ? sd.p : k + opt.oversample;  // no k + oversample overflow
-  const int iters = opt.n_iter < 0 ? rsvd_auto_iters(opt.method, m, n, k, opt.oversample) : opt.n_iter;
+  int iters = opt.n_iter < 0 ? rsvd_auto_iters(opt.method, m, n, k, opt.oversample) : opt.n_iter;
+  const bool adapt = opt.n_iter < 0 && iters > 0 && opt.method == RsvdMethod::subspace &&
+                     opt.normalizer == RsvdNormalizer::qr;
   std::vector<T> Q, W;
-  const i64 L = opt.method == RsvdMethod::krylov
+  const i64 L = adapt ? subspace_auto(sd, l, k, kRsvdAutoMaxIters, opt.auto_tol, opt.seed,
+                                      opt.check_finite, Q, W, &iters)
+                : opt.method == RsvdMethod::krylov
                     ? krylov(sd, l, iters, opt.seed, opt.check_finite, Q, W)
                     : subspace(sd, l, iters, opt.normalizer, opt.seed, opt.check_finite, Q, W);
+  last_n_iter = iters;
   const auto sv = detail::small_svd(W, sd.q, L, k);
   detail::write_factors(sd, Q.data(), sv, k, U, S, Vt);
   scaled.unscale(S, k);

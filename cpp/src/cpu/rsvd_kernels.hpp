@@ -103,3 +103,22 @@ struct Rescaled {
 };
 
 }  // namespace rslora::detail
+
+namespace rslora::detail {
+
+// The stopping rule of n_iter = "auto" (rsvd_converge.cpp). ritz_values: s (descending, L) =
+// singular values of W (q x L, column-major), in float64; G and Wd are scratch.
+template <class T>
+void ritz_values(const T* W, i64 q, i64 L, std::vector<double>& G, std::vector<double>& Wd,
+                 std::vector<double>& s);
+// Whether the rank-k result from the basis whose Ritz values are cur (the previous iteration's:
+// prev) is within (1 + eps) x the optimal Frobenius error, ||A||_F^2 = normA2. inc_prev carries
+// the last increase of the captured energy between calls (start with 0).
+template <class T>
+bool rsvd_converged(const std::vector<double>& prev, const std::vector<double>& cur, i64 k,
+                    double normA2, double eps, double* inc_prev);
+// ||A||_F^2, accumulated in float64 (one read of A).
+template <class T>
+double frobenius2(Mat<const T> A);
+
+}  // namespace rslora::detail

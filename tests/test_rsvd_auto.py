@@ -1,0 +1,109 @@
+"""rsvd(n_iter="auto"): stops when the rank-k result meets its accuracy contract,
+||M - U S Vt||_F <= (1 + auto_tol) ||M - M_k||_F, checked against a float64 full SVD.
+
+The matrices have known spectra (random orthogonal factors from NumPy's QR) that converge at very
+different rates: a fast exponential decay ("style": one iteration is plenty), a slow power law
+("facts": several), a flat block with a cliff after k, and a low-rank signal under a noise
+floor. The iteration count must adapt (fewer for fast decay) and the contract must hold.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rslora
+from rslora import _core
+
+M_ROWS, N_COLS, K = 400, 300, 16
+SPECTRA = {
+    "style": lambda n: np.exp(-np.arange(n) / 2.0),
+    "facts": lambda n: (1.0 + np.arange(n)) ** -0.5,
+    "cliff": lambda n: np.where(np.arange(n) < K + 4, 1.0, 1e-2 * (1.0 + np.arange(n)) ** -0.5),
+    "noisy low rank": lambda n: np.where(np.arange(n) < K - 4, 1.0, 0.0) + 0.03,
+}
+
+
+def matrix(spec, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    U, _ = np.linalg.qr(rng.standard_normal((M_ROWS, N_COLS)))
+    V, _ = np.linalg.qr(rng.standard_normal((N_COLS, N_COLS)))
+    s = SPECTRA[spec](N_COLS)
+    return ((U * s) @ V.T).astype(dtype)
+
+
+def ratio(M, U, S, Vt, k):
+    M64 = M.astype(np.float64)
+    sig = np.linalg.svd(M64, compute_uv=False)
+    opt = np.sqrt(np.sum(sig[k:] ** 2))
+    err = np.linalg.norm(M64 - (U.astype(np.float64) * S) @ Vt.astype(np.float64))
+    return err / opt
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("spec", list(SPECTRA))
+def test_auto_meets_the_contract(spec, dtype):
+    M = matrix(spec, dtype)
+    for seed in range(3):
+        U, S, Vt = rslora.rsvd(M, K, seed=seed)
+        it = _core.rsvd_last_n_iter()
+        assert 1 <= it <= 12
+        assert ratio(M, U, S, Vt, K) <= 1.001, (spec, seed, it)
+
+
+def test_auto_adapts_to_the_decay():
+    counts = {}
+    for spec in ("style", "facts"):
+        M = matrix(spec, np.float32)
+        rslora.rsvd(M, K, seed=1)
+        counts[spec] = _core.rsvd_last_n_iter()
+    assert counts["style"] < counts["facts"], counts
+    assert counts["style"] <= 2
+
+
+@pytest.mark.parametrize("spec", ["facts", "style"])
+def test_auto_tol_tighter_and_looser(spec):
+    M = matrix(spec, np.float64, seed=3)
+    got = {}
+    for tol in (1e-1, 1e-3, 1e-5):
+        U, S, Vt = rslora.rsvd(M, K, seed=2, auto_tol=tol)
+        got[tol] = _core.rsvd_last_n_iter()
+        assert ratio(M, U, S, Vt, K) <= 1 + tol, (tol, got[tol])
+    assert got[1e-1] <= got[1e-3] <= got[1e-5], got
+    if spec == "facts":
+        assert got[1e-1] < got[1e-5], got
+
+
+def test_fixed_n_iter_is_reported_and_auto_tol_ignored():
+    M = matrix("facts", np.float32)
+    a = rslora.rsvd(M, K, seed=4, n_iter=2, auto_tol=0.5)
+    assert _core.rsvd_last_n_iter() == 2
+    b = rslora.rsvd(M, K, seed=4, n_iter=2)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_auto_is_deterministic_per_seed():
+    M = matrix("facts", np.float32)
+    a = rslora.rsvd(M, K, seed=9)
+    b = rslora.rsvd(M, K, seed=9)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_sketch_spanning_the_short_side_needs_no_iteration():
+    M = matrix("facts", np.float64)[:, :20]
+    U, S, Vt = rslora.rsvd(M, 12, seed=0)
+    assert _core.rsvd_last_n_iter() == 0
+    assert ratio(M, U, S, Vt, 12) <= 1 + 1e-9
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -1e-3, float("nan"), float("inf")])
+def test_auto_tol_out_of_range(bad):
+    with pytest.raises(ValueError, match="auto_tol must be in \\(0, 1\\)"):
+        rslora.rsvd(np.eye(8), 2, auto_tol=bad)
+
+
+@pytest.mark.parametrize("bad", ["0.1", None, True])
+def test_auto_tol_type(bad):
+    with pytest.raises(TypeError, match="auto_tol must be a real number"):
+        rslora.rsvd(np.eye(8), 2, auto_tol=bad)
