@@ -58,10 +58,9 @@ void bind_backward(py::module_& m) {
         if (dx) require_shape(*dx, "dx", n, d_in, "x");
         if (dA) require_shape(*dA, "dA", r, d_in, "A");
         if (dB) require_shape(*dB, "dB", d_out, r, "B");
-        if (kind == 0)
-          run<float>(dy, x, W, A, B, s, xa, dx, dA, dB);
-        else
-          run<double>(dy, x, W, A, B, s, xa, dx, dA, dB);
+        dispatch_float(kind, [&](auto tag) {
+          run<typename decltype(tag)::type>(dy, x, W, A, B, s, xa, dx, dA, dB);
+        });
       },
       py::arg("dy"), py::arg("x"), py::arg("W"), py::arg("A"), py::arg("B"), py::arg("scale"),
       py::arg("xa"), py::arg("dx"), py::arg("dA"), py::arg("dB"),

@@ -60,10 +60,9 @@ void bind_linear(py::module_& m) {
         int kind = same_kind({{&x, "x"}, {&W, "W"}, {&A, "A"}, {&B, "B"},
                               {bias ? &*bias : nullptr, "bias"}, {&out, "out"}, {&xa, "xa"}});
         check_linear_shapes(x, W, A, B, bias ? &*bias : nullptr);
-        if (kind == 0)
-          run_linear<float>(x, W, A, B, s, bias, out, xa);
-        else
-          run_linear<double>(x, W, A, B, s, bias, out, xa);
+        dispatch_float(kind, [&](auto tag) {
+          run_linear<typename decltype(tag)::type>(x, W, A, B, s, bias, out, xa);
+        });
       },
       py::arg("x"), py::arg("W"), py::arg("A"), py::arg("B"), py::arg("scale"), py::arg("bias"),
       py::arg("out"), py::arg("xa"),
@@ -81,10 +80,7 @@ void bind_linear(py::module_& m) {
         if (B.shape(0) != W.shape(0) || B.shape(1) != A.shape(0))
           shape_error("B has shape " + shape_str(B) + " but W and A need (" +
                       std::to_string(W.shape(0)) + ", " + std::to_string(A.shape(0)) + ")");
-        if (kind == 0)
-          run_merge<float>(W, A, B, s);
-        else
-          run_merge<double>(W, A, B, s);
+        dispatch_float(kind, [&](auto tag) { run_merge<typename decltype(tag)::type>(W, A, B, s); });
       },
       py::arg("W"), py::arg("A"), py::arg("B"), py::arg("scale"), "W += scale * B @ A in place.");
 }

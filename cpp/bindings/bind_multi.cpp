@@ -81,10 +81,9 @@ void bind_multi(py::module_& m) {
         check_multi(x, y.shape(1), A, B, ids, scales);
         if (y.shape(0) != x.shape(0))
           shape_error("y has shape " + shape_str(y) + " but x has " + num(x.shape(0)) + " rows");
-        if (kind == 0)
-          run_add<float>(y, x, A, B, ids, scales);
-        else
-          run_add<double>(y, x, A, B, ids, scales);
+        dispatch_float(kind, [&](auto tag) {
+          run_add<typename decltype(tag)::type>(y, x, A, B, ids, scales);
+        });
       },
       py::arg("y"), py::arg("x"), py::arg("A_all"), py::arg("B_all"), py::arg("adapter_ids"),
       py::arg("scales"),
@@ -107,10 +106,9 @@ void bind_multi(py::module_& m) {
         if (out.shape(0) != x.shape(0) || out.shape(1) != W.shape(0))
           shape_error("out has shape " + shape_str(out) + " but the result has shape (" +
                       num(x.shape(0)) + ", " + num(W.shape(0)) + ")");
-        if (kind == 0)
-          run_linear<float>(x, W, A, B, ids, scales, bias, out);
-        else
-          run_linear<double>(x, W, A, B, ids, scales, bias, out);
+        dispatch_float(kind, [&](auto tag) {
+          run_linear<typename decltype(tag)::type>(x, W, A, B, ids, scales, bias, out);
+        });
       },
       py::arg("x"), py::arg("W"), py::arg("A_all"), py::arg("B_all"), py::arg("adapter_ids"),
       py::arg("scales"), py::arg("bias"), py::arg("out"),

@@ -80,7 +80,7 @@ void bind_svd(py::module_& m) {
         if (!(auto_tol > 0 && auto_tol < 1))
           throw std::invalid_argument("auto_tol must be in (0, 1), got " + std::to_string(auto_tol));
         opt.auto_tol = auto_tol;
-        return kind == 0 ? run_rsvd<float>(M, k, opt) : run_rsvd<double>(M, k, opt);
+        return dispatch_float(kind, [&](auto tag) { return run_rsvd<typename decltype(tag)::type>(M, k, opt); });
       },
       py::arg("M"), py::arg("k"), py::arg("oversample"), py::arg("n_iter"), py::arg("method"),
       py::arg("normalizer"), py::arg("seed"), py::arg("check_finite"), py::arg("auto_tol") = 1e-3,
@@ -95,8 +95,10 @@ void bind_svd(py::module_& m) {
         int kind = same_kind({{&M, "M"}});
         require_ndim(M, "M", 2);
         check_k(M, max_rank, "max_rank");
-        return kind == 0 ? run_rsvd_tol<float>(M, tol, max_rank, block, n_iter, seed, check_finite)
-                         : run_rsvd_tol<double>(M, tol, max_rank, block, n_iter, seed, check_finite);
+        return dispatch_float(kind, [&](auto tag) {
+          return run_rsvd_tol<typename decltype(tag)::type>(M, tol, max_rank, block, n_iter, seed,
+                                                            check_finite);
+        });
       },
       py::arg("M"), py::arg("tol"), py::arg("max_rank"), py::arg("block"), py::arg("n_iter"),
       py::arg("seed"), py::arg("check_finite"), "(U, S, Vt, error): smallest rank with relative Frobenius error <= tol.");
@@ -116,14 +118,12 @@ void bind_svd(py::module_& m) {
       "random_normal",
       [](i64 count, std::uint64_t seed, std::uint64_t stream, bool float64) -> py::array {
         if (count < 0) throw std::invalid_argument("count must be >= 0");
-        if (float64) {
-          py::array_t<double> out(count);
-          random::normal<double>(out.mutable_data(), count, seed, stream);
+        return dispatch_float(float64 ? 1 : 0, [&](auto tag) -> py::array {
+          using T = typename decltype(tag)::type;
+          py::array_t<T> out(count);
+          random::normal<T>(out.mutable_data(), count, seed, stream);
           return out;
-        }
-        py::array_t<float> out(count);
-        random::normal<float>(out.mutable_data(), count, seed, stream);
-        return out;
+        });
       },
       py::arg("count"), py::arg("seed"), py::arg("stream"), py::arg("float64"),
       "Standard normal numbers from the core's Philox generator (element i depends only on seed, stream, i).");

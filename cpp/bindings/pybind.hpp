@@ -50,6 +50,20 @@ inline int same_kind(std::initializer_list<std::pair<const py::array*, const cha
   return kind;
 }
 
+// Calls f(type_tag<float>{}) for kind 0 and f(type_tag<double>{}) otherwise: the one place a
+// float kind (from float_kind/same_kind) turns into a C++ type. In f: using T = typename
+// decltype(tag)::type. Both instantiations must return the same type.
+template <class T>
+struct type_tag {
+  using type = T;
+};
+
+template <class F>
+decltype(auto) dispatch_float(int kind, F&& f) {
+  if (kind == 0) return f(type_tag<float>{});
+  return f(type_tag<double>{});
+}
+
 inline void require_ndim(const py::array& a, const char* name, py::ssize_t nd) {
   if (a.ndim() != nd)
     throw std::invalid_argument(std::string(name) + " must be " + std::to_string(nd) +
