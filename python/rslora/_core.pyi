@@ -1,14 +1,16 @@
-# Type stubs for rslora._core (the compiled CPU core). Use the rslora package's functions instead:
-# they handle batch dimensions, scale/alpha/rule and out=.
+# Type stubs for rslora._core (the compiled CPU core, cpp/bindings/). Use the rslora package's
+# functions instead: they handle batch dimensions, scale/alpha/rule and out=.
+# Checked against the built module by `python -m mypy.stubtest rslora._core` (.ci/run) and, for the
+# names alone, by tests/test_stubs.py. Parameter names are the bindings' py::arg names.
 import numpy as np
 import numpy.typing as npt
 
 _F = npt.NDArray[np.floating]
 
-# --- blas ---------------------------------------------------------------------------------------
+# --- blas (cpp/bindings/bind_blas.cpp) -----------------------------------------------------------
 def blas_load(path: str) -> None: ...
 def blas_loaded() -> bool: ...
-def blas_info() -> dict: ...
+def blas_info() -> dict[str, object]: ...
 def blas_num_threads() -> int: ...
 
 # --- SIMD kernel path (cpp/bindings/bind_kernels.cpp) --------------------------------------------
@@ -16,22 +18,22 @@ def kernel_path() -> str: ...
 def set_kernel_path(name: str) -> None: ...
 def kernel_paths() -> dict[str, str]: ...
 
-# --- linear -------------------------------------------------------------------------------------
+# --- linear (cpp/bindings/bind_linear.cpp) -------------------------------------------------------
 def lora_linear(x: _F, W: _F, A: _F, B: _F, scale: float, bias: _F | None, out: _F, xa: _F) -> None: ...
 def merge(W: _F, A: _F, B: _F, scale: float) -> None: ...
-# --- backward (issue 4) --------------------------------------------------------------------------
+# --- backward (cpp/bindings/bind_backward.cpp) ---------------------------------------------------
 def lora_linear_backward(dy: _F, x: _F, W: _F, A: _F, B: _F, scale: float,
                          xa: _F | None, dx: _F | None, dA: _F | None,
                          dB: _F | None) -> None: ...
 
-# --- multi-adapter (issue 4) ---------------------------------------------------------------------
+# --- multi-adapter (cpp/bindings/bind_multi.cpp) -------------------------------------------------
 def lora_add_multi(y: _F, x: _F, A_all: _F, B_all: _F,
                    adapter_ids: npt.NDArray[np.int64], scales: npt.NDArray[np.float64]) -> None: ...
 def lora_linear_multi(x: _F, W: _F, A_all: _F, B_all: _F,
                       adapter_ids: npt.NDArray[np.int64], scales: npt.NDArray[np.float64],
                       bias: _F | None, out: _F) -> None: ...
 
-# --- svd (cpp/bindings/bind_svd.cpp) ------------------------------------------------------------
+# --- svd (cpp/bindings/bind_svd.cpp) -------------------------------------------------------------
 def rsvd(M: npt.NDArray[np.floating], k: int, oversample: int, n_iter: int, method: str,
          normalizer: str, seed: int, check_finite: bool,
          auto_tol: float = ...) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
