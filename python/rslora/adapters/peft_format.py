@@ -150,6 +150,17 @@ def _full_key(key: str) -> str:
     return ".".join(p for p in key.split(".") if p not in ("base_layer", "modules_to_save"))
 
 
+def adapter_folder(path) -> Path:
+    """``path`` as an adapter folder, or the one-line error a user should see."""
+    folder = Path(os.fspath(path))
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: an adapter is a folder with {CONFIG_NAME} and "
+                              f"{WEIGHTS_NAME}")
+    return folder
+
+
 def load_adapter(path) -> LoraAdapter:
     """Load a PEFT LoRA adapter folder (written by PEFT's ``save_pretrained`` or by rslora).
 
@@ -173,12 +184,7 @@ def load_adapter(path) -> LoraAdapter:
         LoRA keys, a pickled ``adapter_model.bin``), an unreadable file, or shapes that disagree
         with the config.
     """
-    folder = Path(os.fspath(path))
-    if not folder.exists():
-        raise FileNotFoundError(f"{folder}: no such folder")
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: an adapter is a folder with {CONFIG_NAME} and "
-                              f"{WEIGHTS_NAME}")
+    folder = adapter_folder(path)
     cfg = _read_config(folder)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():

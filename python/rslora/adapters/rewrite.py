@@ -38,7 +38,8 @@ from .checkpoint import (
     save_tensors,
     to_bfloat16_bits,
 )
-from .peft_format import CONFIG_NAME, WEIGHTS_NAME, _read_config, common_rank, pattern_key
+from .peft_format import (CONFIG_NAME, WEIGHTS_NAME, _read_config, adapter_folder, common_rank,
+                          pattern_key)
 
 __all__ = ["ModuleFactors", "RawAdapter", "read_raw_adapter", "module_patterns",
            "uniform_config", "write_raw_adapter", "check_distinct", "narrow"]
@@ -123,12 +124,7 @@ def read_raw_adapter(path) -> RawAdapter:
     file, field or module: not an adapter, a variant whose update is not ``scale * B @ A``
     (DoRA, lora_bias, ...), an unknown LoRA tensor, factors of the wrong shape or non-finite.
     """
-    folder = Path(os.fspath(path))
-    if not folder.exists():
-        raise FileNotFoundError(f"{folder}: no such folder")
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: an adapter is a folder with {CONFIG_NAME} and "
-                              f"{WEIGHTS_NAME}")
+    folder = adapter_folder(path)
     cfg = _read_config(folder)
     for key in _VARIANTS:
         if cfg.get(key):

@@ -76,6 +76,22 @@ class _Memo:
         return self.done[j]["final_loss"]
 
 
+def cell(per: list, slopes: list, fixed: list, tuned_lrs: list) -> dict:
+    """One optimizer x rule cell of a learning-rate map (the linear toy's or the MLP's):
+    ``per[rep][i]`` the search summaries at rank i, ``fixed[rep][i]`` the final losses at the lr
+    tuned at the smallest rank (``tuned_lrs[rep]``)."""
+    n = len(per[0])
+    return {
+        "searches": per,
+        "optimum_lr": [[p[i]["optimum_lr"] for p in per] for i in range(n)],
+        "any_at_edge": any(x["at_edge"] for p in per for x in p),
+        "slope": _spread(slopes),
+        "tuned_at_r0": {"lr": tuned_lrs,
+                        "final_loss": [_spread([f[i] for f in fixed]) for i in range(n)]},
+        "own_best": {"final_loss": [_spread([p[i]["best_loss"] for p in per]) for i in range(n)]},
+    }
+
+
 def total_cost(cfg) -> float:
     """Rough work units of the map (its base grids), for the progress bar."""
     per_seed = sum(dynamics.run_cost(cfg, r) * (1 if r == cfg.ranks[0] else 2)
@@ -119,15 +135,8 @@ def run(cfg, runner, S: np.ndarray) -> dict:
             best_curves = [memo.done[job(cfg, 0, r, rule, o, per[0][i]["best_k"])]
                            for i, r in enumerate(ranks)]
             out["cells"][f"{o}/{rule}"] = {
-                "searches": per,
-                "optimum_lr": [[p[i]["optimum_lr"] for p in per] for i in range(len(ranks))],
-                "any_at_edge": any(x["at_edge"] for p in per for x in p),
-                "slope": _spread(slopes),
-                "tuned_at_r0": {"lr": [lattice_lr(lr_min(cfg, o), k0[o, rep]) for rep in reps],
-                                "final_loss": [_spread([f[i] for f in fixed])
-                                               for i in range(len(ranks))]},
-                "own_best": {"final_loss": [_spread([p[i]["best_loss"] for p in per])
-                                            for i in range(len(ranks))]},
+                **cell(per, slopes, fixed, [lattice_lr(lr_min(cfg, o), k0[o, rep])
+                                            for rep in reps]),
                 "curves_seed0": [{"rank": r, "lr": per[0][i]["best_lr"], "steps": c["steps"],
                                   "loss": c["loss"]} for (i, r), c in
                                  zip(enumerate(ranks), best_curves)],

@@ -23,7 +23,7 @@ from ..linear import lora_linear
 from ..scaling import scale
 from .config import subseed
 from .dynamics import OPTIMIZERS, RULES, _slope
-from .lrmap import _spread
+from .lrmap import _spread, cell
 from .lrsearch import Search, drive, lattice_lr
 
 DIVERGED = 1e3
@@ -223,15 +223,6 @@ def run(cfg, runner) -> dict:
                    for rep in reps]
             slopes = [_slope(list(ranks), [x["optimum_lr"] for x in p]) for p in per]
             fixed = [[done[canon(o, rule, rep, r, k0[o, rep])] for r in ranks] for rep in reps]
-            out["cells"][f"{o}/{rule}"] = {
-                "searches": per,
-                "optimum_lr": [[p[i]["optimum_lr"] for p in per] for i in range(len(ranks))],
-                "any_at_edge": any(x["at_edge"] for p in per for x in p),
-                "slope": _spread(slopes),
-                "tuned_at_r0": {"lr": [lattice_lr(lr_min(cfg, o), k0[o, rep]) for rep in reps],
-                                "final_loss": [_spread([f[i] for f in fixed])
-                                               for i in range(len(ranks))]},
-                "own_best": {"final_loss": [_spread([p[i]["best_loss"] for p in per])
-                                            for i in range(len(ranks))]},
-            }
+            out["cells"][f"{o}/{rule}"] = cell(
+                per, slopes, fixed, [lattice_lr(lr_min(cfg, o), k0[o, rep]) for rep in reps])
     return out
