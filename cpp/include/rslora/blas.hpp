@@ -30,6 +30,29 @@ bool loaded();
 const Info& info();
 // Threads of the BLAS pool (openblas_get_num_threads / mkl_get_max_threads), -1 if unknown.
 int num_threads();
+// Small BLAS/LAPACK calls (orthonormalisation of a tall-skinny block, l x l Gram matrices and
+// SVDs) gain nothing from a second thread and lose most when a core is busy. Inside a scope they
+// run on one thread, through OpenBLAS's openblas_set_num_threads_local (>= 0.3.27; returns the
+// previous count); the count is restored when the last scope in the process closes, so NumPy's
+// setting is unchanged after every call. In pthreads builds of OpenBLAS the setter is in fact
+// process-wide (measured on scipy-openblas64 0.3.31), hence one count shared by all threads:
+// nested and concurrent scopes never restore a 1. Without the setter (older OpenBLAS, MKL) a
+// scope does nothing. Wrap only small calls: the GEMM passes over M keep every thread.
+class SingleThreadScope {
+ public:
+  SingleThreadScope();
+  ~SingleThreadScope();
+  SingleThreadScope(const SingleThreadScope&) = delete;
+  SingleThreadScope& operator=(const SingleThreadScope&) = delete;
+
+ private:
+  bool active_ = false;
+};
+// Whether the bound library has the thread-local setter (what SingleThreadScope needs).
+bool has_local_thread_setter();
+// Test hook: scopes opened while disabled do nothing (to compare results with and without).
+// Returns the previous setting.
+bool set_single_thread_scopes(bool enabled);
 // The address of a symbol by its plain name ("cblas_sgemm", "sgeqrf"), nullptr when absent.
 void* symbol(const std::string& plain_name, bool cblas);
 
