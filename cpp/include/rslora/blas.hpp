@@ -38,9 +38,13 @@ int num_threads();
 // process-wide (measured on scipy-openblas64 0.3.31), hence one count shared by all threads:
 // nested and concurrent scopes never restore a 1. Without the setter (older OpenBLAS, MKL) a
 // scope does nothing. Wrap only small calls: the GEMM passes over M keep every thread.
+// `work` is the multiply-adds of the calls inside (e.g. p l^2 for a p x l block): above
+// kSmallWork (64 M, a few ms on one core) a second thread pays again and the scope does nothing,
+// so a wide basis (rsvd_tol's growing rank, a long Krylov basis) keeps every thread.
+inline constexpr double kSmallWork = 67108864.0;
 class SingleThreadScope {
  public:
-  SingleThreadScope();
+  explicit SingleThreadScope(double work);
   ~SingleThreadScope();
   SingleThreadScope(const SingleThreadScope&) = delete;
   SingleThreadScope& operator=(const SingleThreadScope&) = delete;

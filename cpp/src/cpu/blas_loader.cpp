@@ -117,9 +117,9 @@ bool has_local_thread_setter() { return state().set_local != nullptr; }
 
 bool set_single_thread_scopes(bool enabled) { return state().scopes_enabled.exchange(enabled); }
 
-SingleThreadScope::SingleThreadScope() {
+SingleThreadScope::SingleThreadScope(double work) {
   State& s = state();
-  if (!s.set_local || !s.scopes_enabled.load()) return;
+  if (!(work <= kSmallWork) || !s.set_local || !s.scopes_enabled.load()) return;
   std::lock_guard<std::mutex> lock(s.scope_mu);
   if (s.scope_depth++ == 0) s.saved_threads = s.set_local(1);
   active_ = true;
