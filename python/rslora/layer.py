@@ -85,7 +85,7 @@ class LoRALinear:
         self.lora_alpha = alpha
         self.rule = rule
         conv = (lambda a: np.array(a, order="C")) if copy else np.ascontiguousarray
-        self._packed = None
+        self._packed: np.ndarray | None = None
         if copy:
             self._packed = np.empty((W.shape[0] + A.shape[0], W.shape[1]), dtype=W.dtype)
             self._packed[:W.shape[0]] = W
