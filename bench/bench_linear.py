@@ -5,6 +5,8 @@
 
 Roles in each group: rslora = lora_linear; numpy = ``x @ W.T + s * ((x @ A.T) @ B.T)``;
 base = ``x @ W.T`` alone (the floor: the LoRA branch should cost no more than its own FLOPs).
+Group "layer forward": rslora = packed LoRALinear (two GEMMs), unpacked = the same layer with
+copy=False (three GEMMs), base = ``x @ W.T``.
 """
 
 from __future__ import annotations
@@ -58,6 +60,24 @@ def test_forward(benchmark, weights, n, r, role):
     else:
         y = benchmark(lambda: x @ W.T)
         check(y, x, W, A, B, 0.0)
+
+
+@pytest.mark.parametrize("role", ["rslora", "unpacked", "base"])
+def test_layer_packed(benchmark, weights, role):
+    # LoRALinear's packed forward ([W; A] in one buffer: one GEMM for x W^T and x A^T, then the
+    # expand with beta = 1) vs the same layer on three GEMMs (copy=False) vs x @ W.T alone.
+    n, r = 256, 64
+    X, W, A0, B0 = weights
+    x, A, B = X[:n], np.ascontiguousarray(A0[:r]), np.ascontiguousarray(B0[:, :r])
+    set_case(benchmark, f"layer forward n={n} r={r}", role, n=n, r=r)
+    if role == "base":
+        y = benchmark(lambda: x @ W.T)
+        check(y, x, W, A, B, 0.0)
+        return
+    layer = rslora.LoRALinear(W, A, B, alpha=16, copy=role == "rslora")
+    assert layer._is_packed() == (role == "rslora")
+    y = benchmark(layer.forward, x, cache=False)
+    check(y, x, W, A, B, layer.scaling)
 
 
 @pytest.mark.parametrize("role", ["rslora", "numpy"])

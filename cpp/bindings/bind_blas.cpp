@@ -20,6 +20,10 @@ void bind_blas(py::module_& m) {
     return d;
   });
   m.def("blas_num_threads", &blas::num_threads);
+  m.def("blas_has_local_thread_setter", &blas::has_local_thread_setter,
+        "Whether small calls inside rsvd/rsvd_tol can run on one thread (openblas_set_num_threads_local).");
+  m.def("_blas_single_thread_scopes", &blas::set_single_thread_scopes, py::arg("enabled"),
+        "Test hook: enable/disable the one-thread scopes around small calls; returns the previous setting.");
 }
 
 }  // namespace rslora::bind

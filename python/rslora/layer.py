@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _arrays
+from . import _arrays, _core
 from .scaling import resolve
 from .backward import lora_linear_backward
 from .linear import lora_linear, merge, unmerge
@@ -44,7 +44,12 @@ class LoRALinear:
     scale : float, optional
         The scale itself.
     copy : bool
-        Copy the arrays (default), so that merge() never changes the caller's weight.
+        Copy the arrays (default), so that merge() never changes the caller's weight. The
+        copies are packed: ``weight`` and ``lora_A`` are the two row blocks of one
+        (out_features + r, in_features) buffer, so the unmerged forward is two GEMMs (one
+        gives ``x @ weight.T`` and ``x @ lora_A.T`` together, the other adds the expand onto
+        it) instead of three. With ``copy=False`` the caller's arrays are used as they are
+        (three GEMMs).
 
     Attributes
     ----------
@@ -80,7 +85,16 @@ class LoRALinear:
         self.lora_alpha = alpha
         self.rule = rule
         conv = (lambda a: np.array(a, order="C")) if copy else np.ascontiguousarray
-        self.weight, self.lora_A, self.lora_B = conv(W), conv(A), conv(B)
+        self._packed: np.ndarray | None = None
+        if copy:
+            self._packed = np.empty((W.shape[0] + A.shape[0], W.shape[1]), dtype=W.dtype)
+            self._packed[:W.shape[0]] = W
+            self._packed[W.shape[0]:] = A
+            self.weight, self.lora_A = self._packed[:W.shape[0]], self._packed[W.shape[0]:]
+        else:
+            self.weight, self.lora_A = conv(W), conv(A)
+        self._packed_views = (self.weight, self.lora_A)
+        self.lora_B = conv(B)
         self.bias = None if b is None else conv(b)
         self.merged = False
         self._cache = None
@@ -130,18 +144,45 @@ class LoRALinear:
         Unmerged: the fused forward, and (with ``cache=True``) x and ``x @ lora_A.T`` are kept
         for :meth:`backward` (a reference to x, not a copy: do not modify x in between).
         Merged: ``x @ weight.T + bias`` with the merged weight, no LoRA term.
+
+        A packed layer (``copy=True``, ``weight`` and ``lora_A`` not rebound since) returns the
+        first out_features columns of an (..., out_features + r) buffer whose last r columns
+        hold ``x @ lora_A.T``: a view with strided rows, not a C-contiguous array.
         """
         if self.merged:
             empty_A = self.lora_A[:0]
             y = lora_linear(x, self.weight, empty_A, self.lora_B[:, :0], scale=0.0, bias=self.bias)
             self._cache = (np.asarray(x), None) if cache else None
             return y
-        y, xa = lora_linear(x, self.weight, self.lora_A, self.lora_B, scale=self.scaling,
-                            bias=self.bias, return_xa=True)
+        if self._is_packed():
+            y, xa = self._packed_forward(x)
+        else:
+            y, xa = lora_linear(x, self.weight, self.lora_A, self.lora_B, scale=self.scaling,
+                                bias=self.bias, return_xa=True)
         self._cache = (np.asarray(x), xa) if cache else None
         return y
 
     __call__ = forward
+
+    def _is_packed(self) -> bool:
+        # Rebinding weight or lora_A (layer.lora_A = new) leaves the buffer stale: unpacked then.
+        return (self._packed is not None and self.weight is self._packed_views[0]
+                and self.lora_A is self._packed_views[1])
+
+    def _packed_forward(self, x):
+        d_out, r = self.out_features, self.r
+        bias = None
+        if self.bias is not None:  # the shrink columns start at 0 (built per call: bias may change)
+            bias = np.zeros(d_out + r, dtype=self.dtype)
+            bias[:d_out] = self.bias
+        # [y | xa] = x @ [W; A].T (+ [bias | 0]): one GEMM; lora_linear validates x.
+        z = lora_linear(x, self._packed, self._packed[:0], np.empty((d_out + r, 0), self.dtype),
+                        scale=0.0, bias=bias)
+        z2 = z.reshape(-1, d_out + r)  # a view: z is fresh and C-contiguous
+        # y += s xa B^T, a GEMM with beta = 1 ("W += s B A" with W = y, B = xa, A = lora_B^T);
+        # y and xa are disjoint column blocks of z.
+        _core.merge(z2[:, :d_out], self.lora_B.T, z2[:, d_out:], self.scaling)
+        return z[..., :d_out], z[..., d_out:]
 
     def backward(self, dy, *, need=("x", "A", "B")) -> LoRAGrads:
         """Gradients for the last :meth:`forward`'s input: ``LoRAGrads(dx, lora_A, lora_B)``.

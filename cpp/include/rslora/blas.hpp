@@ -30,6 +30,33 @@ bool loaded();
 const Info& info();
 // Threads of the BLAS pool (openblas_get_num_threads / mkl_get_max_threads), -1 if unknown.
 int num_threads();
+// Small BLAS/LAPACK calls (orthonormalisation of a tall-skinny block, l x l Gram matrices and
+// SVDs) gain nothing from a second thread and lose most when a core is busy. Inside a scope they
+// run on one thread, through OpenBLAS's openblas_set_num_threads_local (>= 0.3.27; returns the
+// previous count); the count is restored when the last scope in the process closes, so NumPy's
+// setting is unchanged after every call. In pthreads builds of OpenBLAS the setter is in fact
+// process-wide (measured on scipy-openblas64 0.3.31), hence one count shared by all threads:
+// nested and concurrent scopes never restore a 1. Without the setter (older OpenBLAS, MKL) a
+// scope does nothing. Wrap only small calls: the GEMM passes over M keep every thread.
+// `work` is the multiply-adds of the calls inside (e.g. p l^2 for a p x l block): above
+// kSmallWork (64 M, a few ms on one core) a second thread pays again and the scope does nothing,
+// so a wide basis (rsvd_tol's growing rank, a long Krylov basis) keeps every thread.
+inline constexpr double kSmallWork = 67108864.0;
+class SingleThreadScope {
+ public:
+  explicit SingleThreadScope(double work);
+  ~SingleThreadScope();
+  SingleThreadScope(const SingleThreadScope&) = delete;
+  SingleThreadScope& operator=(const SingleThreadScope&) = delete;
+
+ private:
+  bool active_ = false;
+};
+// Whether the bound library has the thread-local setter (what SingleThreadScope needs).
+bool has_local_thread_setter();
+// Test hook: scopes opened while disabled do nothing (to compare results with and without).
+// Returns the previous setting.
+bool set_single_thread_scopes(bool enabled);
 // The address of a symbol by its plain name ("cblas_sgemm", "sgeqrf"), nullptr when absent.
 void* symbol(const std::string& plain_name, bool cblas);
 

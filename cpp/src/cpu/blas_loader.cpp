@@ -1,6 +1,7 @@
 // Finds CBLAS/LAPACK symbols in the library the Python layer chose (see blas.hpp).
 #include <dlfcn.h>
 
+#include <atomic>
 #include <mutex>
 #include <stdexcept>
 #include <unordered_map>
@@ -15,6 +16,12 @@ struct State {
   Info info;
   std::mutex mu;
   std::unordered_map<std::string, void*> cache;
+  using set_local_fn = int (*)(int);
+  set_local_fn set_local = nullptr;  // openblas_set_num_threads_local, when exported
+  std::mutex scope_mu;               // guards scope_depth and saved_threads
+  int scope_depth = 0;
+  int saved_threads = 0;
+  std::atomic<bool> scopes_enabled{true};
 };
 
 State& state() {
@@ -67,6 +74,17 @@ void load(const std::string& path) {
         dlsym(h, (std::string(f.prefix) + "openblas_get_config" + f.cblas_suffix).c_str()));
     if (cfg) in.config = cfg();
     in.int64 = f.int64 == 1 || (f.int64 == -1 && in.config.find("USE64BITINT") != std::string::npos);
+    // scipy-openblas64 exports it bare (no scipy_ prefix, no 64_ suffix); try the flavour's
+    // names first in case other builds decorate it.
+    for (const std::string& name :
+         {std::string(f.prefix) + "openblas_set_num_threads_local" + f.cblas_suffix,
+          std::string(f.prefix) + "openblas_set_num_threads_local",
+          std::string("openblas_set_num_threads_local")}) {
+      if (void* p = dlsym(h, name.c_str())) {
+        s.set_local = reinterpret_cast<State::set_local_fn>(p);
+        break;
+      }
+    }
     s.handle = h;
     s.info = in;
     return;
@@ -93,6 +111,25 @@ void* symbol(const std::string& plain, bool cblas) {
   void* p = dlsym(s.handle, name.c_str());
   s.cache.emplace(key, p);
   return p;
+}
+
+bool has_local_thread_setter() { return state().set_local != nullptr; }
+
+bool set_single_thread_scopes(bool enabled) { return state().scopes_enabled.exchange(enabled); }
+
+SingleThreadScope::SingleThreadScope(double work) {
+  State& s = state();
+  if (!(work <= kSmallWork) || !s.set_local || !s.scopes_enabled.load()) return;
+  std::lock_guard<std::mutex> lock(s.scope_mu);
+  if (s.scope_depth++ == 0) s.saved_threads = s.set_local(1);
+  active_ = true;
+}
+
+SingleThreadScope::~SingleThreadScope() {
+  if (!active_) return;
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.scope_mu);
+  if (--s.scope_depth == 0) s.set_local(s.saved_threads);
 }
 
 int num_threads() {

@@ -73,6 +73,7 @@ SmallSvd<T> small_svd(const std::vector<T>& W, i64 q, i64 L, i64 cols) {
   sv.Uw.resize(static_cast<size_t>(q * cols));
   sv.Vwt.resize(static_cast<size_t>(L * L));
   if (L == 0) return sv;
+  const blas::SingleThreadScope one_thread(double(q) * L * L);  // small: blas.hpp
   if (!std::all_of(W.begin(), W.begin() + q * L, [](T x) { return std::isfinite(x); })) {
     // NaN/Inf in M (check_finite=False): NaN out, as LAPACK would refuse the input
     const T nan = std::numeric_limits<T>::quiet_NaN();
@@ -110,6 +111,7 @@ void check_sketch_finite(const Sides<T>& sd, const T* Y, i64 count) {
 template <class T>
 void write_factors(const Sides<T>& sd, const T* Q, const SmallSvd<T>& sv, i64 k, Mat<T> U, T* S,
                    Mat<T> Vt) {
+  const blas::SingleThreadScope one_thread(double(sd.p) * sv.L * k);  // small: blas.hpp
   // Left factor of A: Q Vw[:, :k] (Vw = Vwt^T, so Vw[:, :k] is the transpose of Vwt's first k rows).
   Mat<T> left = sd.transposed ? Vt.t() : U;   // p x k
   Mat<T> right = sd.transposed ? U : Vt.t();  // q x k

@@ -37,6 +37,7 @@ void ritz_values(const T* W, i64 q, i64 L, std::vector<double>& G, std::vector<d
                  std::vector<double>& s) {
   s.assign(static_cast<size_t>(L), 0.0);
   if (L == 0) return;
+  const blas::SingleThreadScope one_thread(double(q) * L * L);  // small: blas.hpp
   G.assign(static_cast<size_t>(L * L), 0.0);
   const double* Wp;
   if constexpr (std::is_same_v<T, double>) {

@@ -69,6 +69,7 @@ template <class T>
 void orthonormalize(T* Y, i64 p, i64 l) {
   if (p == 0 || l == 0) return;
   if (l > p) throw std::invalid_argument("orthonormalize: more columns than rows");
+  const blas::SingleThreadScope one_thread(double(p) * l * l);  // small: blas.hpp
   std::vector<T> G;
   double dev = 0;
   if (!cholqr_pass(Y, p, l, G, 1, nullptr) && !cholqr_pass(Y, p, l, G, 2, nullptr))
@@ -83,6 +84,7 @@ void orthonormalize(T* Y, i64 p, i64 l) {
 template <class T>
 void condition(T* Y, i64 p, i64 l) {
   if (p == 0 || l == 0) return;
+  const blas::SingleThreadScope one_thread(double(p) * l * l);  // small: blas.hpp
   std::vector<T> G;
   if (!cholqr_pass(Y, p, l, G, 1, nullptr) && !cholqr_pass(Y, p, l, G, 2, nullptr))
     return householder(Y, p, l);
@@ -94,6 +96,7 @@ void condition(T* Y, i64 p, i64 l) {
 template <class T>
 void lu_normalize(T* Y, i64 p, i64 l) {
   if (p == 0 || l == 0) return;
+  const blas::SingleThreadScope one_thread(double(p) * l * l);  // small: blas.hpp
   std::vector<i64> ipiv(static_cast<size_t>(std::min(p, l)));
   blas::getrf<T>(p, l, Y, p, ipiv.data());  // info > 0 (singular U) still leaves a finite L
   for (i64 j = 0; j < l; ++j) {              // keep the unit lower trapezoid L
@@ -120,6 +123,7 @@ void rescale(T* Y, i64 count) {
 template <class T>
 void project_out(const T* Q, i64 p, i64 c, T* Y, i64 l, std::vector<T>& tmp, int rounds) {
   if (c == 0 || l == 0) return;
+  const blas::SingleThreadScope one_thread(double(p) * c * l);  // small: blas.hpp
   tmp.resize(static_cast<size_t>(c * l));
   auto Qv = ccolmajor(Q, p, c, p);
   auto Yv = colmajor(Y, p, l, p);
@@ -144,6 +148,7 @@ template <class T>
 void orthonormalize_against(const T* Q, i64 p, i64 c, T* Y, i64 l, std::vector<T>& tmp) {
   if (c == 0) return orthonormalize(Y, p, l);
   if (c + l > p) throw std::invalid_argument("orthonormalize_against: more columns than rows");
+  const blas::SingleThreadScope one_thread(double(p) * (c + l) * l);  // small: blas.hpp
   // The orthogonality a healthy pass reaches: max|Q^T Y| is O(u) whatever p (the rounding left
   // by the projection, a vector of norm ~u; measured <= 0.8 eps for p from 100 to 4096 in both
   // precisions). Anything above shows in the result, since A - Q Q^T A grows like

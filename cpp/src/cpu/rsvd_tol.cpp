@@ -131,6 +131,7 @@ RsvdTolResult<T> rsvd_tol(Mat<const T> M, double tol, i64 max_rank, i64 block, i
       sd.mul_t(Y.data(), b, Z.data());
       check_interrupt();
       if (c > 0) {
+        const blas::SingleThreadScope one_thread(double(q) * c * b);  // blas.hpp
         auto Cv = colmajor(C.data(), c, b, c);
         blas::gemm<T>(T(1), ccolmajor(Q.data(), p, c, p), true, ccolmajor(Y.data(), p, b, p), false, T(0), Cv);
         blas::gemm<T>(T(-1), ccolmajor(W.data(), q, c, q), false, Cv.as_const(), false, T(1),
@@ -141,6 +142,7 @@ RsvdTolResult<T> rsvd_tol(Mat<const T> M, double tol, i64 max_rank, i64 block, i
       sd.mul(Z.data(), b, Y.data());
       check_interrupt();
       if (c > 0) {
+        const blas::SingleThreadScope one_thread(double(q) * c * b);  // blas.hpp
         auto Cv = colmajor(C.data(), c, b, c);
         blas::gemm<T>(T(1), ccolmajor(W.data(), q, c, q), true, ccolmajor(Z.data(), q, b, q), false, T(0), Cv);
         blas::gemm<T>(T(-1), ccolmajor(Q.data(), p, c, p), false, Cv.as_const(), false, T(1),
