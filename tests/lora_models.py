@@ -16,6 +16,9 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Storage rounding of one factor (relative, per element) -> relative error of the update.
+TOL = {"float32": 4e-7, "float16": 2e-3, "bfloat16": 1.6e-2}
+
 CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 #: LoRA targets per model: Linear + embedding (Llama), Conv1D (fan_in_fan_out) + embedding (GPT-2).

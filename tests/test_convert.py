@@ -13,6 +13,7 @@ import rslora
 import rslora.cli
 from lora_models import (
     CODES,
+    TOL,
     load_strict,
     logits,
     make_adapter,
@@ -25,8 +26,6 @@ from lora_models import (
 from rslora.adapters.checkpoint import from_bfloat16_bits
 from rslora.adapters.rewrite import _round_to_odd_f32, module_patterns, narrow
 
-# Storage rounding of one factor (relative, per element) -> relative error of the update.
-TOL = {"float32": 4e-7, "float16": 2e-3, "bfloat16": 1.6e-2}
 
 CASES = {
     "rslora-plain": dict(r=4, lora_alpha=8, use_rslora=True),
@@ -190,8 +189,8 @@ def test_cli_converts(tmp_path, capsys):
     ("missing", "no such folder"),
     ("no-config", "no adapter_config.json"),
     ("no-weights", "no adapter_model.safetensors"),
-    ("same", "is the input adapter"),
-    ("parent", "is the input adapter or holds it"),
+    ("same", "is the input"),
+    ("parent", "holds the input"),
     ("exists", "already exists"),
     ("alpha0", "alpha must be a positive finite number"),
     ("alpha-nan", "alpha must be a positive finite number"),

@@ -12,6 +12,7 @@ import rslora
 import rslora.cli
 from lora_models import (
     CODES,
+    TOL,
     load_strict,
     logits,
     make_adapter,
@@ -23,7 +24,6 @@ from lora_models import (
 )
 from rslora.adapters.resize import choose_rank, factor_svd, truncate
 
-TOL = {"float32": 4e-7, "float16": 2e-3, "bfloat16": 1.6e-2}
 CASES = {
     "rslora": dict(r=8, lora_alpha=8, use_rslora=True,
                    rank_pattern={"v_proj": 3, "c_proj": 6}, alpha_pattern={"q_proj": 3}),
@@ -200,7 +200,7 @@ def test_cli_prints_the_table(tmp_path, capsys):
     (["--energy", "1.5"], "--energy must be in (0, 1]"),
     (["--rank", "2", "--max-rank", "3"], "--max-rank goes with tol or energy"),
     (["--tol", "0.1", "--max-rank", "0"], "--max-rank must be >= 1"),
-    (["--rank", "2", "--same"], "is the input adapter"),
+    (["--rank", "2", "--same"], "is the input"),
     (["--rank", "2", "--dora"], "DoRA"),
     (["--rank", "2", "--missing"], "no such folder"),
 ])

@@ -152,17 +152,24 @@ void normalize(RsvdNormalizer how, T* Y, i64 rows, i64 cols) {
   }
 }
 
+// The first pass of both subspace variants: W (q x l) Gaussian, Q = A W (p x l), checked finite.
+template <class T>
+void sketch(const Sides<T>& sd, i64 l, std::uint64_t seed, bool check_finite, std::vector<T>& Q,
+            std::vector<T>& W) {
+  W.resize(static_cast<size_t>(sd.q * l));
+  Q.resize(static_cast<size_t>(sd.p * l));
+  random::normal<T>(W.data(), sd.q * l, seed, 0);
+  sd.mul(W.data(), l, Q.data());
+  if (check_finite) detail::check_sketch_finite(sd, Q.data(), sd.p * l);
+  check_interrupt();
+}
+
 // Subspace iteration: returns L = l; Q (p x l) orthonormal and W = A^T Q (q x l).
 template <class T>
 i64 subspace(const Sides<T>& sd, i64 l, int iters, RsvdNormalizer how, std::uint64_t seed,
              bool check_finite, std::vector<T>& Q, std::vector<T>& W) {
   const i64 p = sd.p, q = sd.q;
-  W.resize(static_cast<size_t>(q * l));
-  Q.resize(static_cast<size_t>(p * l));
-  random::normal<T>(W.data(), q * l, seed, 0);
-  sd.mul(W.data(), l, Q.data());
-  if (check_finite) detail::check_sketch_finite(sd, Q.data(), p * l);
-  check_interrupt();
+  sketch(sd, l, seed, check_finite, Q, W);
   for (int it = 0; it < iters; ++it) {
     normalize(how, Q.data(), p, l);
     sd.mul_t(Q.data(), l, W.data());
@@ -186,12 +193,7 @@ template <class T>
 i64 subspace_auto(const Sides<T>& sd, i64 l, i64 k, int max_iters, double eps, std::uint64_t seed,
                   bool check_finite, std::vector<T>& Q, std::vector<T>& W, int* iters) {
   const i64 p = sd.p, q = sd.q;
-  W.resize(static_cast<size_t>(q * l));
-  Q.resize(static_cast<size_t>(p * l));
-  random::normal<T>(W.data(), q * l, seed, 0);
-  sd.mul(W.data(), l, Q.data());
-  if (check_finite) detail::check_sketch_finite(sd, Q.data(), p * l);
-  check_interrupt();
+  sketch(sd, l, seed, check_finite, Q, W);
   const double normA2 = detail::frobenius2(sd.A);
   std::vector<double> G, Wd, prev, cur;
   double inc_prev = 0;

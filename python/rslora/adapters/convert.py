@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..scaling import RULES
+from .atomic import check_output_dir
 from .rewrite import (
-    check_distinct,
     narrow,
     read_raw_adapter,
     uniform_config,
@@ -81,7 +81,7 @@ def convert_adapter(adapter, out_dir, *, rule: str, alpha: float | None = None,
             raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
         if not math.isfinite(alpha) or alpha <= 0:
             raise ValueError(f"alpha must be a positive finite number, got {alpha}")
-    check_distinct(adapter, out_dir)
+    check_output_dir(out_dir, force, inputs=(adapter,))  # before any work
     raw = read_raw_adapter(adapter)
     cfg = raw.config
     if alpha is None:

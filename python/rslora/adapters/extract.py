@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..scaling import scale
 from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError
 from .layouts import EMBEDDING_NAMES, layout_evidence, model_config, stored_conv1d
@@ -280,7 +281,7 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
     for m, (A, B) in factors.items():
         # Factors were computed for s = 1 (B A = delta_r); split s evenly over both sides.
         r = A.shape[0]
-        root = np.float32(math.sqrt(a / math.sqrt(r) if rule == "rslora" else a / r))
+        root = np.float32(math.sqrt(scale(a, r, rule)))
         A /= root
         B /= root
     with atomic_output_dir(out, force, inputs=(base, tuned)) as tmp:

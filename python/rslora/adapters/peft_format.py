@@ -11,7 +11,6 @@ which ``re.match(rf"(.*\\.)?({k})$", module)`` matches), else ``r`` / ``lora_alp
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..scaling import scale
 from . import lora_config
 from .atomic import atomic_output_dir
 from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError, save_tensors
@@ -231,8 +231,8 @@ def load_adapter(path) -> LoraAdapter:
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != r or B.shape[1] != r:
             raise CheckpointError(f"{weights}: module {name!r} has lora_A {A.shape} and lora_B "
                                   f"{B.shape}, but the config gives it r={r}")
-        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-        adapter.modules[name] = LoraModule(name, A, B, r, alpha, scale,
+        s = scale(alpha, r, "rslora" if use_rslora else "standard")
+        adapter.modules[name] = LoraModule(name, A, B, r, alpha, s,
                                            kind="embedding" if emb else "linear")
     lora_config.check_scale(adapter, folder)
     return adapter

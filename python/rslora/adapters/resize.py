@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import check_output_dir
 from .rewrite import (
-    check_distinct,
     narrow,
     read_raw_adapter,
     uniform_config,
@@ -194,7 +194,7 @@ def resize_adapter(adapter, out_dir, *, rank: int | None = None, tol: float | No
         raise ValueError("max_rank goes with tol or energy (rank is already a bound)")
     tol = _check_fraction(tol, "tol", low_open=False, high_open=True)
     energy = _check_fraction(energy, "energy", low_open=True, high_open=False)
-    check_distinct(adapter, out_dir)
+    check_output_dir(out_dir, force, inputs=(adapter,))  # before any work
     raw = read_raw_adapter(adapter)
 
     from threadpoolctl import threadpool_limits

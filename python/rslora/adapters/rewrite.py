@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from .peft_format import (CONFIG_NAME, WEIGHTS_NAME, _read_config, adapter_folde
                           pattern_key)
 
 __all__ = ["ModuleFactors", "RawAdapter", "read_raw_adapter", "module_patterns",
-           "uniform_config", "write_raw_adapter", "check_distinct", "narrow"]
+           "uniform_config", "write_raw_adapter", "narrow"]
 
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|"
                      r"lora_embedding_A|lora_embedding_B)$")
@@ -253,32 +252,18 @@ def uniform_config(config: dict, ranks: dict, alpha: float, rule: str) -> tuple[
     return cfg, scales
 
 
-def _same_or_inside(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or b in a.parents
-
-
-def check_distinct(adapter, out_dir) -> None:
-    """ValueError if ``out_dir`` is the adapter folder or holds it (replacing it would lose the
-    input)."""
-    src, out = Path(os.fspath(adapter)), Path(os.fspath(out_dir))
-    if src.exists() and _same_or_inside(src, out):
-        raise ValueError(f"output {out} is the input adapter or holds it; write to another "
-                         "folder")
-
-
 def write_raw_adapter(raw: RawAdapter, out_dir, config: dict, factors: dict, *,
                       force: bool = False) -> None:
     """Write ``raw`` with new ``factors`` (``{module: (A, B)}`` as ``(array, code)`` pairs
     from :func:`narrow`) and ``config`` to ``out_dir`` atomically; every other tensor and every
     other file of the input folder is copied unchanged."""
-    check_output_dir(out_dir, force)
+    check_output_dir(out_dir, force, inputs=(raw.path,))
     keyed = {}
     for name, (a, b) in factors.items():
         mod = raw.modules[name]
         keyed[mod.a_key], keyed[mod.b_key] = a, b
     tensors = {key: keyed[key] if key in keyed else raw.other[key] for key in raw.order}
-    with atomic_output_dir(out_dir, force) as tmp:
+    with atomic_output_dir(out_dir, force, inputs=(raw.path,)) as tmp:
         save_tensors(tmp / WEIGHTS_NAME, tensors)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         for f in sorted(raw.path.iterdir()):
