@@ -13,7 +13,7 @@ import sys
 
 from .errors import UserError
 
-__all__ = ["UserError", "build_parser", "main", "require"]
+__all__ = ["UserError", "add_cluster_args", "build_parser", "cluster_needs", "main", "require"]
 
 # The extra of pyproject.toml that installs each optional module a command may need.
 EXTRA_OF = {"tqdm": "cli", "matplotlib": "cli", "safetensors": "cli", "ml_dtypes": "cli",
@@ -34,6 +34,25 @@ def require(modules) -> None:
         extras = ",".join(sorted({EXTRA_OF.get(m.split(".")[0], "cli") for m in missing}))
         raise UserError(f"needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
                         f"not installed: pip install 'rslora[{extras}]'")
+
+
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    """``--workers N`` / ``--scheduler ADDRESS``: where a command's independent tasks run
+    (:func:`rslora.dask.cluster.cluster`); with neither, in this process."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--workers", type=int, metavar="N",
+                       help="run on a local Dask cluster of N processes, one thread each "
+                            "(needs rslora[dask])")
+    group.add_argument("--scheduler", metavar="ADDRESS",
+                       help="run on the Dask cluster whose scheduler is at ADDRESS, e.g. "
+                            "tcp://host:8786 (needs rslora[dask])")
+
+
+def cluster_needs(args) -> tuple[str, ...]:
+    """The modules ``--workers`` / ``--scheduler`` need, for a command's ``NEEDS``."""
+    if getattr(args, "workers", None) is not None or getattr(args, "scheduler", None) is not None:
+        return ("dask", "distributed")
+    return ()
 
 
 class _Parser(argparse.ArgumentParser):
