@@ -482,8 +482,11 @@ def test_max_rank_is_capped_per_layer(tmp_path):
     (b'{"r": 2, "lora_alpha": NaN}', "lora_alpha is nan"),
     (b'{"r": 2, "lora_alpha": -Infinity}', "lora_alpha is -inf"),
     (b'{"r": 1e400, "lora_alpha": 4}', "r is inf"),
+    # json keeps the last of two values silently: which r would a server use? Refused, named.
+    (b'{"r": 2, "lora_alpha": 4, "r": 8}', "'r' appears twice"),
+    (b'{"r": 2, "lora_alpha": 4, "rank_pattern": {"a": 1, "a": 3}}', "'a' appears twice"),
 ], ids=["truncated", "nested-100000-deep", "not-utf8", "a-list", "alpha-NaN", "alpha-minus-inf",
-        "r-1e400"])
+        "r-1e400", "r-twice", "pattern-key-twice"])
 def test_unparsable_adapter_config(tmp_path, text, msg):
     ad = adapter_folder(tmp_path)
     (ad / "adapter_config.json").write_bytes(text)
@@ -491,3 +494,17 @@ def test_unparsable_adapter_config(tmp_path, text, msg):
         rslora.load_adapter(ad)
     assert_one_line(e.value)
     assert msg in str(e.value)
+
+
+def test_model_config_with_a_key_twice_is_refused(tmp_path):
+    """config.json decides a folder's layout (GPT-2 Conv1D, tied embeddings): a key written
+    twice is refused with its name rather than read as whichever value json keeps."""
+    from rslora.adapters.layouts import model_config
+
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "model_type": "llama"}')
+    with pytest.raises(CheckpointError, match="'model_type' appears twice") as e:
+        model_config(tmp_path)
+    assert_one_line(e.value)
+    (tmp_path / "config.json").write_text('["gpt2"]')
+    with pytest.raises(CheckpointError, match="expected a JSON object"):
+        model_config(tmp_path)

@@ -73,6 +73,20 @@ def _no_duplicates(pairs):
     return d
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path`` (a config or an index), strictly: a key written twice is an
+    error, since Python's json would silently keep the last value and other readers may not."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {str(e).replace(' in the header', '')}") from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _header(path: Path) -> dict:
     """``{name: (code, shape, start, end)}`` with absolute file offsets, after checks that
     safetensors leaves out: a name given twice (JSON keeps the last silently), and every byte

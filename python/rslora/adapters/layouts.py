@@ -10,11 +10,10 @@ side is ``out``; a square weight with nothing to decide it is refused, never gue
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_json_object
 
 __all__ = ["model_config", "conv1d_by_type", "layout_evidence", "decide_conv1d", "EMBEDDING_NAMES"]
 
@@ -39,11 +38,7 @@ def model_config(path) -> dict:
     cfg = folder / "config.json"
     if not cfg.is_file():
         return {}
-    try:
-        data = json.loads(cfg.read_text())
-    except (ValueError, UnicodeDecodeError, OSError) as e:
-        raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
-    return data if isinstance(data, dict) else {}
+    return read_json_object(cfg)
 
 
 def conv1d_by_type(model_type, module: str) -> bool | None:

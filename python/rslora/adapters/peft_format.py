@@ -21,7 +21,8 @@ import numpy as np
 from ..scaling import scale
 from . import lora_config
 from .atomic import atomic_output_dir
-from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError, save_tensors
+from .checkpoint import (DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError, read_json_object,
+                         save_tensors)
 
 __all__ = ["LoraModule", "LoraAdapter", "load_adapter", "save_adapter", "pattern_key"]
 
@@ -118,12 +119,7 @@ def _read_config(folder: Path) -> dict:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {CONFIG_NAME} (is this a PEFT adapter folder?)")
-    try:
-        cfg = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    cfg = read_json_object(path)
     lora_config.validate(cfg, path)  # every field as PEFT's LoraConfig takes it
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
