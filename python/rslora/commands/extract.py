@@ -68,8 +68,10 @@ def run(args) -> int:
     from ..adapters.extract import extract_adapter
     from ._cluster import client_for
 
+    where = client_for(args)  # the cluster flags checked before any work
+
     try:
-        with client_for(args) as client:
+        with where as client:
             res = extract_adapter(
                 args.base, args.tuned, args.output, rank=args.rank, tol=args.tol,
                 max_rank=args.max_rank, rule=args.rule, alpha=args.alpha, include=args.include,

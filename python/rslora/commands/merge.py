@@ -53,10 +53,11 @@ def run(args) -> int:
 
     import sys
 
+    where = client_for(args)  # the cluster flags checked before any work
     notes: list = []
     try:
         adapter = load_adapter(args.adapter)
-        with client_for(args) as client:
+        with where as client:
             merge_checkpoint(args.base, adapter, args.output, dtype=args.dtype, force=args.force,
                              progress=not args.quiet, prefix=args.prefix,
                              max_shard_size=args.max_shard_size, notes=notes, client=client)

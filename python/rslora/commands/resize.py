@@ -48,9 +48,11 @@ def run(args) -> int:
     from ..errors import UserError
     from ._cluster import client_for
 
+    where = client_for(args)  # the cluster flags checked before any work
+
     flag = {"rank": "--rank", "tol": "--tol", "energy": "--energy", "max_rank": "--max-rank"}
     try:
-        with client_for(args) as client:
+        with where as client:
             res = resize_adapter(args.adapter, args.output, rank=args.rank, tol=args.tol,
                                  energy=args.energy, max_rank=args.max_rank, force=args.force,
                                  progress=not args.quiet, client=client)
