@@ -1,0 +1,127 @@
+"""Adapter extraction on a Dask LocalCluster (``rslora extract --workers 2``) against one process,
+side by side in one run: 2 workers of 1 thread each vs one process with 1 BLAS thread (parallel
+efficiency) and with 2 BLAS threads; the CPU time of the distributed run (client, scheduler and
+nannies in this process, plus the workers) against the one-thread run's; each worker's peak
+memory (its ``ru_maxrss``) over its memory before the run. Cluster start is timed apart and not
+in the extraction's time. Every run must write the same adapter, byte for byte.
+
+Full size (the issue's case, 24 layers of 2048 x 2048 float32 at rank 64) unless run with
+``--benchmark-disable`` (then 4 layers of 256 x 256); ``RSLORA_BENCH_DASK_SIZE=full|small``
+overrides either way.
+
+    python -m pytest bench/bench_dask_extract.py --benchmark-json=/tmp/dask_extract.json -s
+    python bench/report.py /tmp/dask_extract.json
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+
+import pytest
+from benchutil import set_case, write_extract_pair
+
+pytest.importorskip("distributed")
+
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+import rslora  # noqa: E402
+from rslora.dask.cluster import cluster  # noqa: E402
+
+SIZES = {"full": dict(layers=24, d=2048, rank=64), "small": dict(layers=4, d=256, rank=16)}
+WORKERS = 2
+
+
+@pytest.fixture(scope="module")
+def case(request, tmp_path_factory):
+    name = os.environ.get("RSLORA_BENCH_DASK_SIZE") or \
+        ("small" if request.config.getoption("benchmark_disable") else "full")
+    if name not in SIZES:
+        raise ValueError(f"RSLORA_BENCH_DASK_SIZE must be one of {sorted(SIZES)}, got {name!r}")
+    size = SIZES[name]
+    folder = tmp_path_factory.mktemp("dask_extract")
+    write_extract_pair(folder, size["layers"], size["d"], size["rank"])
+    group = f"dask extract {size['layers']}x{size['d']}x{size['d']} r={size['rank']}"
+    return dict(folder=folder, group=group, runs={}, **size)
+
+
+def _cpu() -> float:
+    """CPU seconds of this process so far, all its threads."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _worker_usage() -> dict:
+    """On a worker: its CPU seconds, peak and current resident memory (bytes)."""
+    import resource
+
+    import rslora.adapters.extract  # noqa: F401  (imported before the baseline is taken)
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return dict(cpu=ru.ru_utime + ru.ru_stime, maxrss=ru.ru_maxrss * 1024, rss=rss)
+
+
+def _extract(case, out, client=None):
+    return rslora.extract_adapter(case["folder"] / "base.safetensors",
+                                  case["folder"] / "tuned.safetensors", out, rank=case["rank"],
+                                  force=True, client=client)
+
+
+def _adapter_bytes(out) -> bytes:
+    return (out / "adapter_model.safetensors").read_bytes()
+
+
+def _check(case, res, out) -> None:
+    assert len(res.layers) == case["layers"]
+    assert all(l.rank == case["rank"] for l in res.layers)
+    assert res.error < 0.5  # a real approximation, not an empty adapter
+    case["runs"].setdefault("bytes", {})[out.name] = _adapter_bytes(out)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_process(benchmark, case, threads):
+    set_case(benchmark, case["group"], f"1 process, {threads} BLAS thread(s)")
+    out = case["folder"] / f"one-{threads}"
+    cpu0 = _cpu()
+    with threadpool_limits(limits=threads):
+        res = benchmark.pedantic(lambda: _extract(case, out), rounds=1, iterations=1)
+    case["runs"][threads] = dict(cpu=_cpu() - cpu0)
+    benchmark.extra_info["cpu_s"] = case["runs"][threads]["cpu"]
+    _check(case, res, out)
+
+
+def test_dask_workers(benchmark, case):
+    set_case(benchmark, case["group"], f"--workers {WORKERS} (1 thread each)")
+    out = case["folder"] / "dask"
+    start = time.perf_counter()
+    with cluster(workers=WORKERS) as client:
+        started = time.perf_counter() - start
+        before = client.run(_worker_usage)
+        cpu0 = _cpu()
+        res = benchmark.pedantic(lambda: _extract(case, out, client), rounds=1, iterations=1)
+        cpu_client = _cpu() - cpu0
+        after = client.run(_worker_usage)
+    cpu_workers = sum(after[w]["cpu"] - before[w]["cpu"] for w in after)
+    layer = 4 * case["d"] * case["d"]  # one float32 weight
+    info = benchmark.extra_info
+    info["cluster start (s)"] = round(started, 2)
+    info["cpu client+scheduler (s)"] = round(cpu_client, 2)
+    info["cpu workers (s)"] = round(cpu_workers, 2)
+    info["peak memory over start, per worker (MB)"] = [
+        round((after[w]["maxrss"] - before[w]["rss"]) / 1e6, 1) for w in sorted(after)]
+    info["one layer (MB)"] = round(layer / 1e6, 1)
+    one = case["runs"].get(1)
+    if one is not None:
+        info["cpu / 1-thread run's cpu"] = round((cpu_client + cpu_workers) / one["cpu"], 3)
+    _check(case, res, out)
+    # Same bytes as one process with one BLAS thread (run here if that case was deselected).
+    ref = case["runs"]["bytes"].get("one-1")
+    if ref is None:
+        with threadpool_limits(limits=1):
+            _extract(case, case["folder"] / "ref")
+        ref = _adapter_bytes(case["folder"] / "ref")
+    assert _adapter_bytes(out) == ref
+    print(f"\n{case['group']}: {info}")
