@@ -296,3 +296,40 @@ def test_ops_take_arrays_that_went_through_pickle():
     np.testing.assert_allclose(y, (x @ A.T @ B.T) * scales[ids][:, None], rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="A must be float32 or float64, got >f4"):
         rslora.merge(W.copy(), A.astype(">f4"), B, scale=0.5)
+
+
+def test_scheduler_and_workers_started_by_hand(pair, tmp_path):
+    """What the README tells a user to run: ``dask scheduler``, ``dask worker ... --nthreads 1``
+    (separate processes on 127.0.0.1), then ``--scheduler ADDRESS``."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from distributed import Client
+
+    info = tmp_path / "scheduler.json"
+    dask_cli = [sys.executable, "-m", "dask"]
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs = [subprocess.Popen(dask_cli + ["scheduler", "--host", "127.0.0.1", "--port", "0",
+                                          "--no-dashboard", "--scheduler-file", str(info)], **quiet)]
+    try:
+        deadline = time.monotonic() + 60
+        while not info.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        address = json.loads(info.read_text())["address"]
+        procs.append(subprocess.Popen(dask_cli + ["worker", address, "--nthreads", "1",
+                                                  "--nworkers", "2", "--no-dashboard"], **quiet))
+        with Client(address, set_as_default=False) as c:
+            c.wait_for_workers(2, timeout=60)
+        argv = ["extract", str(pair / "base"), str(pair / "tuned"), "--tol", "0.1"]
+        one_process(argv + ["-o", str(tmp_path / "one")])
+        assert cli.main(argv + ["-q", "-o", str(tmp_path / "dask"), "--scheduler", address]) == 0
+        assert_same_output(tmp_path / "one", tmp_path / "dask")
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
