@@ -5,6 +5,9 @@ nannies in this process, plus the workers) against the one-thread run's; each wo
 memory (``VmHWM``) over its memory before the run. Cluster start is timed apart and not
 in the extraction's time. Every run must write the same adapter, byte for byte.
 
+``test_dask_workers_in_their_own_sessions`` runs the workers as ``setsid dask worker``
+processes (see its docstring: Linux autogroup); it runs only as a benchmark.
+
 Full size (the issue's case, 24 layers of 2048 x 2048 float32 at rank 64) unless run with
 ``--benchmark-disable`` (then 4 layers of 256 x 256); ``RSLORA_BENCH_DASK_SIZE=full|small``
 overrides either way.
@@ -15,8 +18,12 @@ overrides either way.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -107,15 +114,55 @@ def test_one_process(benchmark, case, threads):
 
 def test_dask_workers(benchmark, case):
     set_case(benchmark, case["group"], f"--workers {WORKERS} (1 thread each)")
-    out = case["folder"] / "dask"
     start = time.perf_counter()
     with cluster(workers=WORKERS) as client:
-        started = time.perf_counter() - start
-        before = client.run(_worker_usage, reset=True)
-        cpu0 = _cpu()
-        res = benchmark.pedantic(lambda: _extract(case, out, client), rounds=1, iterations=1)
-        cpu_client = _cpu() - cpu0
-        after = client.run(_worker_usage)
+        _measure(benchmark, case, client, time.perf_counter() - start, "dask")
+
+
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs setsid (util-linux)")
+def test_dask_workers_in_their_own_sessions(benchmark, case, request):
+    """The same with ``dask worker`` processes started by ``setsid``: where Linux autogroup is on
+    (``/proc/sys/kernel/sched_autogroup_enabled``), all processes of one session share one CPU
+    share, so on a busy machine ``--workers`` processes get no more CPU than one process would;
+    workers of their own sessions get a share each, as those of a real cluster do."""
+    if request.config.getoption("benchmark_disable") and not os.environ.get("RSLORA_BENCH_DASK_SIZE"):
+        pytest.skip("a benchmark only (starts a scheduler and workers as separate processes)")
+    import cloudpickle
+    from distributed import Client
+
+    set_case(benchmark, case["group"], f"{WORKERS} workers (1 thread each), own sessions")
+    # These workers cannot import this file: send its functions (_worker_usage) by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    request.addfinalizer(lambda: cloudpickle.unregister_pickle_by_value(sys.modules[__name__]))
+    info = case["folder"] / "scheduler.json"
+    dask_cli = [sys.executable, "-m", "dask"]
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start = time.perf_counter()
+    procs = [subprocess.Popen(dask_cli + ["scheduler", "--host", "127.0.0.1", "--port", "0",
+                                          "--no-dashboard", "--scheduler-file", str(info)], **quiet)]
+    try:
+        while not info.exists():
+            time.sleep(0.1)
+        address = json.loads(info.read_text())["address"]
+        procs += [subprocess.Popen(["setsid"] + dask_cli + ["worker", address, "--nthreads", "1",
+                                                           "--no-dashboard"], **quiet)
+                  for _ in range(WORKERS)]
+        with Client(address, set_as_default=False) as client:
+            client.wait_for_workers(WORKERS, timeout=120)
+            _measure(benchmark, case, client, time.perf_counter() - start, "dask-sessions")
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            p.wait(timeout=60)
+
+
+def _measure(benchmark, case, client, started: float, name: str) -> None:
+    out = case["folder"] / name
+    before = client.run(_worker_usage, reset=True)
+    cpu0 = _cpu()
+    res = benchmark.pedantic(lambda: _extract(case, out, client), rounds=1, iterations=1)
+    cpu_client = _cpu() - cpu0
+    after = client.run(_worker_usage)
     cpu_workers = sum(after[w]["cpu"] - before[w]["cpu"] for w in after)
     layer = 4 * case["d"] * case["d"]  # one float32 weight
     info = benchmark.extra_info
@@ -140,5 +187,6 @@ def test_dask_workers(benchmark, case):
         with threadpool_limits(limits=1):
             _extract(case, case["folder"] / "ref")
         ref = _adapter_bytes(case["folder"] / "ref")
+        case["runs"]["bytes"]["one-1"] = ref
     assert _adapter_bytes(out) == ref
-    print(f"\n{case['group']}: {info}")
+    print(f"\n{case['group']}, {benchmark.extra_info['role']}: {info}")
