@@ -333,3 +333,22 @@ def test_scheduler_and_workers_started_by_hand(pair, tmp_path):
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_a_task_refuses_a_file_changed_since_the_plan(pair):
+    """A task reads by path: a tensor whose shape is not the planned one (the file was replaced,
+    or a worker sees another file there) is an error, not a layer factored from the wrong data."""
+    from rslora.adapters.checkpoint import CheckpointError
+    from rslora.adapters.extract import _Layer, _read_by_path
+
+    base = str(pair / "base" / "model.safetensors")
+    tuned = str(pair / "tuned" / "model-00001-of-00002.safetensors")
+    key = "model.embed_tokens.weight"
+    ok = _Layer("m", base, key, tuned, key, (50, 16), "embedding", 2, None, None, 0)
+    A, B, report = _read_by_path(ok)
+    assert A.shape == (2, 50) and B.shape == (16, 2) and report.rank == 2
+    with pytest.raises(CheckpointError, match="changed since the run began"):
+        _read_by_path(_Layer("m", base, key, tuned, key, (16, 50), "embedding", 2, None, None, 0))
+    with pytest.raises(CheckpointError, match="changed since the run began"):
+        _read_by_path(_Layer("m", base, "model.gone.weight", tuned, key, (50, 16), "linear", 2,
+                             None, None, 0))

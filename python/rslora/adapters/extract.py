@@ -235,10 +235,10 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
 
     Notes
     -----
-    Layers are processed one at a time (per worker thread with ``client``): peak memory is about
-    two float32 copies of the largest weight, plus the factors. Zero deltas (unchanged weights) and embeddings are
-    skipped and reported. Keys are ``base_model.model.<module>.lora_A.weight`` (r, d_in) and
-    ``...lora_B.weight`` (d_out, r).
+    Layers are processed one at a time (per worker thread with ``client``): peak memory is
+    about two float32 copies of the largest weight, plus the factors. Zero deltas (unchanged
+    weights) and embeddings are skipped and reported. Keys are
+    ``base_model.model.<module>.lora_A.weight`` (r, d_in) and ``...lora_B.weight`` (d_out, r).
     """
     if (rank is None) == (tol is None):
         raise ValueError("give exactly one of rank= and tol=")
