@@ -15,23 +15,16 @@ import math
 
 import numpy as np
 import pytest
-from benchutil import set_case
+from benchutil import set_case, write_extract_pair
 
 import rslora
 from rslora.adapters.peft_format import save_adapter
-from rslora.adapters.checkpoint import Checkpoint, save_tensors
+from rslora.adapters.checkpoint import Checkpoint
 
 FULL = dict(layers=24, d=2048, rank=64)
 SMALL = dict(layers=3, d=256, rank=16)
 # Relative error allowed above the Eckart-Young optimum (the full SVD's error).
 REL_SLACK = 1e-3
-
-
-def spectrum(d: int, rank: int) -> np.ndarray:
-    """Singular values of each synthetic delta: a power law (fine-tuning deltas are
-    "low-rank-ish", not low rank) over 8 * rank directions, scaled to the weights."""
-    k = min(d, 8 * rank)
-    return 0.05 * (1.0 + np.arange(k) * (16.0 / rank)) ** -1.5
 
 
 @pytest.fixture(scope="module")
@@ -40,22 +33,7 @@ def case(request, tmp_path_factory):
     size = SMALL if request.config.getoption("benchmark_disable") else FULL
     n, d, rank = size["layers"], size["d"], size["rank"]
     folder = tmp_path_factory.mktemp("extract")
-    rng = np.random.default_rng(0)
-    s = spectrum(d, rank)
-    base, tuned, optimum = {}, {}, {}
-    for i in range(n):
-        key = f"model.layers.{i}.mlp.proj.weight"
-        W = (rng.standard_normal((d, d), dtype=np.float32) / np.float32(math.sqrt(d)))
-        G1 = rng.standard_normal((d, s.size), dtype=np.float32) / np.float32(math.sqrt(d))
-        G2 = rng.standard_normal((s.size, d), dtype=np.float32) / np.float32(math.sqrt(d))
-        noise = rng.standard_normal((d, d), dtype=np.float32) * np.float32(1e-5 / math.sqrt(d))
-        base[key] = (W, "F32")
-        tuned[key] = (W + (G1 * s.astype(np.float32)) @ G2 + noise, "F32")
-        delta = tuned[key][0] - W
-        sv = np.linalg.svd(delta, compute_uv=False).astype(np.float64)
-        optimum[key[: -len(".weight")]] = math.sqrt((sv[rank:] ** 2).sum() / (sv ** 2).sum())
-    save_tensors(folder / "base.safetensors", base)
-    save_tensors(folder / "tuned.safetensors", tuned)
+    optimum = write_extract_pair(folder, n, d, rank, optimum=True)
     return dict(folder=folder, rank=rank, optimum=optimum, shape=f"{n}x{d}x{d}")
 
 

@@ -44,7 +44,10 @@ def test_missing_module_stops_before_any_work(command, monkeypatch, tmp_path, ca
     mod = importlib.import_module(f"rslora.commands.{command}")
     monkeypatch.setattr(mod, "run", lambda args: pytest.fail(f"{command} ran without its needs"))
     out = tmp_path / "out"
-    for missing in _needs(command):
+    needs = _needs(command)
+    if callable(needs):  # needs that depend on the options: those of this command line
+        needs = needs(cli.build_parser().parse_args(ARGV[command](str(out))))
+    for missing in needs:
         monkeypatch.setitem(sys.modules, missing, None)  # `import missing` now raises ImportError
         assert cli.main(ARGV[command](str(out))) == 2
         err = capsys.readouterr().err
@@ -53,6 +56,19 @@ def test_missing_module_stops_before_any_work(command, monkeypatch, tmp_path, ca
         assert f"pip install 'rslora[{cli.EXTRA_OF[missing]}]'" in err
         assert not out.exists()
         monkeypatch.delitem(sys.modules, missing)
+
+
+@pytest.mark.parametrize("command", ["extract", "merge", "resize"])
+@pytest.mark.parametrize("flag", [["--workers", "2"], ["--scheduler", "tcp://127.0.0.1:9"]])
+def test_a_cluster_needs_the_dask_extra(command, flag, monkeypatch, tmp_path, capsys):
+    mod = importlib.import_module(f"rslora.commands.{command}")
+    monkeypatch.setattr(mod, "run", lambda args: pytest.fail(f"{command} ran without dask"))
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    out = tmp_path / "out"
+    assert cli.main(ARGV[command](str(out)) + flag) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs distributed" in err
+    assert "pip install 'rslora[dask]'" in err and not out.exists()
 
 
 def test_all_missing_are_named_together(monkeypatch, capsys):
@@ -81,8 +97,12 @@ def test_extras_named_exist():
     """The extra that the message names is one the installed package provides."""
     provided = set(importlib.metadata.metadata("rslora").get_all("Provides-Extra") or ())
     for info in pkgutil.iter_modules(commands.__path__):
+        if info.name.startswith("_"):  # helpers, not commands
+            continue
         needs = _needs(info.name)
-        for m in needs if isinstance(needs, tuple) else ():
+        if callable(needs):  # the most a command line of it can need
+            needs = needs(cli.build_parser().parse_args(ARGV[info.name]("out") + ["--workers", "2"]))
+        for m in needs:
             assert cli.EXTRA_OF[m.split(".")[0]] in provided, (info.name, m)
 
 

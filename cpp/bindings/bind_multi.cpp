@@ -29,13 +29,13 @@ void check_multi(const py::array& x, py::ssize_t d_out, const py::array& A, cons
   if (B.shape(0) != na || B.shape(1) != d_out || B.shape(2) != r)
     shape_error("B_all has shape " + shape_str(B) + " but A_all " + shape_str(A) + " and d_out=" +
                 num(d_out) + " need (" + num(na) + ", " + num(d_out) + ", " + num(r) + ")");
-  if (!ids.dtype().is(py::dtype::of<std::int64_t>()) || ids.ndim() != 1 ||
+  if (!is_native<std::int64_t>(ids.dtype()) || ids.ndim() != 1 ||
       !(ids.flags() & py::array::c_style))
     throw type_error("adapter_ids must be a contiguous 1-D int64 array, got " +
                      std::string(py::str(ids.dtype())) + " with shape " + shape_str(ids));
   if (ids.shape(0) != n)
     shape_error("adapter_ids has shape " + shape_str(ids) + " but x has " + num(n) + " rows");
-  if (!scales.dtype().is(py::dtype::of<double>()) || scales.ndim() != 1 ||
+  if (!is_native<double>(scales.dtype()) || scales.ndim() != 1 ||
       !(scales.flags() & py::array::c_style))
     throw type_error("scales must be a contiguous 1-D float64 array, got " +
                      std::string(py::str(scales.dtype())) + " with shape " + shape_str(scales));

@@ -25,10 +25,18 @@ inline std::string shape_str(const py::array& a) {
   return os.str();
 }
 
+// Whether d is T in native byte order. Compared by value, not identity: an array that went
+// through pickle (multiprocessing, Dask) has an equal dtype that is not NumPy's singleton.
+template <class T>
+bool is_native(const py::dtype& d) {
+  const py::dtype want = py::dtype::of<T>();
+  return d.is(want) || d.equal(want);  // NumPy's ==: '>f4' is not float32 on a little-endian CPU
+}
+
 // 0 for float32, 1 for float64; anything else is a TypeError naming the argument.
 inline int float_kind(const py::array& a, const char* name) {
-  if (a.dtype().is(py::dtype::of<float>())) return 0;
-  if (a.dtype().is(py::dtype::of<double>())) return 1;
+  if (is_native<float>(a.dtype())) return 0;
+  if (is_native<double>(a.dtype())) return 1;
   throw type_error(std::string(name) + " must be float32 or float64, got " +
                    std::string(py::str(a.dtype())));
 }

@@ -180,7 +180,7 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
                     include: str | None = None, exclude: str | None = None,
                     dtype: str = "float32", on_missing: str = "error", force: bool = False,
                     seed: int | None = 0, progress: bool = False, prefix=None,
-                    biases: bool = False) -> ExtractResult:
+                    biases: bool = False, client=None) -> ExtractResult:
     """Extract a PEFT LoRA adapter approximating ``tuned - base``.
 
     Parameters
@@ -221,6 +221,12 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
         Seed of the randomized SVD (per layer, derived from it); None draws fresh entropy.
     progress : bool
         Show a progress bar over layers (on a terminal).
+    client : distributed.Client, optional
+        Factor the layers as tasks on this Dask cluster (see :mod:`rslora.dask.cluster`): each
+        task reads its layer from the checkpoint files by path (every worker must see them at
+        the same paths), at most two tasks per worker thread in flight. The adapter is the same,
+        byte for byte, as one process's with as many BLAS threads as each worker thread has.
+        Default: this process.
 
     Returns
     -------
@@ -229,10 +235,10 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
 
     Notes
     -----
-    Layers are processed one at a time: peak memory is about two float32 copies of the
-    largest weight, plus the factors. Zero deltas (unchanged weights) and embeddings are
-    skipped and reported. Keys are ``base_model.model.<module>.lora_A.weight`` (r, d_in) and
-    ``...lora_B.weight`` (d_out, r).
+    Layers are processed one at a time (per worker thread with ``client``): peak memory is
+    about two float32 copies of the largest weight, plus the factors. Zero deltas (unchanged
+    weights) and embeddings are skipped and reported. Keys are
+    ``base_model.model.<module>.lora_A.weight`` (r, d_in) and ``...lora_B.weight`` (d_out, r).
     """
     if (rank is None) == (tol is None):
         raise ValueError("give exactly one of rank= and tol=")
@@ -265,7 +271,8 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
                                       "pass --on-missing skip (on_missing='skip') to leave them out")
         if not modules:
             raise CheckpointError("no 2-D weight to extract (is --include/--exclude too narrow?)")
-        factors = _factor_all(cb, ct, modules, rank, tol, max_rank, seed, progress, result)
+        factors = _factor_all(cb, ct, modules, rank, tol, max_rank, seed, progress, result,
+                              client)
         if not factors:
             raise CheckpointError("every selected weight is unchanged between BASE and TUNED: "
                                   "nothing to extract")
@@ -314,40 +321,103 @@ def _biases(ct: Checkpoint, factors: dict, prefix, result: ExtractResult) -> dic
     return full
 
 
-def _factor_all(cb, ct, modules, rank, tol, max_rank, seed, progress, result) -> dict:
-    from tqdm.auto import tqdm
+@dataclass(frozen=True)
+class _Layer:
+    """One layer to factor, by name: picklable, so a Dask task can read it from the files."""
 
+    module: str
+    base_file: str
+    base_key: str
+    tuned_file: str
+    tuned_key: str
+    shape: tuple
+    layout: str
+    rank: int | None
+    tol: float | None
+    max_rank: int | None
+    seed: int
+
+
+def _layers(cb, ct, modules, rank, tol, max_rank, seed) -> list:
+    # One seed per layer, spawned in plan order: the same whichever worker or order runs it.
+    seeds = np.random.SeedSequence(seed).spawn(len(modules))
+    return [_Layer(m, str(cb.file_of(kb)), kb, str(ct.file_of(kt)), kt, ct.shape(kt), layout,
+                   rank, tol, max_rank, int(ss.generate_state(1)[0]))
+            for (m, kb, kt, layout), ss in zip(modules, seeds)]
+
+
+class _ReadOpen:
+    """Factor a layer read from the checkpoints this process holds open."""
+
+    def __init__(self, cb: Checkpoint, ct: Checkpoint):
+        self.cb, self.ct = cb, ct
+
+    def __call__(self, job: _Layer):
+        delta = self.ct.read(job.tuned_key)
+        delta -= self.cb.read(job.base_key)
+        return _factor(job, delta)
+
+
+def _read_by_path(job: _Layer):
+    """Factor a layer read by a Dask task: it opens the two files by path (header only) and
+    reads its two tensors, after checking they are still what the client planned."""
+    with Checkpoint(job.tuned_file) as ct, Checkpoint(job.base_file) as cb:
+        for ck, key in ((ct, job.tuned_key), (cb, job.base_key)):
+            if key not in ck or ck.shape(key) != job.shape:
+                raise CheckpointError(f"{ck.path}: tensor {key!r} changed since the run began "
+                                      "(or this worker sees another file at that path)")
+        delta = ct.read(job.tuned_key)
+        delta -= cb.read(job.base_key)
+    return _factor(job, delta)
+
+
+def _factor(job: _Layer, delta: np.ndarray):
+    """``(A, B, LayerReport)`` for ``delta = tuned - base`` (float32, consumed), or the reason
+    the layer is skipped (a string). The one computation of both paths: bit-identical results
+    at equal BLAS threads."""
     import rslora
 
+    if not np.isfinite(delta).all():
+        raise CheckpointError(f"tensor {job.tuned_key!r}: the delta has NaN or Inf entries")
+    if job.layout != "linear":  # stored (in, out): PEFT's factors are of the transpose
+        delta = np.ascontiguousarray(delta.T)
+    norm = float(np.linalg.norm(delta))
+    if norm == 0.0:
+        return "unchanged (zero delta)"
+    if job.rank is not None:
+        A, B = rslora.lora_from_delta(delta, min(job.rank, *delta.shape), seed=job.seed)
+    else:
+        cap = None if job.max_rank is None else min(job.max_rank, *delta.shape)  # as --rank is
+        A, B = rslora.lora_from_delta(delta, tol=job.tol, max_rank=cap, seed=job.seed)
+    if A.shape[0] == 0:
+        return "rank 0 meets the tolerance"
+    rslora.unmerge(delta, A, B, scale=1.0)  # delta becomes the residual
+    err = float(np.linalg.norm(delta)) / norm
+    return A, B, LayerReport(job.module, tuple(delta.shape), int(A.shape[0]),
+                             max(0.0, 1.0 - err * err), err, norm)
+
+
+def _factor_all(cb, ct, modules, rank, tol, max_rank, seed, progress, result, client) -> dict:
+    from tqdm.auto import tqdm
+
+    from .parallel import run_items
+
+    jobs = _layers(cb, ct, modules, rank, tol, max_rank, seed)
+    fn = _ReadOpen(cb, ct) if client is None else _read_by_path
+    done: list = [None] * len(jobs)
+    with tqdm(total=len(jobs), desc="extract", unit="layer",
+              disable=None if progress else True) as bar:
+        for i, out in run_items(client, fn, jobs, weights=[math.prod(j.shape) for j in jobs],
+                                name=lambda j: f"extract-{j.module}"):
+            done[i] = out
+            bar.update(1)
     factors = {}
-    seeds = np.random.SeedSequence(seed).spawn(len(modules))
-    bar = tqdm(modules, desc="extract", unit="layer", disable=None if progress else True)
-    for (m, kb, kt, layout), ss in zip(bar, seeds):
-        delta = ct.read(kt)
-        delta -= cb.read(kb)
-        if not np.isfinite(delta).all():
-            raise CheckpointError(f"tensor {kt!r}: the delta has NaN or Inf entries")
-        if layout != "linear":  # stored (in, out): PEFT's factors are of the transpose
-            delta = np.ascontiguousarray(delta.T)
-        norm = float(np.linalg.norm(delta))
-        if norm == 0.0:
-            result.skipped[m] = "unchanged (zero delta)"
+    for job, out in zip(jobs, done):  # plan order, whatever order the layers finished in
+        if isinstance(out, str):
+            result.skipped[job.module] = out
             continue
-        s = int(ss.generate_state(1)[0])
-        if rank is not None:
-            A, B = rslora.lora_from_delta(delta, min(rank, *delta.shape), seed=s)
-        else:
-            cap = None if max_rank is None else min(max_rank, *delta.shape)  # as --rank is
-            A, B = rslora.lora_from_delta(delta, tol=tol, max_rank=cap, seed=s)
-        if A.shape[0] == 0:
-            result.skipped[m] = "rank 0 meets the tolerance"
-            continue
-        rslora.unmerge(delta, A, B, scale=1.0)  # delta becomes the residual
-        err = float(np.linalg.norm(delta)) / norm
-        result.layers.append(LayerReport(m, tuple(delta.shape), int(A.shape[0]),
-                                         max(0.0, 1.0 - err * err), err, norm))
-        factors[m] = (A, B)
-        result.layouts[m] = layout
-        del delta
-    bar.close()
+        A, B, report = out
+        result.layers.append(report)
+        factors[job.module] = (A, B)
+        result.layouts[job.module] = job.layout
     return factors

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError, save_tensors
 from .layouts import decide_conv1d, model_config
 from .naming import match_modules
+from .parallel import run_items
 from .peft_format import LoraAdapter, LoraModule, load_adapter
 from ..linear import merge
 
@@ -154,12 +156,53 @@ def _stored_ties(plan: MergePlan, shapes: dict, stems: set, cfg: dict) -> None:
 
 def _apply(W: np.ndarray, key: str, plan: MergePlan) -> np.ndarray:
     """Replacement then updates, in W's float dtype (float32, or float64 for float64 weights)."""
-    if key in plan.replace:
-        W[...] = plan.replace[key]
-    for mod in plan.updates.get(key, ()):
+    return _apply_to(W, plan.replace.get(key), plan.updates.get(key, ()))
+
+
+def _apply_to(W: np.ndarray, replace, mods) -> np.ndarray:
+    if replace is not None:
+        W[...] = replace
+    for mod in mods:
         A, B = mod.A.astype(W.dtype, copy=False), mod.B.astype(W.dtype, copy=False)
         merge(W.T if mod.transposed else W, A, B, scale=mod.scale)
     return W
+
+
+def _read_weight(ck: Checkpoint, key: str) -> np.ndarray:
+    """A weight to merge into: float32, or float64 kept for float64 weights."""
+    return ck.read_raw(key)[0].copy() if ck.dtype(key) == "F64" else ck.read(key)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Update:
+    """One base tensor to merge, by name, with what goes into it: picklable for a Dask task."""
+
+    file: str
+    key: str
+    shape: tuple
+    code: str
+    replace: object  # ndarray or None
+    mods: tuple
+
+
+class _MergeOpen:
+    """Merge into a tensor read from the checkpoint this process holds open."""
+
+    def __init__(self, ck: Checkpoint):
+        self.ck = ck
+
+    def __call__(self, job: _Update) -> np.ndarray:
+        return _apply_to(_read_weight(self.ck, job.key), job.replace, job.mods)
+
+
+def _merge_by_path(job: _Update) -> np.ndarray:
+    """Merge into a tensor a Dask task reads from its file by path, after checking it is still
+    what the client planned."""
+    with Checkpoint(job.file) as ck:
+        if job.key not in ck or ck.shape(job.key) != job.shape or ck.dtype(job.key) != job.code:
+            raise CheckpointError(f"{ck.path}: tensor {job.key!r} changed since the run began "
+                                  "(or this worker sees another file at that path)")
+        return _apply_to(_read_weight(ck, job.key), job.replace, job.mods)
 
 
 def _dict_evidence(base) -> set:
@@ -259,7 +302,7 @@ def _model_folder(base: Path) -> Path | None:
 
 def merge_checkpoint(base, adapter, out_dir, *, dtype: str | None = None, force: bool = False,
                      progress: bool = False, prefix=None, max_shard_size=None,
-                     notes: list | None = None) -> Path:
+                     notes: list | None = None, client=None) -> Path:
     """Write ``base`` with ``adapter`` merged into ``out_dir`` as a model folder, one shard in
     memory at a time.
 
@@ -284,6 +327,11 @@ def merge_checkpoint(base, adapter, out_dir, *, dtype: str | None = None, force:
         Re-shard the weights (``"2GB"``) as transformers names them, instead of the base's files.
     notes : list, optional
         Receives one line per thing worth telling the user (a tied lm_head).
+    client : distributed.Client, optional
+        Merge the updated tensors of each output file as tasks on this Dask cluster (each
+        reads its tensor from BASE's files by path: every worker must see them at the same
+        paths); this process writes the files. Same bytes as one process's at equal BLAS
+        threads. Default: this process.
     """
     if dtype is not None and (dtype not in DTYPE_CODES or dtype == "float64"):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
@@ -308,16 +356,24 @@ def merge_checkpoint(base, adapter, out_dir, *, dtype: str | None = None, force:
         groups = _shards(ck, shard_limit, dtype)
         bar = _bar(len(plan.updates), progress)
         weight_map, total = {}, 0
+        fn = _MergeOpen(ck) if client is None else _merge_by_path
         with atomic_output_dir(out_dir, force, inputs) as tmp:
             for fname, keys in groups:
+                # This file's updated tensors first (as tasks on a cluster), then the file.
+                jobs = [_Update(str(ck.file_of(k)), k, ck.shape(k), ck.dtype(k),
+                                plan.replace.get(k), tuple(plan.updates.get(k, ())))
+                        for k in keys if k in plan.updates or k in plan.replace]
+                merged = {}
+                for i, W in run_items(client, fn, jobs, weights=[math.prod(j.shape) for j in jobs],
+                                      name=lambda j: f"merge-{j.key}"):
+                    merged[jobs[i].key] = W
+                    bar.update(jobs[i].key in plan.updates)
                 tensors = {}
                 for key in keys:
                     code = ck.dtype(key)
                     out_code = DTYPE_CODES[dtype] if dtype and code in FLOAT_CODES else code
-                    if key in plan.updates or key in plan.replace:
-                        W = ck.read_raw(key)[0].copy() if code == "F64" else ck.read(key)
-                        tensors[key] = (_apply(W, key, plan), out_code)
-                        bar.update(key in plan.updates)
+                    if key in merged:
+                        tensors[key] = (merged.pop(key), out_code)
                     elif out_code != code:
                         tensors[key] = (ck.read(key), out_code)
                     else:

@@ -75,6 +75,30 @@ def truncate(L, S, Rt, k: int, factor: float = 1.0):
     return A, B
 
 
+@dataclass(frozen=True)
+class _Module:
+    """One module to resize: its factors and the rule for its new rank (picklable)."""
+
+    A: np.ndarray
+    B: np.ndarray
+    r: int
+    rank: int | None
+    tol: float | None
+    energy: float | None
+    max_rank: int | None
+
+
+def _plan_module(job: _Module):
+    """``(L, S, Rt, k)``: the SVD of ``B @ A`` and the new rank, with ``L`` and ``Rt`` cut to
+    the ``k`` directions kept (None when nothing is cut: the factors are kept as they are)."""
+    L, S, Rt = factor_svd(job.A, job.B)
+    k = min(choose_rank(S, rank=job.rank, tol=job.tol, energy=job.energy,
+                        max_rank=job.max_rank), job.r)
+    if k == job.r:
+        return None, S, None, k
+    return L[:, :k], S, Rt[:k], k
+
+
 @dataclass
 class ModuleReport:
     """One module: ranks, the share of ``||B A||_F^2`` kept and the relative Frobenius error
@@ -145,7 +169,7 @@ def _check_fraction(value, name: str, low_open: bool, high_open: bool):
 
 def resize_adapter(adapter, out_dir, *, rank: int | None = None, tol: float | None = None,
                    energy: float | None = None, max_rank: int | None = None,
-                   force: bool = False, progress: bool = False) -> ResizeResult:
+                   force: bool = False, progress: bool = False, client=None) -> ResizeResult:
     """Lower the rank of every module of a PEFT LoRA adapter optimally (Eckart-Young).
 
     Parameters
@@ -168,6 +192,10 @@ def resize_adapter(adapter, out_dir, *, rank: int | None = None, tol: float | No
         Replace ``out_dir`` if it exists.
     progress : bool
         Show a progress bar over modules (on a terminal).
+    client : distributed.Client, optional
+        Compute the modules' SVDs as tasks on this Dask cluster (small modules batched into one
+        task; the factors travel from this process, which reads the adapter and writes the
+        result). Same bytes as one process's. Default: this process.
 
     Exactly one of ``rank``, ``tol``, ``energy``.
 
@@ -200,16 +228,24 @@ def resize_adapter(adapter, out_dir, *, rank: int | None = None, tol: float | No
     from threadpoolctl import threadpool_limits
     from tqdm.auto import tqdm
 
+    from .parallel import run_items
+
+    names = list(raw.modules)
+    jobs = [_Module(raw.modules[n].A, raw.modules[n].B, raw.modules[n].r, rank, tol, energy,
+                    max_rank) for n in names]
     plans = {}
     # One BLAS thread: these problems are tall-skinny QRs and r x r SVDs of a few ms, which
     # OpenBLAS's threads slow down (4096 x 64 QR: 60 ms on one thread, 1.3 s on two when the
-    # cores are shared).
-    with threadpool_limits(limits=1, user_api="blas"):
-        for name, m in tqdm(raw.modules.items(), desc="resize", unit="module",
-                            disable=None if progress else True):
-            L, S, Rt = factor_svd(m.A, m.B)
-            k = min(choose_rank(S, rank=rank, tol=tol, energy=energy, max_rank=max_rank), m.r)
-            plans[name] = (L, S, Rt, k)
+    # cores are shared). Dask's workers run each task with their own thread count (one).
+    with threadpool_limits(limits=1, user_api="blas"), \
+            tqdm(total=len(jobs), desc="resize", unit="module",
+                 disable=None if progress else True) as bar:
+        for i, plan in run_items(client, _plan_module, jobs,
+                                 weights=[j.A.size + j.B.size for j in jobs],
+                                 name=lambda j: f"resize-{j.A.shape}"):
+            plans[names[i]] = plan
+            bar.update(1)
+    plans = {n: plans[n] for n in names}  # module order, whatever order they finished in
     ranks = {name: plan[3] for name, plan in plans.items()}
     config, scales = uniform_config(raw.config, ranks, float(raw.config["lora_alpha"]), raw.rule)
     result = ResizeResult(Path(out_dir), config)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import sys
 
-NEEDS = ("tqdm", "safetensors")  # optional modules, checked before any work (rslora.cli.require)
+def NEEDS(args) -> tuple:
+    """The optional modules this run imports, checked before any work (rslora.cli.require)."""
+    from ..cli import cluster_needs
+
+    return ("tqdm", "safetensors") + cluster_needs(args)
 
 USAGE = """examples:
   rslora extract base/ tuned/ -o adapter/ --rank 64
@@ -15,6 +19,8 @@ USAGE = """examples:
 
 
 def register(sub) -> None:
+    from ..cli import add_cluster_args
+
     p = sub.add_parser(
         "extract", help="extract a LoRA adapter from a base and a fine-tuned checkpoint",
         description="Factor tuned - base for every 2-D weight with the randomized SVD and write a "
@@ -47,6 +53,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no table")
+    add_cluster_args(p)
     p.set_defaults(func=run)
 
 
@@ -59,14 +66,18 @@ def _formatter():
 def run(args) -> int:
     from ..errors import UserError
     from ..adapters.extract import extract_adapter
+    from ._cluster import client_for
+
+    where = client_for(args)  # the cluster flags checked before any work
 
     try:
-        res = extract_adapter(
-            args.base, args.tuned, args.output, rank=args.rank, tol=args.tol,
-            max_rank=args.max_rank, rule=args.rule, alpha=args.alpha, include=args.include,
-            exclude=args.exclude, dtype=args.dtype, on_missing=args.on_missing,
-            force=args.force, seed=args.seed, progress=not args.quiet, prefix=args.prefix,
-            biases=args.biases)
+        with where as client:
+            res = extract_adapter(
+                args.base, args.tuned, args.output, rank=args.rank, tol=args.tol,
+                max_rank=args.max_rank, rule=args.rule, alpha=args.alpha, include=args.include,
+                exclude=args.exclude, dtype=args.dtype, on_missing=args.on_missing,
+                force=args.force, seed=args.seed, progress=not args.quiet, prefix=args.prefix,
+                biases=args.biases, client=client)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise UserError(str(e)) from None
     for side, names in (("BASE", res.only_in_base), ("TUNED", res.only_in_tuned)):

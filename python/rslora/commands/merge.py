@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-NEEDS = ("tqdm", "safetensors")  # optional modules, checked before any work (rslora.cli.require)
+def NEEDS(args) -> tuple:
+    """The optional modules this run imports, checked before any work (rslora.cli.require)."""
+    from ..cli import cluster_needs
+
+    return ("tqdm", "safetensors") + cluster_needs(args)
 
 USAGE = """examples:
   rslora merge base/ adapter/ -o merged/
@@ -13,6 +17,8 @@ USAGE = """examples:
 
 
 def register(sub) -> None:
+    from ..cli import add_cluster_args
+
     import argparse
 
     p = sub.add_parser(
@@ -35,6 +41,7 @@ def register(sub) -> None:
                    help="re-shard the output (e.g. 2GB, 500MB) instead of keeping BASE's files")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_cluster_args(p)
     p.set_defaults(func=run)
 
 
@@ -42,15 +49,18 @@ def run(args) -> int:
     from ..adapters.peft_format import load_adapter
     from ..adapters.merge import merge_checkpoint
     from ..errors import UserError
+    from ._cluster import client_for
 
     import sys
 
+    where = client_for(args)  # the cluster flags checked before any work
     notes: list = []
     try:
         adapter = load_adapter(args.adapter)
-        merge_checkpoint(args.base, adapter, args.output, dtype=args.dtype, force=args.force,
-                         progress=not args.quiet, prefix=args.prefix,
-                         max_shard_size=args.max_shard_size, notes=notes)
+        with where as client:
+            merge_checkpoint(args.base, adapter, args.output, dtype=args.dtype, force=args.force,
+                             progress=not args.quiet, prefix=args.prefix,
+                             max_shard_size=args.max_shard_size, notes=notes, client=client)
     except (ValueError, OSError) as e:
         raise UserError(str(e)) from None
     for note in notes:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-NEEDS = ("tqdm", "safetensors")  # optional modules, checked before any work (rslora.cli.require)
+def NEEDS(args) -> tuple:
+    """The optional modules this run imports, checked before any work (rslora.cli.require)."""
+    from ..cli import cluster_needs
+
+    return ("tqdm", "safetensors") + cluster_needs(args)
 
 USAGE = """examples:
   rslora resize adapter/ -o adapter-r16/ --rank 16
@@ -12,6 +16,8 @@ USAGE = """examples:
 
 
 def register(sub) -> None:
+    from ..cli import add_cluster_args
+
     import argparse
 
     p = sub.add_parser(
@@ -33,18 +39,23 @@ def register(sub) -> None:
                    "--tol or --energy")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no table")
+    add_cluster_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..adapters.resize import resize_adapter
     from ..errors import UserError
+    from ._cluster import client_for
+
+    where = client_for(args)  # the cluster flags checked before any work
 
     flag = {"rank": "--rank", "tol": "--tol", "energy": "--energy", "max_rank": "--max-rank"}
     try:
-        res = resize_adapter(args.adapter, args.output, rank=args.rank, tol=args.tol,
-                             energy=args.energy, max_rank=args.max_rank, force=args.force,
-                             progress=not args.quiet)
+        with where as client:
+            res = resize_adapter(args.adapter, args.output, rank=args.rank, tol=args.tol,
+                                 energy=args.energy, max_rank=args.max_rank, force=args.force,
+                                 progress=not args.quiet, client=client)
     except (ValueError, TypeError, OSError) as e:  # CheckpointError is a ValueError
         msg = str(e)
         for name, opt in flag.items():  # name the command-line flag, not the Python argument

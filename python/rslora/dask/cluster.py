@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import UserError
 
-__all__ = ["ClusterError", "cluster", "map_unordered", "NO_WORKER_TIMEOUT_S"]
+__all__ = ["ClusterError", "cluster", "map_unordered", "worker_threads", "NO_WORKER_TIMEOUT_S"]
 
 #: How long a run waits with no worker on the cluster before giving up (seconds). Workers that
 #: die are replaced by a nanny (LocalCluster) or a job system within seconds; none for this long
@@ -86,6 +86,11 @@ def cluster(workers: int | None = None, scheduler: str | None = None) -> Iterato
                       dashboard_address=":0", silence_logs=logging.ERROR) as local, \
             Client(local, set_as_default=False) as client:
         yield client
+
+
+def worker_threads(client: Any) -> int:
+    """The worker threads on the cluster now (0 when it has no worker yet)."""
+    return sum(_talk(client.nthreads).values())
 
 
 def _one_line(e: BaseException) -> str:
