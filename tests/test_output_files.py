@@ -185,6 +185,22 @@ def test_stale_temporaries_are_cleaned_and_only_ours(tmp_path):
         assert (kept / "payload").exists()
 
 
+def test_empty_leftovers_of_dead_runs_are_cleaned(tmp_path):
+    """Killed between mkdir and the manifest's write (or between removing the manifest and
+    rmdir): an empty folder named for OUT by a dead process is removed; one with foreign
+    content and no manifest is not (the test above)."""
+    out = tmp_path / "out"
+    dead = dead_pid()
+    empty = [tmp_path / f".out.{kind}-{_files._HOST}-{dead}-ff{i}" for i, kind in enumerate(("tmp", "old"))]
+    for d in empty:
+        d.mkdir()
+    live_empty = tmp_path / f".out.tmp-{_files._HOST}-{os.getpid()}-aa"
+    live_empty.mkdir()
+    assert sorted(clean_stale(out)) == sorted(empty)
+    assert not any(d.exists() for d in empty) and live_empty.exists()
+    assert not out.exists()  # an empty "old" is not put back as OUT
+
+
 def test_old_output_set_aside_is_put_back(tmp_path):
     """Killed between 'OUT -> old' and 'tmp -> OUT': the next run restores the old output."""
     dead = dead_pid()

@@ -222,7 +222,7 @@ def clean_stale(out) -> list[Path]:
     for e in entries:
         m = _STALE.match(e.name)
         if (m and m["name"] == out.name and m["host"] == _HOST and not _alive(int(m["pid"]))
-                and e.is_dir(follow_symlinks=False) and os.path.isfile(os.path.join(e.path, MANIFEST))):
+                and e.is_dir(follow_symlinks=False) and _ours_or_empty(e.path)):
             stale.append((m["kind"], Path(e.path)))
     done = []
     for kind, p in sorted(stale, key=lambda kp: kp[0] != "old"):
@@ -233,6 +233,15 @@ def clean_stale(out) -> list[Path]:
             _remove_tree(p)
         done.append(p)
     return done
+
+
+def _ours_or_empty(path: str) -> bool:
+    """A leftover carries the manifest, or is empty: killed between ``mkdir`` and the manifest's
+    write, or between removing the manifest and ``rmdir`` (an empty folder holds nothing to lose)."""
+    try:
+        return os.path.isfile(os.path.join(path, MANIFEST)) or not os.listdir(path)
+    except OSError:
+        return False
 
 
 def _remove_tree(p: Path) -> None:
