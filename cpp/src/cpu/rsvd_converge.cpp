@@ -33,23 +33,29 @@
 namespace rslora::detail {
 
 template <class T>
-void ritz_values(const T* W, i64 q, i64 L, std::vector<double>& G, std::vector<double>& Wd,
-                 std::vector<double>& s) {
-  s.assign(static_cast<size_t>(L), 0.0);
+void gram_eig(const T* W, i64 q, i64 L, Gram& g) {
+  g.q = q, g.L = L;
+  g.s.assign(static_cast<size_t>(L), 0.0);
   if (L == 0) return;
   const blas::SingleThreadScope one_thread(double(q) * L * L);  // small: blas.hpp
-  G.assign(static_cast<size_t>(L * L), 0.0);
-  const double* Wp;
   if constexpr (std::is_same_v<T, double>) {
-    Wp = W;
+    g.W = W;
   } else {
-    Wd.assign(W, W + q * L);
-    Wp = Wd.data();
+    g.Wd.resize(static_cast<size_t>(q * L));
+    std::copy(W, W + q * L, g.Wd.begin());
+    g.W = g.Wd.data();
   }
-  blas::syrk<double>(true, true, L, q, 1.0, Wp, q, 0.0, G.data(), L);
-  std::vector<double> ev(static_cast<size_t>(L));
-  blas::syevd<double>(L, G.data(), L, ev.data());  // ascending; vectors not used
-  for (i64 i = 0; i < L; ++i) s[i] = std::sqrt(std::max(ev[L - 1 - i], 0.0));
+  g.G.resize(static_cast<size_t>(L * L));
+  g.ev.resize(static_cast<size_t>(L));
+  blas::syrk<double>(true, true, L, q, 1.0, g.W, q, 0.0, g.G.data(), L);
+  blas::syevd<double>(L, g.G.data(), L, g.ev.data());  // ascending, G <- eigenvectors
+  for (i64 i = 0; i < L; ++i) g.s[i] = std::sqrt(std::max(g.ev[L - 1 - i], 0.0));
+}
+
+bool Gram::well_conditioned(i64 cols) const {
+  if (L == 0 || cols < 1 || cols > L) return false;
+  const double top = ev[L - 1];
+  return top > 0 && std::isfinite(top) && ev[L - cols] >= 1e-8 * top;
 }
 
 template <class T>
@@ -58,22 +64,31 @@ bool rsvd_converged(const std::vector<double>& prev, const std::vector<double>& 
   const i64 L = static_cast<i64>(cur.size());
   if (k <= 0 || L < k) return true;
   const double u = std::numeric_limits<T>::epsilon() / 2;
+  const double allow = (1 + eps) * (1 + eps) - 1;
   const double s1 = cur[0];
   const double sL = cur[L - 1];
-  double inc = 0, gap = 0, noise = 0, top = 0, below = 0;
+  const bool first = prev.empty();
+  double inc = 0, gap = 0, noise = 8 * u * normA2, top = 0, below = 0, below_noise = 0;
   for (i64 i = 0; i < L; ++i) {
     const double tau = 8 * u * cur[i] * (cur[i] + s1);  // rounding of s_i^2
+    noise += tau;
     if (i < k) {
+      top += cur[i] * cur[i];
+      if (first) continue;
       const double d = std::max(cur[i] * cur[i] - prev[i] * prev[i] - tau, 0.0);
       const double rho_i = cur[i] > 0 ? std::min(std::pow(sL / cur[i], 4), 0.95) : 0.95;
       inc += d;
       gap += d * rho_i / (1 - rho_i);  // each direction converges at its own rate
-      noise += tau;
-      top += cur[i] * cur[i];
     } else {
       below += cur[i] * cur[i];
+      below_noise += tau;
     }
   }
+  // A bound, not an estimate: gap <= ||A||^2 - sum_{i<=L} s_i^2 (the energy outside the whole
+  // basis; see above). Enough on its own when the basis holds all but a sliver of ||A||^2.
+  const double outside = normA2 - top - below;
+  if (outside + noise <= allow * std::max(below - below_noise, 0.0)) return true;
+  if (first) return false;
   if (*inc_prev > 0) {  // and the whole no faster than observed
     const double rho = std::min(inc / *inc_prev, 0.95);
     gap = std::max(gap, inc * rho / (1 - rho));
@@ -81,35 +96,17 @@ bool rsvd_converged(const std::vector<double>& prev, const std::vector<double>& 
   *inc_prev = inc;
   if (inc == 0) return true;  // nothing measurable is left to gain
   double opt2 = below;  // lower bound
-  const double resid = normA2 - top - gap - noise - 8 * u * normA2;
+  const double resid = normA2 - top - gap - noise;
   if (resid > opt2) opt2 = resid;
   // Half the allowance: the geometric model is an estimate (rates early on are faster than
   // the asymptotic ones it extrapolates), measured to stop one iteration late rather than early.
-  return gap <= 0.5 * ((1 + eps) * (1 + eps) - 1) * opt2;
-}
-
-template <class T>
-double frobenius2(Mat<const T> A) {
-  double total = 0;
-  for (i64 i = 0; i < A.rows; ++i) {
-    double row = 0;
-    const T* a = &A(i, 0);
-    if (A.cs == 1) {
-      for (i64 j = 0; j < A.cols; ++j) row += static_cast<double>(a[j]) * a[j];
-    } else {
-      for (i64 j = 0; j < A.cols; ++j) row += static_cast<double>(a[j * A.cs]) * a[j * A.cs];
-    }
-    total += row;
-  }
-  return total;
+  return gap <= 0.5 * allow * opt2;
 }
 
 #define RSLORA_INSTANTIATE(T)                                                                   \
-  template void ritz_values<T>(const T*, i64, i64, std::vector<double>&, std::vector<double>&, \
-                               std::vector<double>&);                                          \
+  template void gram_eig<T>(const T*, i64, i64, Gram&);                                       \
   template bool rsvd_converged<T>(const std::vector<double>&, const std::vector<double>&, i64, \
-                                  double, double, double*);                                    \
-  template double frobenius2<T>(Mat<const T>);
+                                  double, double, double*);
 RSLORA_INSTANTIATE(float)
 RSLORA_INSTANTIATE(double)
 #undef RSLORA_INSTANTIATE

@@ -18,19 +18,55 @@
 namespace rslora::detail {
 namespace {
 
+// One read of M: max|M| and ||M||_F^2 (float64 sums). The contiguous case keeps 8 independent
+// lanes so the compiler vectorises it (a single running sum would serialise on the adds).
+// NaN/Inf need no test of their own: they make the sum of squares NaN/Inf.
 template <class T>
-T max_abs(Mat<const T> M, bool* finite) {
+void scan_row(const T* x, i64 n, T& mx, double& ss) {
+  constexpr int kLanes = 8;
+  T m[kLanes] = {};
+  double s[kLanes] = {};
+  i64 i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const T a = std::abs(x[i + j]);
+      m[j] = a > m[j] ? a : m[j];
+      s[j] += double(x[i + j]) * double(x[i + j]);
+    }
+  for (; i < n; ++i) {
+    const T a = std::abs(x[i]);
+    m[0] = a > m[0] ? a : m[0];
+    s[0] += double(x[i]) * double(x[i]);
+  }
+  for (int j = 0; j < kLanes; ++j) mx = m[j] > mx ? m[j] : mx, ss += s[j];
+}
+
+template <class T>
+T max_abs(Mat<const T> M, bool* finite, double* sumsq) {
   const bool rows_inner = std::abs(M.cs) <= std::abs(M.rs);
   const i64 outer = rows_inner ? M.rows : M.cols, inner = rows_inner ? M.cols : M.rows;
+  const i64 step = rows_inner ? M.cs : M.rs;
   T mx = 0;
-  bool ok = true;
-  for (i64 o = 0; o < outer; ++o)
-    for (i64 i = 0; i < inner; ++i) {
-      const T a = std::abs(rows_inner ? M(o, i) : M(i, o));
-      ok &= std::isfinite(a);
-      mx = a > mx ? a : mx;
-    }
-  *finite = ok;
+  double ss = 0;
+  if (step == 1) {
+    for (i64 o = 0; o < outer; ++o) scan_row(rows_inner ? &M(o, 0) : &M(0, o), inner, mx, ss);
+  } else {
+    for (i64 o = 0; o < outer; ++o)
+      for (i64 i = 0; i < inner; ++i) {
+        const T v = rows_inner ? M(o, i) : M(i, o);
+        const T a = std::abs(v);
+        mx = a > mx ? a : mx;
+        ss += double(v) * double(v);
+      }
+  }
+  *sumsq = ss;
+  *finite = std::isfinite(ss);
+  if (!*finite && std::isfinite(mx)) {  // float64 squares can overflow: is every entry finite?
+    bool ok = true;
+    for (i64 o = 0; o < outer && ok; ++o)
+      for (i64 i = 0; i < inner; ++i) ok &= std::isfinite(rows_inner ? M(o, i) : M(i, o));
+    *finite = ok;
+  }
   return mx;
 }
 
@@ -45,7 +81,7 @@ std::string sci(double v) {
 template <class T>
 Rescaled<T>::Rescaled(Mat<const T> M0, bool check_finite) : M(M0) {
   bool finite = true;
-  const T amax = max_abs(M0, &finite);
+  const T amax = max_abs(M0, &finite, &sumsq);
   if (!finite) {
     if (check_finite)
       throw std::invalid_argument("M contains NaN or Inf (pass check_finite=False to skip this check)");
@@ -61,9 +97,15 @@ Rescaled<T>::Rescaled(Mat<const T> M0, bool check_finite) : M(M0) {
   if (double(amax) <= hi && double(amax) >= lo) return;
   exp = -std::ilogb(amax);  // max|M * 2^exp| in [1, 2)
   buf.resize(static_cast<size_t>(checked_size({M0.rows, M0.cols}, "M", sizeof(T))));
+  double ss = 0;
   for (i64 i = 0; i < M0.rows; ++i)
-    for (i64 j = 0; j < M0.cols; ++j) buf[i * M0.cols + j] = std::ldexp(M0(i, j), exp);
+    for (i64 j = 0; j < M0.cols; ++j) {
+      const T v = std::ldexp(M0(i, j), exp);
+      buf[i * M0.cols + j] = v;
+      ss += double(v) * double(v);
+    }
   M = {buf.data(), M0.rows, M0.cols, M0.cols, 1};
+  sumsq = ss;
 }
 
 template <class T>

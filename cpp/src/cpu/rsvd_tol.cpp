@@ -38,19 +38,6 @@ double sumsq(const T* x, i64 count) {
   return s;
 }
 
-template <class T>
-double frob2(Mat<const T> A) {
-  double s = 0;
-  const bool rows_inner = std::abs(A.cs) <= std::abs(A.rs);
-  const i64 outer = rows_inner ? A.rows : A.cols, inner = rows_inner ? A.cols : A.rows;
-  for (i64 o = 0; o < outer; ++o)
-    for (i64 i = 0; i < inner; ++i) {
-      const double v = rows_inner ? A(o, i) : A(i, o);
-      s += v * v;
-    }
-  return s;
-}
-
 // ||A - Q W^T||_F^2 with Q p x c, W q x c (column-major), by chunks of A's columns.
 template <class T>
 double residual2(const Sides<T>& sd, const T* Q, const T* W, i64 c) {
@@ -95,7 +82,7 @@ RsvdTolResult<T> rsvd_tol(Mat<const T> M, double tol, i64 max_rank, i64 block, i
   block = std::min(block, max_rank);  // a wider block changes nothing (and cannot overflow below)
 
   RsvdTolResult<T> res;
-  const double norm2 = frob2(M);  // NaN/Inf in M make it non-finite
+  const double norm2 = scaled.sumsq;  // NaN/Inf in M make it non-finite
   if (!std::isfinite(norm2)) {
     if (check_finite) {
       std::vector<T> probe(static_cast<size_t>(p));
@@ -163,7 +150,8 @@ RsvdTolResult<T> rsvd_tol(Mat<const T> M, double tol, i64 max_rank, i64 block, i
   }
   E = std::max(E, 0.0);
 
-  auto sv = detail::small_svd(W, q, c, c);
+  detail::SmallSvd<T> sv;
+  detail::small_svd(W.data(), q, c, c, sv);
   // err^2(r) = E + sum_{i > r} s_i^2 (adding positive terms: no cancellation)
   std::vector<double> tail(static_cast<size_t>(c + 1), 0.0);
   for (i64 i = c - 1; i >= 0; --i) tail[i] = tail[i + 1] + double(sv.s[i]) * double(sv.s[i]);
