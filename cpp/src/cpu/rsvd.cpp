@@ -80,7 +80,7 @@ void small_svd(const T* W, i64 q, i64 L, i64 cols, SmallSvd<T>& sv, const Gram* 
     Gram own;
     if (!known) gram_eig(W, q, L, own);
     const Gram& g = known ? *known : own;
-    if (g.well_conditioned(cols)) return small_svd_gram(g, cols, sv);
+    if (g.well_conditioned(cols, 1e-8)) return small_svd_gram(g, cols, sv);
   }
   // W = Qw R (CholeskyQR, BLAS-3), then gesdd of the L x L R: LAPACK's own tall SVD spends its
   // time in threaded BLAS-2 calls that crawl on a busy machine.
@@ -207,13 +207,13 @@ Workspace<T>& workspace() {
 }
 
 // W (q x L) <- W V S^-1 from the eigen-decomposition of its Gram matrix (g, of this very W):
-// an orthonormal basis of the same span, to ~1e-8, from the Ritz computation the stopping rule
-// already made (one GEMM, in place of condition()'s two CholeskyQR passes). False (W untouched)
-// when the Gram is too ill-conditioned for that.
+// a basis of the same span, orthonormal to ~1e-4 or better (all condition() promises), from the
+// Ritz computation the stopping rule already made: one GEMM in place of condition()'s two
+// CholeskyQR passes. False (W untouched) when s_L < 1e-6 s_1 (rounding noise, rank deficiency).
 template <class T>
 bool condition_by_gram(T* W, const detail::Gram& g, std::vector<double>& tmp) {
   const i64 q = g.q, L = g.L;
-  if (!g.well_conditioned(L)) return false;
+  if (!g.well_conditioned(L, 1e-12)) return false;
   const blas::SingleThreadScope one_thread(double(q) * L * L);  // small: blas.hpp
   std::vector<double> Vs(static_cast<size_t>(L * L));
   for (i64 j = 0; j < L; ++j) {

@@ -52,10 +52,10 @@ void gram_eig(const T* W, i64 q, i64 L, Gram& g) {
   for (i64 i = 0; i < L; ++i) g.s[i] = std::sqrt(std::max(g.ev[L - 1 - i], 0.0));
 }
 
-bool Gram::well_conditioned(i64 cols) const {
+bool Gram::well_conditioned(i64 cols, double floor) const {
   if (L == 0 || cols < 1 || cols > L) return false;
   const double top = ev[L - 1];
-  return top > 0 && std::isfinite(top) && ev[L - cols] >= 1e-8 * top;
+  return top > 0 && std::isfinite(top) && ev[L - cols] >= floor * top;
 }
 
 template <class T>

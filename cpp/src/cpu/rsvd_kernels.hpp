@@ -76,9 +76,10 @@ struct Gram {
   std::vector<double> Wd, G, ev, s;
   const double* W = nullptr;  // W in float64: Wd, or the caller's float64 W
   i64 q = 0, L = 0;
-  // Whether the top `cols` eigenvalues are >= 1e-8 x the largest (> 0, finite): then those
-  // columns of W V S^-1 are orthonormal to ~1e-8 whatever the precision (u_64 (s_0 / s_j)^2).
-  bool well_conditioned(i64 cols) const;
+  // Whether the top `cols` eigenvalues are >= floor x the largest (> 0, finite): then those
+  // columns of W V S^-1 are orthonormal to ~1e-16 / floor whatever the precision
+  // (u_64 (s_0 / s_j)^2): 1e-8 for the final vectors, 1e-4 for a basis between passes.
+  bool well_conditioned(i64 cols, double floor) const;
 };
 template <class T>
 void gram_eig(const T* W, i64 q, i64 L, Gram& g);
