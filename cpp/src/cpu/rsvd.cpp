@@ -46,15 +46,7 @@ void small_svd_gram(const Gram& g, i64 cols, SmallSvd<float>& sv) {
     sv.s[j] = static_cast<float>(g.s[j]);
     for (i64 i = 0; i < L; ++i) sv.Vwt[j + i * L] = static_cast<float>(g.G[i + src * L]);
   }
-  // Ud = Wd * V[:, :cols] / s, with V's columns reversed (descending order)
-  std::vector<double> Vk(static_cast<size_t>(L * cols));
-  for (i64 j = 0; j < cols; ++j) {
-    const double inv = 1.0 / std::sqrt(g.ev[L - 1 - j]);
-    for (i64 i = 0; i < L; ++i) Vk[i + j * L] = g.G[i + (L - 1 - j) * L] * inv;
-  }
-  sv.Ud.resize(static_cast<size_t>(q * cols));
-  blas::gemm<double>(1.0, ccolmajor(g.W, q, L, q), false, ccolmajor(Vk.data(), L, cols, L), false,
-                     0.0, colmajor(sv.Ud.data(), q, cols, q));
+  g.scaled_vectors(cols, sv.Ud);
   std::copy(sv.Ud.begin(), sv.Ud.end(), sv.Uw.begin());
 }
 
@@ -181,7 +173,7 @@ i64 subspace(const Sides<T>& sd, i64 l, int iters, RsvdNormalizer how, std::uint
 
 // Scratch of one rsvd call, kept per thread between calls: repeated calls of one shape (a loop
 // over the layers of a model, a benchmark) then find their buffers allocated and touched, with
-// no page faults or zero-filling (a fresh 2048 x 74 buffer pair cost ~5% of a call). Released
+// no page faults or zero-filling (fresh buffers cost 5-7% of a 2048 x 2048, k = 64 call). Released
 // after a call that left more than kKeepBytes in it, so a one-off large call holds nothing.
 template <class T>
 struct Workspace {
@@ -215,14 +207,7 @@ bool condition_by_gram(T* W, const detail::Gram& g, std::vector<double>& tmp) {
   const i64 q = g.q, L = g.L;
   if (!g.well_conditioned(L, 1e-12)) return false;
   const blas::SingleThreadScope one_thread(double(q) * L * L);  // small: blas.hpp
-  std::vector<double> Vs(static_cast<size_t>(L * L));
-  for (i64 j = 0; j < L; ++j) {
-    const double inv = 1.0 / std::sqrt(g.ev[L - 1 - j]);
-    for (i64 i = 0; i < L; ++i) Vs[i + j * L] = g.G[i + (L - 1 - j) * L] * inv;
-  }
-  tmp.resize(static_cast<size_t>(q * L));
-  blas::gemm<double>(1.0, detail::ccolmajor(g.W, q, L, q), false, detail::ccolmajor(Vs.data(), L, L, L),
-                     false, 0.0, detail::colmajor(tmp.data(), q, L, q));
+  g.scaled_vectors(L, tmp);
   std::copy(tmp.begin(), tmp.end(), W);
   return true;
 }

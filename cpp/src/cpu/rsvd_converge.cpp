@@ -65,6 +65,17 @@ bool Gram::well_conditioned(i64 cols, double floor) const {
   return top > 0 && std::isfinite(top) && ev[L - cols] >= floor * top;
 }
 
+void Gram::scaled_vectors(i64 cols, std::vector<double>& out) const {
+  std::vector<double> Vs(static_cast<size_t>(L * cols));
+  for (i64 j = 0; j < cols; ++j) {
+    const double inv = 1.0 / std::sqrt(ev[L - 1 - j]);
+    for (i64 i = 0; i < L; ++i) Vs[i + j * L] = G[i + (L - 1 - j) * L] * inv;
+  }
+  out.resize(static_cast<size_t>(q * cols));
+  blas::gemm<double>(1.0, ccolmajor(W, q, L, q), false, ccolmajor(Vs.data(), L, cols, L), false, 0.0,
+                     colmajor(out.data(), q, cols, q));
+}
+
 template <class T>
 bool rsvd_converged(const std::vector<double>& prev, const std::vector<double>& cur, i64 k,
                     double normA2, double eps, double* inc_prev) {

@@ -80,6 +80,9 @@ struct Gram {
   // columns of W V S^-1 are orthonormal to ~1e-16 / floor whatever the precision
   // (u_64 (s_0 / s_j)^2): 1e-8 for the final vectors, 1e-4 for a basis between passes.
   bool well_conditioned(i64 cols, double floor) const;
+  // out (q x cols, column-major) = W v_j / s_j for the top `cols` eigenpairs (descending): the
+  // left singular vectors of W, or an orthonormal basis of its span (cols = L).
+  void scaled_vectors(i64 cols, std::vector<double>& out) const;
 };
 template <class T>
 void gram_eig(const T* W, i64 q, i64 L, Gram& g);
