@@ -21,8 +21,8 @@ noise floor 0.03 (1 + i/n)), those two at 2048 only. Each method gets the fewest
 that reach <= 1.001 x the optimum on each spectrum and size, checked at run time (the hint
 and one fewer, else 0, 1, 2, ...; outside the timing; every benchmark asserts its accuracy); scikit-learn runs its defaults (n_iter=7 and LU
 normalization here, about 1.0003). Roles in each group:
-  rslora         rsvd(M, 64): the defaults, n_iter="auto" stops at the 1.001 contract
-                 (extra_info: the iterations it chose)
+  rslora         rsvd(M, 64): the defaults, n_iter="auto" stops at the 1.001 contract, after
+                 the sketch alone when its bound allows (extra_info: the iterations it chose)
   rslora-fewest  rsvd(M, 64, n_iter=fewest fixed count reaching 1.001)
   rslora-krylov  rsvd(M, 64, method="krylov", n_iter=fewest)
   rsvd_tol       rsvd_tol(M, tol = 1.001 x optimal relative error of rank 64)

@@ -35,67 +35,54 @@ void Sides<T>::mul_t(const T* Y, i64 c, T* Z) const {
 
 namespace {
 
-// float32: the eigen-decomposition of W^T W = V S^2 V^T in float64, then Uw = W V S^-1. One
-// syrk, a tiny syevd and one GEMM, a third of the CholeskyQR route. In float64 the squared
-// condition costs nothing as long as S_j >= 1e-4 S_0 for the vectors kept (orthogonality error
+// float32: Uw = W V S^-1 from the eigen-decomposition W^T W = V S^2 V^T in float64. One syrk,
+// a tiny syevd and one GEMM, a third of the CholeskyQR route. In float64 the squared condition
+// costs nothing as long as S_j >= 1e-4 S_0 (Gram::well_conditioned; orthogonality error
 // ~ 1e-16 (S_0 / S_j)^2 <= 1e-8, far below float32's); otherwise the caller falls back.
-bool small_svd_gram(const std::vector<float>& W, i64 q, i64 L, i64 cols, SmallSvd<float>& sv) {
-  std::vector<double> Wd(W.begin(), W.begin() + q * L), G(static_cast<size_t>(L * L), 0.0),
-      ev(static_cast<size_t>(L)), Ud(static_cast<size_t>(q * cols));
-  blas::syrk<double>(true, true, L, q, 1.0, Wd.data(), q, 0.0, G.data(), L);
-  blas::syevd<double>(L, G.data(), L, ev.data());  // ascending
-  const double top = ev[L - 1];
-  if (!(top > 0) || !std::isfinite(top) || !(ev[L - cols] >= 1e-8 * top)) return false;
+void small_svd_gram(const Gram& g, i64 cols, SmallSvd<float>& sv) {
+  const i64 q = g.q, L = g.L;
   for (i64 j = 0; j < L; ++j) {
     const i64 src = L - 1 - j;
-    sv.s[j] = static_cast<float>(std::sqrt(std::max(ev[src], 0.0)));
-    for (i64 i = 0; i < L; ++i) sv.Vwt[j + i * L] = static_cast<float>(G[i + src * L]);
+    sv.s[j] = static_cast<float>(g.s[j]);
+    for (i64 i = 0; i < L; ++i) sv.Vwt[j + i * L] = static_cast<float>(g.G[i + src * L]);
   }
-  // Ud = Wd * V[:, :cols] / s, with V's columns reversed in place of a copy
-  std::vector<double> Vk(static_cast<size_t>(L * cols));
-  for (i64 j = 0; j < cols; ++j) {
-    const double inv = 1.0 / std::sqrt(ev[L - 1 - j]);
-    for (i64 i = 0; i < L; ++i) Vk[i + j * L] = G[i + (L - 1 - j) * L] * inv;
-  }
-  blas::gemm<double>(1.0, ccolmajor(Wd.data(), q, L, q), false, ccolmajor(Vk.data(), L, cols, L),
-                     false, 0.0, colmajor(Ud.data(), q, cols, q));
-  for (i64 i = 0; i < q * cols; ++i) sv.Uw[i] = static_cast<float>(Ud[i]);
-  return true;
+  g.scaled_vectors(cols, sv.Ud);
+  std::copy(sv.Ud.begin(), sv.Ud.end(), sv.Uw.begin());
 }
 
 }  // namespace
 
 template <class T>
-SmallSvd<T> small_svd(const std::vector<T>& W, i64 q, i64 L, i64 cols) {
-  SmallSvd<T> sv;
+void small_svd(const T* W, i64 q, i64 L, i64 cols, SmallSvd<T>& sv, const Gram* known) {
   sv.q = q, sv.L = L;
   sv.s.resize(static_cast<size_t>(L));
   sv.Uw.resize(static_cast<size_t>(q * cols));
   sv.Vwt.resize(static_cast<size_t>(L * L));
-  if (L == 0) return sv;
+  if (L == 0) return;
   const blas::SingleThreadScope one_thread(double(q) * L * L);  // small: blas.hpp
-  if (!std::all_of(W.begin(), W.begin() + q * L, [](T x) { return std::isfinite(x); })) {
+  if (!std::all_of(W, W + q * L, [](T x) { return std::isfinite(x); })) {
     // NaN/Inf in M (check_finite=False): NaN out, as LAPACK would refuse the input
     const T nan = std::numeric_limits<T>::quiet_NaN();
     std::fill(sv.s.begin(), sv.s.end(), nan);
     std::fill(sv.Uw.begin(), sv.Uw.end(), nan);
     std::fill(sv.Vwt.begin(), sv.Vwt.end(), nan);
-    return sv;
+    return;
   }
   if constexpr (std::is_same_v<T, float>) {
-    if (small_svd_gram(W, q, L, cols, sv)) return sv;
+    Gram own;
+    if (!known) gram_eig(W, q, L, own);
+    const Gram& g = known ? *known : own;
+    if (g.well_conditioned(cols, 1e-8)) return small_svd_gram(g, cols, sv);
   }
   // W = Qw R (CholeskyQR, BLAS-3), then gesdd of the L x L R: LAPACK's own tall SVD spends its
   // time in threaded BLAS-2 calls that crawl on a busy machine.
-  std::vector<T> Qw(W.begin(), W.begin() + q * L), R(static_cast<size_t>(L * L)),
-      Ur(static_cast<size_t>(L * L));
+  std::vector<T> Qw(W, W + q * L), R(static_cast<size_t>(L * L)), Ur(static_cast<size_t>(L * L));
   orthonormalize(Qw.data(), q, L);
   auto Qv = ccolmajor(Qw.data(), q, L, q);
-  blas::gemm<T>(T(1), Qv, true, ccolmajor(W.data(), q, L, q), false, T(0), colmajor(R.data(), L, L, L));
+  blas::gemm<T>(T(1), Qv, true, ccolmajor(W, q, L, q), false, T(0), colmajor(R.data(), L, L, L));
   blas::gesdd<T>(L, L, R.data(), L, sv.s.data(), Ur.data(), L, sv.Vwt.data(), L);
   blas::gemm<T>(T(1), Qv, false, ccolmajor(Ur.data(), L, cols, L), false, T(0),
                 colmajor(sv.Uw.data(), q, cols, q));
-  return sv;
 }
 
 template <class T>
@@ -184,30 +171,71 @@ i64 subspace(const Sides<T>& sd, i64 l, int iters, RsvdNormalizer how, std::uint
   return l;
 }
 
-// Subspace iteration that stops when the rank-k result has converged to (1 + eps) x the optimal
-// error (rsvd_converge.cpp), after at most max_iters iterations. Each iteration's basis is
-// orthonormalized to working precision, so its W = A^T Q gives the Ritz values (and is the final
-// W when the rule says stop): no pass more than the same number of fixed iterations. *iters
-// receives the iterations made.
+// Scratch of one rsvd call, kept per thread between calls: repeated calls of one shape (a loop
+// over the layers of a model, a benchmark) then find their buffers allocated and touched, with
+// no page faults or zero-filling (fresh buffers cost 5-7% of a 2048 x 2048, k = 64 call). Released
+// after a call that left more than kKeepBytes in it, so a one-off large call holds nothing.
 template <class T>
-i64 subspace_auto(const Sides<T>& sd, i64 l, i64 k, int max_iters, double eps, std::uint64_t seed,
-                  bool check_finite, std::vector<T>& Q, std::vector<T>& W, int* iters) {
+struct Workspace {
+  static constexpr size_t kKeepBytes = size_t(64) << 20;
+  std::vector<T> Q, W;
+  detail::Gram gram;
+  std::vector<double> prev, tmp;
+  detail::SmallSvd<T> sv;
+  size_t bytes() const {
+    return (Q.capacity() + W.capacity() + sv.s.capacity() + sv.Uw.capacity() + sv.Vwt.capacity()) *
+               sizeof(T) +
+           (gram.Wd.capacity() + gram.G.capacity() + tmp.capacity() + sv.Ud.capacity()) * sizeof(double);
+  }
+  void trim() {
+    if (bytes() > kKeepBytes) *this = Workspace();
+  }
+};
+
+template <class T>
+Workspace<T>& workspace() {
+  static thread_local Workspace<T> ws;
+  return ws;
+}
+
+// W (q x L) <- W V S^-1 from the eigen-decomposition of its Gram matrix (g, of this very W):
+// a basis of the same span, orthonormal to ~1e-4 or better (all condition() promises), from the
+// Ritz computation the stopping rule already made: one GEMM in place of condition()'s two
+// CholeskyQR passes. False (W untouched) when s_L < 1e-6 s_1 (rounding noise, rank deficiency).
+template <class T>
+bool condition_by_gram(T* W, const detail::Gram& g, std::vector<double>& tmp) {
+  const i64 q = g.q, L = g.L;
+  if (!g.well_conditioned(L, 1e-12)) return false;
+  const blas::SingleThreadScope one_thread(double(q) * L * L);  // small: blas.hpp
+  g.scaled_vectors(L, tmp);
+  std::copy(tmp.begin(), tmp.end(), W);
+  return true;
+}
+
+// Subspace iteration that stops when the rank-k result has converged to (1 + eps) x the optimal
+// error (rsvd_converge.cpp), after at most max_iters iterations; the sketch alone may be enough
+// (0 iterations). Each iteration's basis is orthonormalized to working precision, so its
+// W = A^T Q gives the Ritz values (and is the final W when the rule says stop): no pass more
+// than the same number of fixed iterations. ws.gram is left holding the Gram of the final W.
+// *iters receives the iterations made.
+template <class T>
+i64 subspace_auto(const Sides<T>& sd, i64 l, i64 k, int max_iters, double eps, double normA2,
+                  std::uint64_t seed, bool check_finite, Workspace<T>& ws, int* iters) {
   const i64 p = sd.p, q = sd.q;
-  sketch(sd, l, seed, check_finite, Q, W);
-  const double normA2 = detail::frobenius2(sd.A);
-  std::vector<double> G, Wd, prev, cur;
+  sketch(sd, l, seed, check_finite, ws.Q, ws.W);
   double inc_prev = 0;
+  ws.prev.clear();
   *iters = 0;
   for (int it = 0;; ++it) {
-    detail::orthonormalize(Q.data(), p, l);
-    sd.mul_t(Q.data(), l, W.data());
+    detail::orthonormalize(ws.Q.data(), p, l);
+    sd.mul_t(ws.Q.data(), l, ws.W.data());
     check_interrupt();
-    detail::ritz_values(W.data(), q, l, G, Wd, cur);
-    if (it > 0 && detail::rsvd_converged<T>(prev, cur, k, normA2, eps, &inc_prev)) break;
+    detail::gram_eig(ws.W.data(), q, l, ws.gram);
+    if (detail::rsvd_converged<T>(ws.prev, ws.gram.s, k, normA2, eps, &inc_prev)) break;
     if (it == max_iters) break;
-    std::swap(prev, cur);
-    detail::condition(W.data(), q, l);
-    sd.mul(W.data(), l, Q.data());
+    ws.prev = ws.gram.s;
+    if (!condition_by_gram(ws.W.data(), ws.gram, ws.tmp)) detail::condition(ws.W.data(), q, l);
+    sd.mul(ws.W.data(), l, ws.Q.data());
     check_interrupt();
     *iters = it + 1;
   }
@@ -265,21 +293,23 @@ void rsvd(Mat<const T> M, i64 k, const RsvdOptions& opt, Mat<T> U, T* S, Mat<T> 
   int iters = opt.n_iter < 0 ? rsvd_auto_iters(opt.method, m, n, k, opt.oversample) : opt.n_iter;
   const bool adapt = opt.n_iter < 0 && iters > 0 && opt.method == RsvdMethod::subspace &&
                      opt.normalizer == RsvdNormalizer::qr;
-  std::vector<T> Q, W;
-  const i64 L = adapt ? subspace_auto(sd, l, k, kRsvdAutoMaxIters, opt.auto_tol, opt.seed,
-                                      opt.check_finite, Q, W, &iters)
+  Workspace<T>& ws = workspace<T>();
+  const i64 L = adapt ? subspace_auto(sd, l, k, kRsvdAutoMaxIters, opt.auto_tol, scaled.sumsq,
+                                      opt.seed, opt.check_finite, ws, &iters)
                 : opt.method == RsvdMethod::krylov
-                    ? krylov(sd, l, iters, opt.seed, opt.check_finite, Q, W)
-                    : subspace(sd, l, iters, opt.normalizer, opt.seed, opt.check_finite, Q, W);
+                    ? krylov(sd, l, iters, opt.seed, opt.check_finite, ws.Q, ws.W)
+                    : subspace(sd, l, iters, opt.normalizer, opt.seed, opt.check_finite, ws.Q, ws.W);
   last_n_iter = iters;
-  const auto sv = detail::small_svd(W, sd.q, L, k);
-  detail::write_factors(sd, Q.data(), sv, k, U, S, Vt);
+  detail::small_svd(ws.W.data(), sd.q, L, k, ws.sv, adapt ? &ws.gram : nullptr);
+  detail::write_factors(sd, ws.Q.data(), ws.sv, k, U, S, Vt);
   scaled.unscale(S, k);
+  ws.trim();
 }
 
 #define RSLORA_INSTANTIATE(T)                                                                   \
   template struct detail::Sides<T>;                                                             \
-  template detail::SmallSvd<T> detail::small_svd<T>(const std::vector<T>&, i64, i64, i64);                 \
+  template void detail::small_svd<T>(const T*, i64, i64, i64, detail::SmallSvd<T>&,          \
+                                     const detail::Gram*);                                      \
   template void detail::check_sketch_finite<T>(const detail::Sides<T>&, const T*, i64);       \
   template void detail::write_factors<T>(const detail::Sides<T>&, const T*,                     \
                                          const detail::SmallSvd<T>&, i64, Mat<T>, T*, Mat<T>);  \

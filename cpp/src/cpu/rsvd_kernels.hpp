@@ -68,16 +68,39 @@ struct Sides {
   void mul_t(const T* Y, i64 c, T* Z) const;
 };
 
+// W^T W of a q x L block W (column-major) in float64 and its eigen-decomposition: the Ritz
+// values of the basis W came from (descending s), and for float32 what the small SVD of the
+// final W reuses. Wd holds W in float64 (float32 W only); G the eigenvectors (ascending order,
+// column-major L x L) and ev the eigenvalues (ascending).
+struct Gram {
+  std::vector<double> Wd, G, ev, s;
+  const double* W = nullptr;  // W in float64: Wd, or the caller's float64 W
+  i64 q = 0, L = 0;
+  // Whether the top `cols` eigenvalues are >= floor x the largest (> 0, finite): then those
+  // columns of W V S^-1 are orthonormal to ~1e-16 / floor whatever the precision
+  // (u_64 (s_0 / s_j)^2): 1e-8 for the final vectors, 1e-4 for a basis between passes.
+  bool well_conditioned(i64 cols, double floor) const;
+  // out (q x cols, column-major) = W v_j / s_j for the top `cols` eigenpairs (descending): the
+  // left singular vectors of W, or an orthonormal basis of its span (cols = L).
+  void scaled_vectors(i64 cols, std::vector<double>& out) const;
+};
+template <class T>
+void gram_eig(const T* W, i64 q, i64 L, Gram& g);
+
 // Thin SVD of the q x L block W = A^T Q (= B^T with B = Q^T A): W = Uw diag(s) Vwt, the first
-// `cols` left vectors only. Done as W = Qw R (CholeskyQR, BLAS-3), then gesdd of the L x L R:
-// LAPACK's own tall SVD spends its time in threaded BLAS-2 calls that crawl on a busy machine.
+// `cols` left vectors only. float32: from the eigen-decomposition of W^T W in float64 (`known`
+// when the caller has it for this very W, else computed); float64 (or float32 with a Gram too
+// ill-conditioned for that): W = Qw R (CholeskyQR, BLAS-3), then gesdd of the L x L R: LAPACK's
+// own tall SVD spends its time in threaded BLAS-2 calls that crawl on a busy machine. The
+// buffers of sv are reused (no allocation when they are large enough).
 template <class T>
 struct SmallSvd {
   std::vector<T> s, Uw, Vwt;  // L; q x cols column-major; L x L column-major
+  std::vector<double> Ud;     // scratch
   i64 q = 0, L = 0;
 };
 template <class T>
-SmallSvd<T> small_svd(const std::vector<T>& W, i64 q, i64 L, i64 cols);
+void small_svd(const T* W, i64 q, i64 L, i64 cols, SmallSvd<T>& sv, const Gram* known = nullptr);
 
 // After the first pass Y = A Om: every entry of A met a nonzero Gaussian, so a NaN or Inf in A
 // shows in Y. Throws std::invalid_argument naming the cause (NaN/Inf in M, or overflow).
@@ -91,11 +114,13 @@ void write_factors(const Sides<T>& sd, const T* Q, const SmallSvd<T>& sv, i64 k,
 
 // M as the algorithm sees it: M itself, or M * 2^exp in a copy when max|M| is so large or so
 // small that the squares formed inside (Gram matrices, ||M||_F^2) would overflow or underflow
-// (rsvd_scale.cpp). Also the NaN/Inf check of M when check_finite (one read of M, no GEMM).
+// (rsvd_scale.cpp). Also the NaN/Inf check of M when check_finite, and ||M||_F^2 (of the M
+// above, in float64; NaN/Inf when M holds NaN/Inf), in the same read of M, no GEMM.
 template <class T>
 struct Rescaled {
   Mat<const T> M;
   int exp = 0;
+  double sumsq = 0;
   std::vector<T> buf;
   Rescaled(Mat<const T> M0, bool check_finite);
   // S (k values of M * 2^exp) <- the values of M; std::invalid_argument when they overflow T.
@@ -106,19 +131,13 @@ struct Rescaled {
 
 namespace rslora::detail {
 
-// The stopping rule of n_iter = "auto" (rsvd_converge.cpp). ritz_values: s (descending, L) =
-// singular values of W (q x L, column-major), in float64; G and Wd are scratch.
-template <class T>
-void ritz_values(const T* W, i64 q, i64 L, std::vector<double>& G, std::vector<double>& Wd,
-                 std::vector<double>& s);
-// Whether the rank-k result from the basis whose Ritz values are cur (the previous iteration's:
-// prev) is within (1 + eps) x the optimal Frobenius error, ||A||_F^2 = normA2. inc_prev carries
-// the last increase of the captured energy between calls (start with 0).
+// The stopping rule of n_iter = "auto" (rsvd_converge.cpp): whether the rank-k result from the
+// basis whose Ritz values are cur (descending, L of them) is within (1 + eps) x the optimal
+// Frobenius error, ||A||_F^2 = normA2. prev: the previous iteration's Ritz values, empty on the
+// first basis (the sketch). inc_prev carries the last increase of the captured energy between
+// calls (start with 0).
 template <class T>
 bool rsvd_converged(const std::vector<double>& prev, const std::vector<double>& cur, i64 k,
                     double normA2, double eps, double* inc_prev);
-// ||A||_F^2, accumulated in float64 (one read of A).
-template <class T>
-double frobenius2(Mat<const T> A);
 
 }  // namespace rslora::detail

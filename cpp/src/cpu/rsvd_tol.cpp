@@ -38,19 +38,6 @@ double sumsq(const T* x, i64 count) {
   return s;
 }
 
-template <class T>
-double frob2(Mat<const T> A) {
-  double s = 0;
-  const bool rows_inner = std::abs(A.cs) <= std::abs(A.rs);
-  const i64 outer = rows_inner ? A.rows : A.cols, inner = rows_inner ? A.cols : A.rows;
-  for (i64 o = 0; o < outer; ++o)
-    for (i64 i = 0; i < inner; ++i) {
-      const double v = rows_inner ? A(o, i) : A(i, o);
-      s += v * v;
-    }
-  return s;
-}
-
 // ||A - Q W^T||_F^2 with Q p x c, W q x c (column-major), by chunks of A's columns.
 template <class T>
 double residual2(const Sides<T>& sd, const T* Q, const T* W, i64 c) {
@@ -76,6 +63,96 @@ double residual2(const Sides<T>& sd, const T* Q, const T* W, i64 c) {
   return s;
 }
 
+// The basis built so far: Q (p x c) orthonormal, W = A^T Q (q x c), both column-major.
+template <class T>
+struct Basis {
+  std::vector<T> Q, W;
+  i64 c = 0;
+};
+
+// Y (p x b) = A Z for a fresh Gaussian Z (q x b) of the block's own stream.
+template <class T>
+void draw_block(const Sides<T>& sd, i64 b, std::uint64_t seed, std::uint64_t stream,
+                std::vector<T>& Y, std::vector<T>& Z) {
+  Z.resize(static_cast<size_t>(sd.q * b));
+  Y.resize(static_cast<size_t>(sd.p * b));
+  random::normal<T>(Z.data(), sd.q * b, seed, stream);
+  sd.mul(Z.data(), b, Y.data());
+  check_interrupt();
+}
+
+// Z (q x b) -= W (Q^T Y): with Z = A^T Y, Z = (A - Q B)^T Y. C is scratch.
+template <class T>
+void deflate_t(const Basis<T>& bs, i64 p, i64 q, const T* Y, T* Z, i64 b, std::vector<T>& C) {
+  if (bs.c == 0) return;
+  const blas::SingleThreadScope one_thread(double(q) * bs.c * b);  // blas.hpp
+  C.resize(static_cast<size_t>(bs.c * b));
+  auto Cv = colmajor(C.data(), bs.c, b, bs.c);
+  blas::gemm<T>(T(1), ccolmajor(bs.Q.data(), p, bs.c, p), true, ccolmajor(Y, p, b, p), false, T(0), Cv);
+  blas::gemm<T>(T(-1), ccolmajor(bs.W.data(), q, bs.c, q), false, Cv.as_const(), false, T(1),
+                colmajor(Z, q, b, q));
+}
+
+// Y (p x b) -= Q (W^T Z): with Y = A Z, Y = (A - Q B) Z. C is scratch.
+template <class T>
+void deflate(const Basis<T>& bs, i64 p, i64 q, const T* Z, T* Y, i64 b, std::vector<T>& C) {
+  if (bs.c == 0) return;
+  const blas::SingleThreadScope one_thread(double(q) * bs.c * b);  // blas.hpp
+  C.resize(static_cast<size_t>(bs.c * b));
+  auto Cv = colmajor(C.data(), bs.c, b, bs.c);
+  blas::gemm<T>(T(1), ccolmajor(bs.W.data(), q, bs.c, q), true, ccolmajor(Z, q, b, q), false, T(0), Cv);
+  blas::gemm<T>(T(-1), ccolmajor(bs.Q.data(), p, bs.c, p), false, Cv.as_const(), false, T(1),
+                colmajor(Y, p, b, p));
+}
+
+// n_iter power passes on the residual A - Q B, applied to the thin blocks only (Y p x b in and
+// out, Z q x b scratch): the dense residual is never formed.
+template <class T>
+void power_on_residual(const Sides<T>& sd, const Basis<T>& bs, int n_iter, std::vector<T>& Y,
+                       std::vector<T>& Z, std::vector<T>& C, i64 b) {
+  const i64 p = sd.p, q = sd.q;
+  for (int it = 0; it < n_iter; ++it) {
+    detail::orthonormalize(Y.data(), p, b);
+    sd.mul_t(Y.data(), b, Z.data());
+    check_interrupt();
+    deflate_t(bs, p, q, Y.data(), Z.data(), b, C);
+    detail::orthonormalize(Z.data(), q, b);
+    sd.mul(Z.data(), b, Y.data());
+    check_interrupt();
+    deflate(bs, p, q, Z.data(), Y.data(), b, C);
+  }
+}
+
+// Q_new = orth_against(Q, Y) appended to the basis with W_new = A^T Q_new; returns
+// ||W_new||_F^2, the energy the new block captures (= ||B_new||_F^2).
+template <class T>
+double append_block(const Sides<T>& sd, Basis<T>& bs, std::vector<T>& Y, i64 b, std::vector<T>& tmp) {
+  const i64 p = sd.p, q = sd.q, c = bs.c;
+  detail::orthonormalize_against(bs.Q.data(), p, c, Y.data(), b, tmp);
+  bs.Q.insert(bs.Q.end(), Y.begin(), Y.begin() + p * b);
+  bs.W.resize(static_cast<size_t>(q * (c + b)));
+  sd.mul_t(bs.Q.data() + c * p, b, bs.W.data() + c * q);
+  check_interrupt();
+  bs.c = c + b;
+  return sumsq(bs.W.data() + c * q, q * b);
+}
+
+// The smallest rank r <= c whose error E + sum_{i > r} s_i^2 meets target (c when none does),
+// with that error (added positive terms: no cancellation).
+inline i64 trimmed_rank(const std::vector<double>& s2, double E, double target, double* err2) {
+  const i64 c = static_cast<i64>(s2.size());
+  std::vector<double> tail(static_cast<size_t>(c + 1), 0.0);
+  for (i64 i = c - 1; i >= 0; --i) tail[i] = tail[i + 1] + s2[i];
+  i64 r = c;
+  for (i64 j = 1; j <= c; ++j)
+    if (E + tail[j] <= target) {
+      r = j;
+      break;
+    }
+  *err2 = E + tail[r];
+  return r;
+}
+
 }  // namespace
 
 template <class T>
@@ -95,7 +172,7 @@ RsvdTolResult<T> rsvd_tol(Mat<const T> M, double tol, i64 max_rank, i64 block, i
   block = std::min(block, max_rank);  // a wider block changes nothing (and cannot overflow below)
 
   RsvdTolResult<T> res;
-  const double norm2 = frob2(M);  // NaN/Inf in M make it non-finite
+  const double norm2 = scaled.sumsq;  // NaN/Inf in M make it non-finite
   if (!std::isfinite(norm2)) {
     if (check_finite) {
       std::vector<T> probe(static_cast<size_t>(p));
@@ -111,75 +188,36 @@ RsvdTolResult<T> rsvd_tol(Mat<const T> M, double tol, i64 max_rank, i64 block, i
   }
   const double target = tol * tol * norm2;
   const double u = std::numeric_limits<T>::epsilon();
-  std::vector<T> Q, W, Y, Z, C, tmp;
-  Q.reserve(static_cast<size_t>(p * std::min(max_rank, 4 * block)));
-  W.reserve(static_cast<size_t>(q * std::min(max_rank, 4 * block)));
+  Basis<T> bs;
+  std::vector<T> Y, Z, C, tmp;
+  bs.Q.reserve(static_cast<size_t>(p * std::min(max_rank, 4 * block)));
+  bs.W.reserve(static_cast<size_t>(q * std::min(max_rank, 4 * block)));
   double E = norm2, base = norm2;  // indicator ||A - QB||^2, and the exact value it derives from
-  i64 c = 0;
-  for (std::uint64_t stream = 0; c < max_rank; ++stream) {
-    const i64 b = std::min(block, max_rank - c);
-    Z.resize(static_cast<size_t>(q * b));
-    Y.resize(static_cast<size_t>(p * b));
-    C.resize(static_cast<size_t>(std::max<i64>(c, 1) * b));
-    random::normal<T>(Z.data(), q * b, seed, stream);
-    sd.mul(Z.data(), b, Y.data());
-    check_interrupt();
-    detail::project_out(Q.data(), p, c, Y.data(), b, tmp, 1);
-    for (int it = 0; it < n_iter; ++it) {
-      detail::orthonormalize(Y.data(), p, b);
-      // Z = (A - Q B)^T Y = A^T Y - W (Q^T Y)
-      sd.mul_t(Y.data(), b, Z.data());
-      check_interrupt();
-      if (c > 0) {
-        const blas::SingleThreadScope one_thread(double(q) * c * b);  // blas.hpp
-        auto Cv = colmajor(C.data(), c, b, c);
-        blas::gemm<T>(T(1), ccolmajor(Q.data(), p, c, p), true, ccolmajor(Y.data(), p, b, p), false, T(0), Cv);
-        blas::gemm<T>(T(-1), ccolmajor(W.data(), q, c, q), false, Cv.as_const(), false, T(1),
-                      colmajor(Z.data(), q, b, q));
-      }
-      detail::orthonormalize(Z.data(), q, b);
-      // Y = (A - Q B) Z = A Z - Q (W^T Z)
-      sd.mul(Z.data(), b, Y.data());
-      check_interrupt();
-      if (c > 0) {
-        const blas::SingleThreadScope one_thread(double(q) * c * b);  // blas.hpp
-        auto Cv = colmajor(C.data(), c, b, c);
-        blas::gemm<T>(T(1), ccolmajor(W.data(), q, c, q), true, ccolmajor(Z.data(), q, b, q), false, T(0), Cv);
-        blas::gemm<T>(T(-1), ccolmajor(Q.data(), p, c, p), false, Cv.as_const(), false, T(1),
-                      colmajor(Y.data(), p, b, p));
-      }
-    }
-    detail::orthonormalize_against(Q.data(), p, c, Y.data(), b, tmp);
-    Q.insert(Q.end(), Y.begin(), Y.end());
-    W.resize(static_cast<size_t>(q * (c + b)));
-    sd.mul_t(Q.data() + c * p, b, W.data() + c * q);
-    check_interrupt();
-    E -= sumsq(W.data() + c * q, q * b);
-    c += b;
-    if (E <= 100 * u * base) {  // the indicator is in its noisy range: re-base it on the truth
-      E = base = residual2(sd, Q.data(), W.data(), c);
-    }
-    if (E <= target) break;
+  for (std::uint64_t stream = 0; bs.c < max_rank && E > target; ++stream) {
+    const i64 b = std::min(block, max_rank - bs.c);
+    draw_block(sd, b, seed, stream, Y, Z);
+    detail::project_out(bs.Q.data(), p, bs.c, Y.data(), b, tmp, 1);
+    power_on_residual(sd, bs, n_iter, Y, Z, C, b);
+    E -= append_block(sd, bs, Y, b, tmp);
+    if (E <= 100 * u * base)  // the indicator is in its noisy range: re-base it on the truth
+      E = base = residual2(sd, bs.Q.data(), bs.W.data(), bs.c);
   }
   E = std::max(E, 0.0);
 
-  auto sv = detail::small_svd(W, q, c, c);
-  // err^2(r) = E + sum_{i > r} s_i^2 (adding positive terms: no cancellation)
-  std::vector<double> tail(static_cast<size_t>(c + 1), 0.0);
-  for (i64 i = c - 1; i >= 0; --i) tail[i] = tail[i + 1] + double(sv.s[i]) * double(sv.s[i]);
-  i64 r = c;
-  for (i64 j = 1; j <= c; ++j)
-    if (E + tail[j] <= target) {
-      r = j;
-      break;
-    }
+  const i64 c = bs.c;
+  detail::SmallSvd<T> sv;
+  detail::small_svd(bs.W.data(), q, c, c, sv);
+  std::vector<double> s2(static_cast<size_t>(c));
+  for (i64 i = 0; i < c; ++i) s2[i] = double(sv.s[i]) * double(sv.s[i]);
+  double err2 = 0;
+  const i64 r = trimmed_rank(s2, E, target, &err2);
   res.rank = r;
-  res.error = std::sqrt((E + tail[r]) / norm2);
+  res.error = std::sqrt(err2 / norm2);
   res.U.resize(static_cast<size_t>(m * r));
   res.S.resize(static_cast<size_t>(r));
   res.Vt.resize(static_cast<size_t>(r * n));
   if (r > 0)
-    detail::write_factors(sd, Q.data(), sv, r, row_major(res.U.data(), m, r), res.S.data(),
+    detail::write_factors(sd, bs.Q.data(), sv, r, row_major(res.U.data(), m, r), res.S.data(),
                           row_major(res.Vt.data(), r, n));
   scaled.unscale(res.S.data(), r);
   return res;
