@@ -104,6 +104,20 @@ double frobenius2(Mat<const T> A) {
   return total;
 }
 
+}  // namespace rslora::detail
+
+namespace rslora {
+
+bool rsvd_auto_converged(const std::vector<double>& prev, const std::vector<double>& cur, i64 k,
+                         double normA2, double eps, bool float64, double* inc_prev) {
+  return float64 ? detail::rsvd_converged<double>(prev, cur, k, normA2, eps, inc_prev)
+                 : detail::rsvd_converged<float>(prev, cur, k, normA2, eps, inc_prev);
+}
+
+}  // namespace rslora
+
+namespace rslora::detail {
+
 #define RSLORA_INSTANTIATE(T)                                                                   \
   template void ritz_values<T>(const T*, i64, i64, std::vector<double>&, std::vector<double>&, \
                                std::vector<double>&);                                          \
