@@ -7,15 +7,19 @@ matrices are accumulated in float64.
 
 from __future__ import annotations
 
-import operator
-
 import dask
 import numpy as np
 
 _delayed = dask.delayed(pure=True)
 
 
-def tree(parts, op=operator.add):
+def add(a, b):
+    """a + b, quietly: a first pass that overflowed is redone with a scale, not reported."""
+    with np.errstate(all="ignore"):
+        return a + b
+
+
+def tree(parts, op=add):
     """``op`` over the delayed ``parts``, pairwise in a fixed binary tree (deterministic order)."""
     parts = list(parts)
     while len(parts) > 1:
@@ -43,10 +47,12 @@ def power_block(Xb, Z, scale: float, stats: bool):
     Xb = np.asarray(Xb)
     if scale != 1.0:
         Xb = Xb * Xb.dtype.type(scale)
-    Y = Xb @ Z
-    W = (Xb.T @ Y).astype(np.float64)
-    Y64 = Y.astype(np.float64)
-    G = Y64.T @ Y64
+    # The first pass runs before the scale is known: its results are discarded on overflow.
+    with np.errstate(all="ignore"):
+        Y = Xb @ Z
+        W = (Xb.T @ Y).astype(np.float64)
+        Y64 = Y.astype(np.float64)
+        G = Y64.T @ Y64
     st = None
     if stats:
         amax = float(np.max(np.abs(Xb))) if Xb.size else 0.0
@@ -56,7 +62,7 @@ def power_block(Xb, Z, scale: float, stats: bool):
 
 def merge_stats(a, b):
     """(max |X|, ||X||_F^2) of two parts: NaN anywhere stays NaN."""
-    return np.array([np.nan if np.isnan(a[0]) or np.isnan(b[0]) else max(a[0], b[0]), a[1] + b[1]])
+    return np.array([np.nan if np.isnan(a[0]) or np.isnan(b[0]) else max(a[0], b[0]), add(a[1], b[1])])
 
 
 def xt_block(Xb, Qb, scale: float):
