@@ -49,8 +49,8 @@ SPECTRA = {
 MAX_Q = 12
 # Where the fewest iteration counts were found before (checked, not trusted: the search walks
 # down from the hint while it still meets BAR, or up until it does).
-HINT = {("rslora", "facts", True): 4, ("rslora", "noisy", True): 5,
-        ("dask", "facts", True): 4, ("dask", "noisy", True): 5,
+HINT = {("rslora", "facts", True): 6, ("rslora", "noisy", True): 2,
+        ("dask", "facts", True): 5, ("dask", "noisy", True): 2,
         ("rslora", "facts", False): 2, ("rslora", "noisy", False): 5,
         ("dask", "facts", False): 2, ("dask", "noisy", False): 4}
 ROUNDS = 3 if FULL else 1
