@@ -115,6 +115,18 @@ void bind_svd(py::module_& m) {
       py::arg("method"), py::arg("n_iter"), "GEMM passes over M that rsvd makes.");
 
   m.def(
+      "_rsvd_converged",
+      [](const std::vector<double>& prev, const std::vector<double>& cur, i64 k, double normA2,
+         double eps, bool float64, double inc_prev) {
+        if (prev.size() != cur.size()) throw std::invalid_argument("prev and cur differ in length");
+        const bool done = rsvd_auto_converged(prev, cur, k, normA2, eps, float64, &inc_prev);
+        return py::make_tuple(done, inc_prev);
+      },
+      py::arg("prev"), py::arg("cur"), py::arg("k"), py::arg("normA2"), py::arg("eps"),
+      py::arg("float64"), py::arg("inc_prev"),
+      "(converged, inc_prev): the n_iter='auto' rule on Ritz values formed by the caller.");
+
+  m.def(
       "random_normal",
       [](i64 count, std::uint64_t seed, std::uint64_t stream, bool float64) -> py::array {
         if (count < 0) throw std::invalid_argument("count must be >= 0");

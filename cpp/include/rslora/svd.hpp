@@ -54,6 +54,13 @@ int rsvd_auto_iters(RsvdMethod method, i64 m, i64 n, i64 k, i64 oversample);
 // where l = min(k + oversample, min(m, n))). For the "gemm floor" of the benchmarks.
 i64 rsvd_passes(RsvdMethod method, int n_iter);
 
+// The stopping rule of n_iter = -1 (rsvd_converge.cpp) for callers that form their own Ritz
+// values (rslora.dask: blocked passes): prev/cur the Ritz values (descending) of the last two
+// iterations, normA2 = ||A||_F^2, float64 the working precision; inc_prev carries state between
+// calls (start with 0).
+bool rsvd_auto_converged(const std::vector<double>& prev, const std::vector<double>& cur, i64 k,
+                         double normA2, double eps, bool float64, double* inc_prev);
+
 // Rank-k truncated SVD: U (m x k), S (k, descending), Vt (k x n), any writable views.
 // Requires 1 <= k <= min(m, n) (checked: std::invalid_argument).
 template <class T>

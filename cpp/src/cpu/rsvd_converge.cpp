@@ -121,6 +121,20 @@ bool rsvd_converged(const std::vector<double>& prev, const std::vector<double>& 
   return gap <= 0.5 * allow * opt2;
 }
 
+}  // namespace rslora::detail
+
+namespace rslora {
+
+bool rsvd_auto_converged(const std::vector<double>& prev, const std::vector<double>& cur, i64 k,
+                         double normA2, double eps, bool float64, double* inc_prev) {
+  return float64 ? detail::rsvd_converged<double>(prev, cur, k, normA2, eps, inc_prev)
+                 : detail::rsvd_converged<float>(prev, cur, k, normA2, eps, inc_prev);
+}
+
+}  // namespace rslora
+
+namespace rslora::detail {
+
 #define RSLORA_INSTANTIATE(T)                                                                   \
   template void gram_eig<T>(const T*, i64, i64, Gram&);                                       \
   template bool rsvd_converged<T>(const std::vector<double>&, const std::vector<double>&, i64, \

@@ -1,4 +1,12 @@
-"""rslora on Dask: the command line's ``--workers`` / ``--scheduler`` (:mod:`.cluster`).
+"""rslora on Dask: randomized SVD of dask arrays too tall for one machine (:func:`rsvd`), and
+the cluster the command line's ``--workers`` / ``--scheduler`` open (:mod:`.cluster`).
 
-Needs the ``dask`` extra (``pip install "rslora[dask]"``); ``import rslora`` never imports Dask.
+Importing :mod:`rslora` does not import Dask; ``import rslora.dask`` does (``pip install
+"rslora[dask]"``).
 """
+
+from __future__ import annotations
+
+from .rsvd import rsvd
+
+__all__ = ["rsvd"]

@@ -1,0 +1,315 @@
+"""Rank-k randomized SVD of a dask array chunked along its long side: :func:`rsvd`.
+
+Subspace iteration on the short side, one read of M per iteration. With M tall (m x n, row
+blocks M_b) and Z (n x l) on the client, each pass sends Z to the blocks, which return
+Y_b = M_b Z (kept on the workers), M_b^T Y_b and Y_b^T Y_b; the two sums meet in a fixed tree.
+On the client (n x l and l x l, float64): Q = Y R^-1 is orthonormal for R^T R = Y^T Y, so the
+Ritz values and right vectors of M on range(Y) are the SVD of M^T Q = (M^T Y) R^-1 = V S P^T,
+with no further pass; the next Z = V S^-1 makes the next Y nearly orthonormal (its Gram is
+well conditioned from the second pass on). q iterations cost q + 1 passes, against 2q + 2 for
+the alternating form of rslora.rsvd, and give the same subspace in exact arithmetic.
+
+The last pass ends in CholeskyQR2: R from the summed Gram, U = Y R^-1 P computed per block in
+float64, then a second Gram of U and Cholesky to restore orthogonality to working precision.
+When the Gram is ill-conditioned (a rank-deficient M, or n_iter=0 on a fast-decaying
+spectrum), the fallback is TSQR (Householder QR per block, the R factors stacked and factored
+on the client) and one more pass for B^T = M^T Q, as the textbook method does.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import dask
+import dask.array as da
+import numpy as np
+
+from .. import _core
+from ..svd import _INT_MAX, _int, _n_iter, _seed  # the argument rules of rslora.rsvd
+from . import blocks
+
+__all__ = ["rsvd"]
+
+_MAX_AUTO_ITERS = 12  # as rslora.rsvd's n_iter="auto"
+# Largest condition number of Y for which Y R^-1 and (M^T Y) R^-1 are used; beyond it, TSQR.
+_COND_LIMIT = 100.0
+# The auto rule compares two iterations' Ritz values only when the earlier Y was this well
+# conditioned (the first Y = M Omega is not, on a decaying spectrum: its small Ritz values carry
+# errors of ~u cond(Y) ||M||, which would read as convergence).
+_COND_RITZ = 16.0
+_delayed = dask.delayed(pure=True)
+# What the last call in this process did (for tests and benchmarks): iterations, reads of M,
+# and whether the TSQR fallback ran.
+_LAST_RUN: dict = {}
+
+
+def _check_args(M, k, oversample, n_iter, seed, auto_tol):
+    """The checks of rslora.rsvd, in its order and with its messages, for a dask array."""
+    oversample = min(_int(oversample, "oversample", 0), _INT_MAX)
+    if not isinstance(M, da.Array):
+        raise TypeError(f"M must be a dask array, got {type(M).__name__} "
+                        "(rslora.rsvd takes in-memory arrays)")
+    if M.dtype not in (np.float32, np.float64):
+        raise TypeError(f"M must be float32 or float64, got {M.dtype}")
+    if M.ndim != 2:
+        raise ValueError(f"M must be 2-D, got shape {M.shape}")
+    if any(math.isnan(s) for s in M.shape):
+        raise ValueError(f"M has unknown chunk sizes (shape {M.shape}): call "
+                         "M.compute_chunk_sizes() first")
+    k = _int(k, "k")
+    lo = min(M.shape)
+    if not 1 <= k <= lo:
+        raise ValueError(f"k must be in [1, min(m, n)] = [1, {lo}] for M of shape {M.shape}, got {k}")
+    if isinstance(auto_tol, bool) or not isinstance(auto_tol, numbers.Real):
+        raise TypeError(f"auto_tol must be a real number, got {type(auto_tol).__name__}")
+    if not 0.0 < float(auto_tol) < 1.0:
+        raise ValueError(f"auto_tol must be in (0, 1), got {auto_tol}")
+    return k, oversample, _n_iter(n_iter), _seed(seed), float(auto_tol)
+
+
+def rsvd(M, k, *, oversample=10, n_iter="auto", seed=None, check_finite=True, auto_tol=1e-3):
+    """Rank-``k`` truncated SVD of a dask array by randomized subspace iteration.
+
+    The same contract as :func:`rslora.rsvd` (``method="subspace"``, ``normalizer="qr"``) for
+    an ``M`` that lives in chunks, possibly on many machines.
+
+    Parameters
+    ----------
+    M : dask.array.Array, shape (m, n)
+        float32 or float64, chunked along its long side (rows when ``m >= n``, else columns).
+        The short side must fit in memory on a worker (``n x l`` per block); a short side split
+        in several chunks is rechunked to one.
+    k, oversample, seed, check_finite, auto_tol
+        As in :func:`rslora.rsvd`. The Gaussian test matrix is drawn on the client from
+        ``seed``, and every sum meets in a fixed tree over the blocks: the same seed and chunking
+        give bit-identical results whatever the number of workers or the order tasks finish in
+        (with the same BLAS thread count per worker).
+    n_iter : int or "auto"
+        Power (subspace) iterations: the call reads ``M`` ``n_iter + 1`` times (one read per
+        iteration: each block computes ``M_b^T (M_b Z)``), against ``2 n_iter + 2`` GEMM passes
+        for :func:`rslora.rsvd`, for the same subspace. ``"auto"`` iterates until the relative
+        Frobenius error is at most ``(1 + auto_tol)`` x the Eckart-Young optimum (the rule of
+        :func:`rslora.rsvd`, from the Ritz values each pass gives), at most 12 times; 0 when
+        ``l`` spans the short side. One more pass is made when the last basis is too
+        ill-conditioned for CholeskyQR2 (TSQR fallback: ``n_iter=0``, rank-deficient ``M``).
+
+    Returns
+    -------
+    U : dask.array.Array, shape (m, k)
+        Orthonormal columns; chunked like ``M``'s rows when ``M`` is tall (computed and held in
+        the cluster's memory, as by ``persist``), one chunk when ``M`` is wide.
+    S : dask.array.Array, shape (k,)
+        Singular values, descending.
+    Vt : dask.array.Array, shape (k, n)
+        Orthonormal rows; chunked like ``M``'s columns when ``M`` is wide, else one chunk.
+
+    Same dtype as ``M``; the sign convention of :func:`rslora.rsvd` (the largest-magnitude entry
+    of each column of ``U`` is positive). The work runs on the default scheduler (a
+    ``distributed.Client`` when one is active): give each worker thread one BLAS thread.
+    """
+    k, oversample, n_iter, seed, auto_tol = _check_args(M, k, oversample, n_iter, seed, auto_tol)
+    m, n = M.shape
+    wide = m < n
+    X = M.T if wide else M
+    if len(X.chunks[1]) > 1:
+        X = X.rechunk({1: -1})
+    p = X.shape[1]
+    l = p if oversample >= p - k else k + oversample
+    if n_iter == -1 and _core.rsvd_auto_iters("subspace", m, n, k, oversample) == 0:
+        n_iter = 0
+    U, S, Vt = _tall(X, k, l, n_iter, seed, bool(check_finite), auto_tol)
+    dtype = M.dtype
+    if wide:  # M = X^T = Vt^T S U^T
+        U, Vt = Vt.T.copy(), U.T
+        sign = _signs_local(U)
+        U = da.from_array(U * sign.astype(dtype), chunks=U.shape)
+        (Vt,) = dask.persist(Vt * sign.astype(dtype)[:, None])
+    else:
+        sign = _signs_blocks(U)
+        (U,) = dask.persist(U * sign.astype(dtype))
+        Vt = da.from_array(Vt * sign.astype(dtype)[:, None], chunks=(k, M.chunks[1]))
+    return U, da.from_array(S, chunks=k), Vt
+
+
+def _tall(X, k, l, n_iter, seed, check_finite, auto_tol):
+    """U (dask, chunked like X's rows, signs not fixed), S and Vt (NumPy) for X tall."""
+    dtype = X.dtype
+    f64 = dtype == np.float64
+    p = X.shape[1]
+    parts = list(X.to_delayed()[:, 0])
+    rows = X.chunks[0]
+    Z = _core.random_normal(p * l, seed, 0, True).reshape(p, l).astype(dtype)
+    scale = 1.0
+    Ys, W, G, st = _pass(parts, Z, scale, stats=True)
+    amax, normA2 = float(st[0]), float(st[1])
+    if not math.isfinite(amax):
+        if check_finite:
+            raise ValueError("M contains NaN or Inf (pass check_finite=False to skip this check)")
+        nan = np.full((1, 1), np.nan, dtype)
+        U = da.concatenate([da.full((r, k), np.nan, dtype=dtype) for r in rows])
+        return U, np.full(k, np.nan, dtype), np.broadcast_to(nan, (k, p)).copy()
+    if amax == 0.0:  # zero M: zero values, orthonormal vectors (the TSQR path gives them)
+        n_iter = 0
+    else:
+        scale = _scale_for(amax, X.shape, dtype)
+        if scale != 1.0:
+            Ys, W, G, _ = _pass(parts, Z, scale, stats=False)
+            normA2 *= scale * scale
+    prev, inc_prev, prev_ok, it = None, 0.0, False, 0
+    eps = auto_tol
+    while True:
+        s, V, cond = _ritz(W, G, dtype)
+        if n_iter >= 0:
+            done = it == n_iter
+        else:
+            done = it == _MAX_AUTO_ITERS
+            if it > 0 and prev_ok:
+                conv, inc_prev = _core._rsvd_converged(list(prev), list(s), k, normA2, eps, f64,
+                                                       inc_prev)
+                done = done or conv
+        if done:
+            break
+        prev, prev_ok = s, cond <= _COND_RITZ
+        Z = _next_z(V, s, l, seed, it, dtype)
+        Ys, W, G, _ = _pass(parts, Z, scale, stats=False)
+        it += 1
+    _LAST_RUN.update(n_iter=it, passes=it + 1 + (scale != 1.0), tsqr=False)
+    U, S, Vt = _finish(parts, rows, Ys, W, G, k, scale, dtype)
+    if scale != 1.0:
+        S = _unscale(S, scale, dtype)
+    return U, S, Vt
+
+
+def _scale_for(amax, shape, dtype) -> float:
+    """A power of 2 that brings max|M| into the window where the passes' sums of products
+    neither overflow nor underflow (the window of rslora.rsvd); 1 inside it."""
+    fi = np.finfo(dtype)
+    size = math.sqrt(float(shape[0]) * shape[1] * max(shape))
+    hi = math.ldexp(1.0, fi.maxexp // 2 - 8) / size
+    lo = math.ldexp(1.0, fi.minexp // 2 + 4)
+    if lo <= amax <= hi:
+        return 1.0
+    return math.ldexp(1.0, -math.frexp(amax)[1] + 1)
+
+
+def _unscale(S, scale, dtype):
+    top = float(S[0]) / scale if S.size else 0.0
+    name = np.dtype(dtype).name
+    if top > float(np.finfo(dtype).max):
+        raise ValueError(f"the singular values of M overflow {name} (the largest is ~{top:.3g}): "
+                         "compute in float64 (M.astype(numpy.float64))")
+    return (S.astype(np.float64) / scale).astype(dtype)
+
+
+def _pass(parts, Z, scale, stats):
+    """One read of X: persisted Y blocks, and the summed M^T Y, Y^T Y (and stats)."""
+    Zd = dask.delayed(Z)  # one key: shipped once per worker, not once per task
+    outs = [_delayed(blocks.power_block, nout=4)(b, Zd, scale, stats) for b in parts]
+    W = blocks.tree(o[1] for o in outs)
+    G = blocks.tree(o[2] for o in outs)
+    extra = [blocks.tree((o[3] for o in outs), blocks.merge_stats)] if stats else []
+    done = dask.persist(*[o[0] for o in outs], W, G, *extra)
+    nb = len(parts)
+    small = dask.compute(*done[nb:])
+    return list(done[:nb]), small[0], small[1], (small[2] if stats else None)
+
+
+def _ritz(W, G, dtype):
+    """Ritz values s (descending, l of them), right Ritz vectors V and cond(Y), from M^T Y and
+    Y^T Y. Directions of Y at the rounding level are left out (their s are 0)."""
+    l = G.shape[0]
+    d, E = np.linalg.eigh(G)
+    d, E = d[::-1], E[:, ::-1]
+    if not d[0] > 0:
+        return np.zeros(l), np.zeros((W.shape[0], 0)), math.inf
+    u = np.finfo(dtype).eps / 2
+    keep = d > d[0] * max((8 * l * u) ** 2, 1e4 * np.finfo(np.float64).eps)
+    cond = math.sqrt(d[0] / d[-1]) if d[-1] > 0 else math.inf
+    T = E[:, keep] / np.sqrt(d[keep])  # Q = Y T orthonormal
+    V, s, _ = np.linalg.svd(W @ T, full_matrices=False)
+    return np.concatenate([s, np.zeros(l - s.size)]), V, cond
+
+
+def _next_z(V, s, l, seed, it, dtype):
+    """Z = V S^-1 (so that M Z is nearly orthonormal), with fresh Gaussian columns, orthogonal
+    to V, in place of directions that were at the rounding level."""
+    r = V.shape[1]
+    p = V.shape[0]
+    Z = V / np.maximum(s[:r], np.finfo(np.float64).tiny)
+    if r < l:
+        C = _core.random_normal(p * (l - r), seed, 1 + it, True).reshape(p, l - r)
+        C -= V @ (V.T @ C)
+        C = np.linalg.qr(C)[0] / (s[r - 1] if r else 1.0)
+        Z = np.hstack([Z, C])
+    return Z.astype(dtype)
+
+
+def _cholesky(G):
+    """Upper R with R^T R = G, or None when G is not numerically positive definite."""
+    try:
+        R = np.linalg.cholesky(G).T
+    except np.linalg.LinAlgError:
+        return None
+    dg = np.abs(np.diag(R))
+    return R if dg.min() > 0 and np.linalg.cond(R) <= _COND_LIMIT else None
+
+
+def _from_blocks(parts, rows, cols, dtype):
+    return da.concatenate([da.from_delayed(b, shape=(r, cols), dtype=dtype)
+                           for b, r in zip(parts, rows)])
+
+
+def _finish(parts, rows, Ys, W, G, k, scale, dtype):
+    """U (persisted blocks as a dask array), S, Vt from the last pass."""
+    R = _cholesky(G)
+    if R is not None:  # CholeskyQR2, first step: Q = Y R^-1 from the Gram we already have
+        T = np.linalg.solve(R, np.eye(R.shape[0]))  # l x l: a general solve is cheap
+        V, s, Pt = np.linalg.svd(W @ T, full_matrices=False)  # M^T Q = V S P^T
+        U1 = [_delayed(blocks.times)(y, T @ Pt.T[:, :k], dtype) for y in Ys]
+        C = s[:k, None] * V[:, :k].T  # M ~ U1 C
+        R2 = _cholesky(dask.compute(blocks.tree(_delayed(blocks.gram)(u) for u in U1))[0])
+        if R2 is not None:  # second step: U = U1 R2^-1, then the small SVD of R2 C
+            P2, S, Vt = np.linalg.svd(R2 @ C, full_matrices=False)
+            Mat = np.linalg.solve(R2, P2)
+            U = [_delayed(blocks.times)(u, Mat, dtype) for u in U1]
+            U = dask.persist(*U)
+            return _from_blocks(U, rows, k, dtype), S.astype(dtype), Vt.astype(dtype)
+    # TSQR fallback: Q from Householder QR per block and of the stacked R factors, then one
+    # more read of X for B^T = X^T Q.
+    _LAST_RUN.update(tsqr=True, passes=_LAST_RUN["passes"] + 1)
+    Q, _ = _tsqr(Ys, rows)
+    Bt = dask.compute(blocks.tree(_delayed(blocks.xt_block)(x, q, scale)
+                                  for x, q in zip(parts, Q)))[0]
+    V, S, Pt = np.linalg.svd(Bt, full_matrices=False)  # X^T Q = V S P^T
+    U = dask.persist(*[_delayed(blocks.times)(q, Pt.T[:, :k], dtype) for q in Q])
+    return _from_blocks(U, rows, k, dtype), S[:k].astype(dtype), V[:, :k].T.astype(dtype)
+
+
+def _tsqr(Ys, rows):
+    """Householder TSQR: Q blocks (persisted) and R with Y = Q R, for any block heights."""
+    qrs = dask.persist(*[_delayed(blocks.qr_block, nout=2)(y) for y in Ys])
+    Rs = dask.compute(*[q[1] for q in qrs])
+    Q2, R = np.linalg.qr(np.vstack(Rs))
+    Q, off = [], 0
+    for qr, Rb in zip(qrs, Rs):
+        h = Rb.shape[0]
+        Q.append(_delayed(np.matmul)(qr[0], Q2[off:off + h].astype(Rb.dtype)))
+        off += h
+    return dask.persist(*Q), R
+
+
+def _signs_blocks(U):
+    """+1/-1 per column so that its entry of largest magnitude (the first on ties) is positive."""
+    parts = dask.compute(*[_delayed(blocks.col_absmax)(b) for b in U.to_delayed()[:, 0]])
+    best = np.full(U.shape[1], -1.0)
+    val = np.ones(U.shape[1])
+    for a, v in parts:
+        better = a > best
+        best[better], val[better] = a[better], v[better]
+    return np.where(val < 0, -1.0, 1.0)
+
+
+def _signs_local(U):
+    idx = np.argmax(np.abs(U), axis=0)
+    return np.where(U[idx, np.arange(U.shape[1])] < 0, -1.0, 1.0)

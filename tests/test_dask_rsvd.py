@@ -1,0 +1,272 @@
+"""rslora.dask.rsvd: accuracy against a float64 full SVD, determinism, layouts, arguments.
+
+Runs on Dask's synchronous scheduler (and a threads-only LocalCluster for the worker-count
+checks): seconds in all.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array")
+import dask  # noqa: E402
+
+import rslora  # noqa: E402
+import rslora.dask  # noqa: E402
+
+impl = importlib.import_module("rslora.dask.rsvd")
+blocks = importlib.import_module("rslora.dask.blocks")
+
+SPECTRA = {
+    "style": lambda n: np.exp(-np.arange(n) / 8.0),
+    "facts": lambda n: (1.0 + np.arange(n)) ** -0.5,
+    "noisy": lambda n: np.where(np.arange(n) < 20, 1.0, 0.0) + 0.03 * (1.0 + np.arange(n) / n),
+}
+
+
+@pytest.fixture(autouse=True)
+def _sync():
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+def _matrix(m, n, spectrum, dtype, seed=0, rank=None):
+    """U diag(s) V^T with random orthonormal U, V; s from ``spectrum`` (zero beyond ``rank``)."""
+    rng = np.random.default_rng(seed)
+    p = min(m, n)
+    U = np.linalg.qr(rng.standard_normal((m, p)))[0]
+    V = np.linalg.qr(rng.standard_normal((n, p)))[0]
+    s = SPECTRA[spectrum](p) if isinstance(spectrum, str) else spectrum
+    if rank is not None:
+        s = np.where(np.arange(p) < rank, s, 0.0)
+    return ((U * s) @ V.T).astype(dtype)
+
+
+def _optimum(A, k):
+    s = np.linalg.svd(A.astype(np.float64), compute_uv=False)
+    return np.sqrt(np.sum(s[k:] ** 2)), s
+
+
+def _check(A, U, S, Vt, k, bar=None):
+    """Shapes, dtypes, orthonormality, order, signs; returns err / optimum."""
+    U, S, Vt = dask.compute(U, S, Vt)
+    m, n = A.shape
+    assert U.shape == (m, k) and S.shape == (k,) and Vt.shape == (k, n)
+    assert U.dtype == S.dtype == Vt.dtype == A.dtype
+    u = np.finfo(A.dtype).eps
+    U64, V64 = U.astype(np.float64), Vt.astype(np.float64)
+    assert np.abs(U64.T @ U64 - np.eye(k)).max() < 20 * u * np.sqrt(m)
+    assert np.abs(V64 @ V64.T - np.eye(k)).max() < 20 * u * np.sqrt(n)
+    assert np.all(np.diff(S.astype(np.float64)) <= 0) and np.all(S >= 0)
+    big = np.argmax(np.abs(U), axis=0)
+    assert np.all(U[big, np.arange(k)] > 0)  # the sign convention of rslora.rsvd
+    opt, s = _optimum(A, k)
+    err = np.linalg.norm(A.astype(np.float64) - (U64 * S.astype(np.float64)) @ V64)
+    # the top values are those of A to about u ||A|| plus the subspace error
+    top = min(5, k)
+    assert np.allclose(S[:top], s[:top], rtol=1e-3, atol=50 * u * s[0])
+    if bar is not None:
+        assert err <= bar * opt + 50 * u * s[0], (err / opt, bar)
+    return err / opt if opt > 0 else 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("spectrum", ["style", "facts", "noisy"])
+def test_auto_meets_the_contract(spectrum, dtype):
+    A = _matrix(2000, 120, spectrum, dtype)
+    X = da.from_array(A, chunks=(300, 120))  # 7 chunks, the last one shorter
+    U, S, Vt = rslora.dask.rsvd(X, 16, seed=3)
+    _check(A, U, S, Vt, 16, bar=1.001)
+    assert U.chunks[0] == X.chunks[0]
+    assert impl._LAST_RUN["passes"] == impl._LAST_RUN["n_iter"] + 1  # one read per iteration
+
+
+@pytest.mark.parametrize("auto_tol", [1e-2, 1e-4])
+def test_auto_tol(auto_tol):
+    A = _matrix(2000, 120, "facts", np.float64)
+    U, S, Vt = rslora.dask.rsvd(da.from_array(A, chunks=500), 16, seed=1, auto_tol=auto_tol)
+    _check(A, U, S, Vt, 16, bar=1 + auto_tol)
+
+
+@pytest.mark.parametrize("n_iter", [1, 2, 4])
+def test_fixed_iterations_read_m_once_each(n_iter, monkeypatch):
+    calls = []
+    real = blocks.power_block
+    monkeypatch.setattr(blocks, "power_block", lambda *a: calls.append(1) or real(*a))
+    A = _matrix(1500, 100, "noisy", np.float32)
+    X = da.from_array(A, chunks=(300, 100))
+    U, S, Vt = rslora.dask.rsvd(X, 20, n_iter=n_iter, seed=0)
+    assert len(calls) == (n_iter + 1) * 5
+    assert impl._LAST_RUN == {"n_iter": n_iter, "passes": n_iter + 1, "tsqr": False}
+    # as accurate as rslora.rsvd with the same number of iterations (the same subspace in
+    # exact arithmetic, a different Gaussian sketch)
+    err = _check(A, U, S, Vt, 20)
+    Ur, Sr, Vtr = rslora.rsvd(A, 20, n_iter=n_iter, seed=0)
+    ref = np.linalg.norm(A - (Ur * Sr) @ Vtr) / _optimum(A, 20)[0]
+    assert err <= 1 + 1.5 * (ref - 1) + 1e-4
+
+
+def test_wide_works_on_the_transpose():
+    A = _matrix(120, 2500, "style", np.float32, seed=2)
+    X = da.from_array(A, chunks=(120, 600))
+    U, S, Vt = rslora.dask.rsvd(X, 16, seed=5)
+    _check(A, U, S, Vt, 16, bar=1.001)
+    assert Vt.chunks[1] == X.chunks[1] and len(U.chunks[0]) == 1
+
+
+def test_both_axes_chunked_and_uneven_chunks():
+    A = _matrix(2100, 90, "facts", np.float64, seed=4)
+    X = da.from_array(A, chunks=((700, 13, 1000, 387), (40, 50)))  # one chunk shorter than l
+    U, S, Vt = rslora.dask.rsvd(X, 12, seed=5)
+    _check(A, U, S, Vt, 12, bar=1.001)
+    assert U.chunks[0] == X.chunks[0]
+
+
+def test_every_chunk_smaller_than_l():
+    A = _matrix(600, 60, "style", np.float32, seed=6)
+    U, S, Vt = rslora.dask.rsvd(da.from_array(A, chunks=(17, 60)), 20, seed=1)  # l = 30
+    _check(A, U, S, Vt, 20, bar=1.001)
+
+
+def test_same_seed_and_chunking_give_identical_bits():
+    A = _matrix(1800, 80, "facts", np.float32, seed=7)
+    X = da.from_array(A, chunks=(300, 80))
+    one = dask.compute(*rslora.dask.rsvd(X, 10, seed=42))
+    two = dask.compute(*rslora.dask.rsvd(X, 10, seed=42))
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+    other = dask.compute(*rslora.dask.rsvd(X, 10, seed=43))
+    assert not np.array_equal(one[0], other[0])
+    # a different chunking sums in another order: the same result to rounding
+    again = dask.compute(*rslora.dask.rsvd(X.rechunk((450, 80)), 10, seed=42))
+    np.testing.assert_allclose(again[1], one[1], rtol=1e-4)
+
+
+def test_worker_count_and_scheduler_do_not_change_the_bits():
+    distributed = pytest.importorskip("distributed")
+    A = _matrix(2000, 70, "noisy", np.float64, seed=8)
+    X = da.from_array(A, chunks=(250, 70))
+    ref = dask.compute(*rslora.dask.rsvd(X, 12, seed=9))
+    for workers in (1, 3):
+        with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=False,
+                                      dashboard_address=None) as cluster, \
+                distributed.Client(cluster) as client:
+            got = client.compute(list(rslora.dask.rsvd(X, 12, seed=9)), sync=True)
+            for a, b in zip(ref, got):
+                np.testing.assert_array_equal(a, b)
+    with dask.config.set(scheduler="threads", num_workers=4):
+        got = dask.compute(*rslora.dask.rsvd(X, 12, seed=9))
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_rank_deficient_falls_back_to_tsqr():
+    A = _matrix(1200, 50, "facts", np.float64, seed=10, rank=5)
+    U, S, Vt = rslora.dask.rsvd(da.from_array(A, chunks=200), 8, seed=0)
+    assert impl._LAST_RUN["tsqr"]  # the Gram of M Z is singular: no Cholesky
+    _check(A, U, S, Vt, 8)
+    s = _optimum(A, 8)[1]
+    np.testing.assert_allclose(S[:5], s[:5], rtol=1e-10)
+    assert np.all(np.asarray(S[5:]) < 1e-12 * s[0])
+    np.testing.assert_allclose((np.asarray(U) * S) @ np.asarray(Vt), A, atol=1e-12)
+
+
+def test_ill_conditioned_sketch_falls_back_to_tsqr():
+    # n_iter=0: the one basis is M Omega, conditioned like the spectrum (1e-6 across l)
+    A = _matrix(1000, 80, np.exp(-np.arange(80) / 2.0), np.float64, seed=11)
+    U, S, Vt = rslora.dask.rsvd(da.from_array(A, chunks=250), 10, n_iter=0, seed=0)
+    assert impl._LAST_RUN == {"n_iter": 0, "passes": 2, "tsqr": True}
+    err = _check(A, U, S, Vt, 10)
+    Ur, Sr, Vtr = rslora.rsvd(A, 10, n_iter=0, seed=0)
+    ref = np.linalg.norm(A - (Ur * Sr) @ Vtr) / _optimum(A, 10)[0]
+    assert err < 3 * ref
+    # with iterations the basis is preconditioned (M V S^-1): Cholesky suffices
+    rslora.dask.rsvd(da.from_array(A, chunks=250), 10, n_iter=2, seed=0)
+    assert not impl._LAST_RUN["tsqr"]
+
+
+@pytest.mark.parametrize("k", [1, 40])
+def test_k_edges(k):
+    A = _matrix(900, 40, "facts", np.float32, seed=12)
+    U, S, Vt = rslora.dask.rsvd(da.from_array(A, chunks=(100, 40)), k, seed=0)
+    err = _check(A, U, S, Vt, k, bar=1.001 if k < 40 else None)
+    if k == 40:  # l spans the short side: exact, whatever oversample says
+        assert impl._LAST_RUN["n_iter"] == 0
+        np.testing.assert_allclose((np.asarray(U, np.float64) * S) @ np.asarray(Vt), A, atol=2e-5)
+    assert np.isfinite(err)
+
+
+def test_zero_matrix():
+    U, S, Vt = rslora.dask.rsvd(da.zeros((500, 30), chunks=100, dtype=np.float32), 4, seed=0)
+    U, S, Vt = dask.compute(U, S, Vt)
+    assert np.all(S == 0) and np.isfinite(U).all() and np.isfinite(Vt).all()
+    np.testing.assert_allclose(U.T @ U, np.eye(4), atol=1e-6)
+    np.testing.assert_allclose(Vt @ Vt.T, np.eye(4), atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e25])
+def test_entries_far_from_one_are_rescaled(scale):
+    A = _matrix(800, 40, "style", np.float64, seed=13)
+    A32 = (A * scale).astype(np.float32)
+    U, S, Vt = rslora.dask.rsvd(da.from_array(A32, chunks=200), 8, seed=0)
+    S = np.asarray(S, np.float64) / scale
+    np.testing.assert_allclose(S, np.linalg.svd(A, compute_uv=False)[:8], rtol=1e-4)
+    assert np.isfinite(np.asarray(U)).all()
+
+
+def test_nan_is_refused_or_propagated():
+    A = _matrix(400, 30, "facts", np.float32)
+    A[123, 7] = np.nan
+    X = da.from_array(A, chunks=100)
+    with pytest.raises(ValueError, match=r"^M contains NaN or Inf \(pass check_finite=False"):
+        rslora.dask.rsvd(X, 3, seed=0)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rslora.rsvd(A, 3, seed=0)  # the same message
+    U, S, Vt = dask.compute(*rslora.dask.rsvd(X, 3, seed=0, check_finite=False))
+    assert np.isnan(S).all()
+
+
+GOOD = np.ones((40, 20), np.float32)
+BAD_ARGS = [
+    dict(k=0), dict(k=21), dict(k=2.0), dict(k=True), dict(k=None),
+    dict(oversample=-1), dict(oversample=1.5),
+    dict(n_iter=-1), dict(n_iter="fast"), dict(n_iter=1.0), dict(n_iter=2**31),
+    dict(seed=-1), dict(seed=2**64), dict(seed="a"),
+    dict(auto_tol=0.0), dict(auto_tol=1.0), dict(auto_tol="x"), dict(auto_tol=True),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_ARGS, ids=lambda d: "-".join(f"{k}={v!r}" for k, v in d.items()))
+def test_bad_arguments_as_rslora_rsvd(bad):
+    kwargs = dict(k=3) | bad
+    k = kwargs.pop("k")
+    with pytest.raises((TypeError, ValueError)) as ref:
+        rslora.rsvd(GOOD, k, **kwargs)
+    with pytest.raises(ref.type) as got:
+        rslora.dask.rsvd(da.from_array(GOOD, chunks=10), k, **kwargs)
+    assert str(got.value) == str(ref.value)
+
+
+@pytest.mark.parametrize("M", [GOOD.astype(np.int64), np.ones((4, 5, 6), np.float32)],
+                         ids=["int64", "3-D"])
+def test_bad_arrays_as_rslora_rsvd(M):
+    with pytest.raises((TypeError, ValueError)) as ref:
+        rslora.rsvd(M, 2)
+    with pytest.raises(ref.type) as got:
+        rslora.dask.rsvd(da.from_array(M), 2)
+    assert str(got.value) == str(ref.value)
+
+
+def test_not_a_dask_array():
+    with pytest.raises(TypeError, match="M must be a dask array, got ndarray"):
+        rslora.dask.rsvd(GOOD, 2)
+
+
+def test_importing_rslora_does_not_import_dask():
+    code = "import sys, rslora; assert not any(m == 'dask' or m.startswith('dask.') for m in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
