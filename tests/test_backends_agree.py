@@ -379,3 +379,13 @@ def test_cpu_only_ops_refuse_device_arrays_by_name():
         rslora.lora_from_delta(d, 2)
     with pytest.raises(TypeError, match="LoRALinear runs on the CPU only, but weight is"):
         rslora.LoRALinear(d, A, B, scale=1.0)
+
+
+def test_mixed_devices_are_named_from_either_side(gpu):
+    with pytest.raises(TypeError, match="W is on the GPU but the call runs on the host"):
+        rslora.lora_linear(X, DevArray(W.copy()), A, B, alpha=8.0)
+    with pytest.raises(TypeError, match="W is host memory but x is on the GPU"):
+        rslora.lora_linear(DevArray(X.copy()), W, A, B, alpha=8.0)
+    with pytest.raises(TypeError, match="B_all is on the GPU but the call runs on the host"):
+        rslora.lora_add_multi(np.zeros((3, 5, 7), np.float32), X, A_ALL, DevArray(B_ALL),
+                              IDS, scales=SCALES)

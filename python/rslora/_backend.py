@@ -12,25 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
+from ._validation import on_gpu
 
-KDL_CPU = 1  # DLPack device type of host memory
+__all__ = ["on_gpu", "op", "host_only", "TWO_BACKENDS"]
 
 # Ops both backends implement, with the same signature (the scale already resolved).
 TWO_BACKENDS = ("lora_linear", "merge", "lora_linear_multi", "lora_add_multi", "rsvd")
-
-
-def on_gpu(a: object) -> bool:
-    """True for an array whose data lives on a device (DLPack device type other than CPU)."""
-    if isinstance(a, np.ndarray):
-        return False
-    dev = getattr(a, "__dlpack_device__", None)
-    if dev is None:
-        return False
-    try:
-        return int(dev()[0]) != KDL_CPU
-    except Exception:  # noqa: BLE001 - a foreign object that cannot say: treat as host
-        return False
 
 
 def op(name: str, lead: object) -> Callable[..., Any]:

@@ -14,7 +14,7 @@ import math
 import numbers
 import secrets
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -29,11 +29,17 @@ NORMALIZERS = ("qr", "lu", "none")
 
 # --- scalars -------------------------------------------------------------------------------------
 
+def _kind(value: object, name: str, kind: type, what: str) -> None:
+    """The one type rule of scalar arguments: ``kind`` (numbers.Integral, numbers.Real), and
+    never a bool (True is an int to Python, not a rank or a scale to a user)."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+
+
 def integer(value: object, name: str, lo: int | None = None, hi: int | None = None) -> int:
     """An integer (not a bool) checked against [lo, hi] before any arithmetic with it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    v = int(value)
+    _kind(value, name, numbers.Integral, "an integer")
+    v = int(cast(numbers.Integral, value))
     if lo is not None and v < lo:
         raise ValueError(f"{name} must be >= {lo}, got {v}")
     if hi is not None and v > hi:
@@ -41,21 +47,22 @@ def integer(value: object, name: str, lo: int | None = None, hi: int | None = No
     return v
 
 
+def _float(value: object, name: str) -> float:
+    _kind(value, name, numbers.Real, "a real number")
+    return float(cast(numbers.Real, value))
+
+
 def real(value: object, name: str) -> float:
     """A finite real number (not a bool) as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
+    v = _float(value, name)
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     return v
 
 
 def open_unit(value: object, name: str) -> float:
-    """A real number strictly between 0 and 1 (tolerances)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
+    """A real number strictly between 0 and 1 (tolerances; NaN is outside)."""
+    v = _float(value, name)
     if not 0.0 < v < 1.0:
         raise ValueError(f"{name} must be in (0, 1), got {v}")
     return v
@@ -189,23 +196,14 @@ def merge_shapes(W: Shape, A: Shape, B: Shape) -> None:
 def backward_shapes(dy: Shape, x: Shape, W: Shape, A: Shape, B: Shape,
                     xa: Shape | None) -> LinearShapes:
     """The forward's shapes, plus ``dy`` of y's shape and ``xa`` of ``x @ A.T``'s."""
-    batch = batch_of(x)
-    for shape, name in ((W, "W"), (A, "A"), (B, "B")):
-        ndim(shape, name, 2)
-    d_out, d_in, r = W[0], x[-1], A[0]
-    if W[1] != d_in:
-        raise _dim_error("W", W, "x", "d_in", d_in)
-    if A[1] != d_in:
-        raise _dim_error("A", A, "x", "d_in", d_in)
-    if tuple(B) != (d_out, r):
-        raise _pair_error("B", B, "W and A", (d_out, r))
-    if tuple(dy) != batch + (d_out,):
+    sh = linear_shapes(x, W, A, B, None)
+    if tuple(dy) != sh.batch + (sh.d_out,):
         raise ValueError(f"dy has shape {shape_str(dy)} but x {shape_str(x)} and W {shape_str(W)} "
-                         f"give y the shape {shape_str(batch + (d_out,))}")
-    if xa is not None and tuple(xa) != batch + (r,):
+                         f"give y the shape {shape_str(sh.batch + (sh.d_out,))}")
+    if xa is not None and tuple(xa) != sh.batch + (sh.r,):
         raise ValueError(f"xa has shape {shape_str(xa)} but x @ A.T has shape "
-                         f"{shape_str(batch + (r,))} (x {shape_str(x)}, A {shape_str(A)})")
-    return LinearShapes(batch, d_in, d_out, r)
+                         f"{shape_str(sh.batch + (sh.r,))} (x {shape_str(x)}, A {shape_str(A)})")
+    return sh
 
 
 class MultiShapes(NamedTuple):
@@ -327,12 +325,33 @@ def rsvd_args(shape: Shape, k: object, oversample: object, n_iter_: object, meth
     return RsvdArgs(kk, over, q, meth, norm, seed_, tol)
 
 
+# --- where arrays live ---------------------------------------------------------------------------
+
+KDL_CPU = 1  # DLPack device type of host memory
+
+
+def on_gpu(a: object) -> bool:
+    """True for an array whose data lives on a device (DLPack device type other than CPU)."""
+    if isinstance(a, np.ndarray):
+        return False
+    dev = getattr(a, "__dlpack_device__", None)
+    if dev is None:
+        return False
+    try:
+        return int(dev()[0]) != KDL_CPU
+    except Exception:  # noqa: BLE001 - a foreign object that cannot say: treat as host
+        return False
+
+
 # --- host arrays ---------------------------------------------------------------------------------
 
 def as_array(a: object, name: str) -> np.ndarray:
     """A NumPy view of an array-like (no dtype change: :func:`same_dtype` judges it)."""
     if a is None:
         raise TypeError(f"{name} must be an array, got None")
+    if on_gpu(a):  # the call's leading array is host memory, so the CPU runs it
+        raise TypeError(f"{name} is on the GPU but the call runs on the host (its first array "
+                        "is host memory); move all arrays to one device")
     arr = np.asarray(a)
     if arr.dtype.kind not in "fciub":
         raise TypeError(f"{name} must be float32 or float64, got {arr.dtype}")
@@ -435,7 +454,7 @@ def leading(a: object) -> int:
     """The length of an array's first axis (r of an adapter's A), 0 when it has none; the
     backend judges the array itself."""
     try:
-        shape = tuple(np.shape(a))  # .shape where there is one (device arrays too)
+        shape = tuple(np.shape(a))  # type: ignore[call-overload]  # .shape (device arrays too)
     except Exception:  # noqa: BLE001 - not an array at all: the backend names it
         return 0
     return int(shape[0]) if shape else 0

@@ -54,7 +54,7 @@ def resolve(scale_: float | None, alpha: float | None, rule: str, r: int) -> flo
     if r == 0:
         real(alpha, "alpha")
         return 0.0
-    return scale(alpha, r, rule)
+    return scale(alpha, r, rule)  # type: ignore[arg-type]  # alpha is not None here
 
 
 def scale_table(alpha: float = 16.0,

@@ -19,14 +19,18 @@ from .svd import rsvd, rsvd_tol
 __all__ = ["lora_from_delta", "spectrum", "Spectrum"]
 
 
-def _converged(n_iter: int | str, shape: tuple[int, ...], k: object) -> int | str:
+def _converged(n_iter: int | str, shape: tuple[int, ...], k: int) -> int | str:
     """"auto" here means the fixed iteration count that converges the vectors and singular
     values themselves (5 subspace iterations; these functions promise the best rank-k factors),
     not rsvd's adaptive stop at the 1.001x Frobenius contract."""
-    if (isinstance(n_iter, str) and n_iter == "auto" and len(shape) == 2
-            and isinstance(k, numbers.Integral) and not isinstance(k, bool) and 1 <= k <= min(shape)):
+    if n_iter == "auto" and len(shape) == 2 and _is_int(k) and 1 <= k <= min(shape):
         return _core.rsvd_auto_iters("subspace", shape[0], shape[1], int(k), 10)
     return n_iter
+
+
+def _is_int(value: object) -> bool:
+    """An integer rank the range checks can read (anything else: rsvd names it)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def lora_from_delta(delta: Any, r: int | None = None, *, tol: float | None = None,
@@ -72,12 +76,13 @@ def lora_from_delta(delta: Any, r: int | None = None, *, tol: float | None = Non
         if max_rank is not None:
             raise ValueError("max_rank= goes with tol=, not with r=")
         shape = tuple(np.shape(delta))
-        if len(shape) == 2 and isinstance(r, numbers.Integral) and not isinstance(r, bool):
+        if len(shape) == 2 and _is_int(r):
             v.rank(r, "r", shape, of="delta", dims="d_out, d_in")  # named as the rank, not k
         U, S, Vt = rsvd(delta, r, n_iter=_converged(n_iter, shape, r), seed=seed)
     else:
-        kw = {} if isinstance(n_iter, str) and n_iter == "auto" else {"n_iter": n_iter}
-        U, S, Vt, _ = rsvd_tol(delta, tol, max_rank=max_rank, seed=seed, **kw)
+        assert tol is not None
+        q = 2 if n_iter == "auto" else n_iter  # rsvd_tol's default
+        U, S, Vt, _ = rsvd_tol(delta, tol, max_rank=max_rank, seed=seed, n_iter=q)  # type: ignore[arg-type]
     rank = S.shape[0]
     s = 1.0 if scale is None and alpha is None else resolve(scale, alpha, rule, rank)
     if s == 0.0 and rank > 0:

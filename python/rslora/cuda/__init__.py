@@ -42,7 +42,7 @@ _preload_notes: list[str] = []
 def _wheel_lib_dirs() -> list[str]:
     """lib folders of the nvidia-* wheels (CUDA 13 layout: nvidia/cu13/lib)."""
     try:
-        import nvidia  # type: ignore[import-not-found]
+        import nvidia
     except ImportError:
         return []
     dirs = []

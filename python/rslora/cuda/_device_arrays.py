@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .._backend import on_gpu
+from .._validation import on_gpu
 
 __all__ = ["on_gpu", "Framework", "FRAMEWORKS", "framework", "check_device_arrays", "dtype_name",
            "device_of", "shape_str", "blas_ok", "SUPPORTED"]
@@ -199,7 +199,7 @@ def _torch() -> Framework:
 
 
 def _cupy() -> Framework:
-    import cupy  # type: ignore[import-not-found]
+    import cupy
 
     return CuPy(cupy)
 
