@@ -47,14 +47,15 @@ def integer(value: object, name: str, lo: int | None = None, hi: int | None = No
     return v
 
 
-def _float(value: object, name: str) -> float:
+def number(value: object, name: str) -> float:
+    """A real number (not a bool) as a float; NaN and Inf pass (see :func:`real`)."""
     _kind(value, name, numbers.Real, "a real number")
     return float(cast(numbers.Real, value))
 
 
 def real(value: object, name: str) -> float:
     """A finite real number (not a bool) as a float."""
-    v = _float(value, name)
+    v = number(value, name)
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     return v
@@ -62,7 +63,7 @@ def real(value: object, name: str) -> float:
 
 def open_unit(value: object, name: str) -> float:
     """A real number strictly between 0 and 1 (tolerances; NaN is outside)."""
-    v = _float(value, name)
+    v = number(value, name)
     if not 0.0 < v < 1.0:
         raise ValueError(f"{name} must be in (0, 1), got {v}")
     return v
