@@ -109,8 +109,8 @@ def _linear_args(**over):
     (dict(B=F((7, 3))), ValueError, "B has shape (7, 3) but W and A need (7, 4)"),
     (dict(W=F((7, 6, 1))), ValueError, "W must be 2-D"),
     (dict(A=F((4, 6), "bfloat16")), TypeError, "A is bfloat16 but x is float32"),
-    (dict(x=F((3, 6), "float64")), TypeError, "x is float64"),
-    (dict(B=F((7, 4), "int32")), TypeError, "B is int32"),
+    (dict(x=F((3, 6), "float64")), TypeError, "x must be float16, bfloat16 or float32, got float64"),
+    (dict(B=F((7, 4), "int32")), TypeError, "B must be float16, bfloat16 or float32, got int32"),
     (dict(W=np.zeros((7, 6), np.float32)), TypeError, "W is host memory"),
     (dict(A=F((4, 6), device=1)), ValueError, "A is on cuda:1 but x is on cuda:0"),
     (dict(s=float("nan")), ValueError, "s must be finite"),
@@ -155,7 +155,7 @@ def test_multi_argument_errors():
         cuda.lora_linear_multi(x, W, T((3, 4, 5)), B_all, [0] * 5, scales=1.0)
     with pytest.raises(ValueError, match=r"B_all has shape \(3, 7, 5\) but A_all and W need"):
         cuda.lora_linear_multi(x, W, A_all, T((3, 7, 5)), [0] * 5, scales=1.0)
-    with pytest.raises(IndexError, match=r"adapter_ids\[2\] = 3 is outside \[-1, 3\)"):
+    with pytest.raises(IndexError, match=r"adapter_ids\[2\] = 3 is out of range for 3 adapters"):
         cuda.lora_linear_multi(x, W, A_all, B_all, [0, -1, 3, 0, 1], scales=1.0)
     with pytest.raises(IndexError, match=r"adapter_ids\[0\] = -2"):
         cuda.lora_linear_multi(x, W, A_all, B_all, [-2, 0, 0, 0, 0], scales=1.0)
@@ -170,10 +170,12 @@ def test_multi_argument_errors():
 
 
 @pytest.mark.parametrize("kw, exc, words", [
-    (dict(k=5), ValueError, "k=5 must be in [0, min(m, n)] = [0, 4]"),
-    (dict(k=-1), ValueError, "k=-1"),
+    (dict(k=5), ValueError, "k must be in [1, min(m, n)] = [1, 4] for M of shape (9, 4), got 5"),
+    (dict(k=0), ValueError, "k must be in [1, min(m, n)]"),  # as on the CPU (was [0, ...] here)
+    (dict(k=-1), ValueError, "got -1"),
     (dict(k=2.0), TypeError, "k must be an integer"),
-    (dict(k=2, method="basic"), ValueError, "'subspace' only"),
+    (dict(k=2, method="krylov"), ValueError, "'subspace' only"),
+    (dict(k=2, method="basic"), ValueError, "method must be one of"),
     (dict(k=2, normalizer="lu"), ValueError, "'qr' only"),
     (dict(k=2, n_iter="many"), ValueError, "n_iter must be"),
     (dict(k=2, n_iter=-1), ValueError, "n_iter must be"),
@@ -192,8 +194,12 @@ def test_rsvd_rejects_float64_with_advice():
 
 
 def test_n_iter_auto_rule():
-    assert cuda._n_iter("auto", 5, 1000, 800) == 7
-    assert cuda._n_iter("auto", 100, 1000, 800) == 4
+    # "auto" on the GPU is the CPU's fixed-count rule (the GPU has no adaptive stop)
+    from rslora import _core
+    from rslora._validation import AUTO
+
+    for k, m, n in ((5, 1000, 800), (100, 1000, 800), (64, 2048, 2048), (3, 20, 10)):
+        assert cuda._n_iter(AUTO, k, m, n) == _core.rsvd_auto_iters("subspace", m, n, k, 10)
     assert cuda._n_iter(2, 100, 1000, 800) == 2
 
 

@@ -68,3 +68,10 @@ def test_the_check_sees_relative_imports():
     names = set(_imports(PKG / "adapters" / "checkpoint.py",
                          "from ..study import synthetic\nfrom .. import cli\n"))
     assert {"rslora.study", "rslora.cli"} <= names
+
+
+def test_argument_rules_sit_below_every_op():
+    # _validation is the bottom of the Python layers: it imports nothing of the package, so both
+    # backends (and anything else) can use its rules without a cycle.
+    own = [m for m in _imports(PKG / "_validation.py") if m.startswith("rslora")]
+    assert not own, own

@@ -7,6 +7,7 @@ in-place merge, built on the BLAS that NumPy itself uses (one thread pool per pr
 from __future__ import annotations
 
 import sys as _sys
+from typing import Any as _Any
 
 from . import _blas, _core, _kernels  # noqa: F401  (_core first: a build problem fails here)
 
@@ -76,7 +77,7 @@ __all__ = [
 ]
 
 
-def show_config(print_: bool = True) -> dict:
+def show_config(print_: bool = True) -> dict[str, _Any]:
     """Which BLAS the core is bound to (and why), its threads, the SIMD kernel path, the backends.
 
     Returns the same facts as a dict; prints them unless ``print_=False``.

@@ -10,6 +10,7 @@ core is bound at import to the very library NumPy uses, found with threadpoolctl
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ def _numpy_blas_candidates() -> list[str]:
     except Exception:  # noqa: BLE001 - old NumPy: no dict mode
         wanted = ""
 
-    def rank(info: dict) -> int:
+    def rank(info: dict[str, Any]) -> int:
         path = info["filepath"]
         if path.startswith(os.path.join(np_dir, "numpy")):  # numpy.libs/ of a wheel
             return 0
@@ -45,7 +46,7 @@ def _bundled_path() -> str:
 
     d = scipy_openblas32.get_lib_dir()
     name = scipy_openblas32.get_library(fullname=True)
-    return os.path.join(d, name)
+    return str(os.path.join(d, name))
 
 
 def bind() -> None:
@@ -72,7 +73,7 @@ def bind() -> None:
     _source.update(kind="bundled", reason=f"bundled scipy-openblas32 ({why})")
 
 
-def config() -> dict:
+def config() -> dict[str, Any]:
     info = dict(_core.blas_info())
     info["source"] = _source["kind"]
     info["reason"] = _source["reason"]

@@ -276,7 +276,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-_RENAMEAT2 = []
+_RENAMEAT2: list[object] = []  # the looked-up function (or None), once
 
 
 def _renameat2():

@@ -11,9 +11,13 @@ Batch dimensions are flattened for ``dA``/``dB`` (summed over every row), as aut
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
 
-from . import _arrays, _core
+from . import _backend, _core
+from . import _validation as v
 from .scaling import resolve
 
 __all__ = ["lora_linear_backward"]
@@ -21,7 +25,7 @@ __all__ = ["lora_linear_backward"]
 _NAMES = ("x", "A", "B")
 
 
-def _parse_need(need) -> set:
+def _parse_need(need: str | Iterable[str]) -> set[str]:
     if isinstance(need, str):
         need = (need,)
     try:
@@ -34,8 +38,10 @@ def _parse_need(need) -> set:
     return wanted
 
 
-def lora_linear_backward(dy, x, W, A, B, *, scale=None, alpha=None, rule="rslora",
-                         need=("x", "A", "B"), xa=None):
+def lora_linear_backward(dy: Any, x: Any, W: Any, A: Any, B: Any, *, scale: float | None = None,
+                         alpha: float | None = None, rule: str = "rslora",
+                         need: str | Iterable[str] = ("x", "A", "B"), xa: Any = None
+                         ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """Gradients of the fused LoRA linear layer with respect to x, A and B.
 
     Parameters
@@ -70,32 +76,13 @@ def lora_linear_backward(dy, x, W, A, B, *, scale=None, alpha=None, rule="rslora
     are new C-contiguous arrays. The GIL is released while the kernels run.
     """
     wanted = _parse_need(need)
-    dy = _arrays.as_array(dy, "dy")
-    x = _arrays.as_array(x, "x")
-    W = _arrays.as_array(W, "W")
-    A = _arrays.as_array(A, "A")
-    B = _arrays.as_array(B, "B")
-    xa = None if xa is None else _arrays.as_array(xa, "xa")
-    dtype = _arrays.common_dtype(dy=dy, x=x, W=W, A=A, B=B, xa=xa)
-    if x.ndim < 1:
-        raise ValueError("x must have shape (..., d_in), got a 0-d array")
-    _arrays.require_ndim(W, "W", 2)
-    _arrays.require_ndim(A, "A", 2)
-    _arrays.require_ndim(B, "B", 2)
-    d_out, d_in, r = W.shape[0], x.shape[-1], A.shape[0]
-    if W.shape[1] != d_in:
-        raise ValueError(f"W has shape {W.shape} but x has d_in={d_in}")
-    if A.shape[1] != d_in:
-        raise ValueError(f"A has shape {A.shape} but x has d_in={d_in}")
-    if B.shape != (d_out, r):
-        raise ValueError(f"B has shape {B.shape} but W and A need {(d_out, r)}")
-    batch = x.shape[:-1]
-    if dy.shape != batch + (d_out,):
-        raise ValueError(f"dy has shape {dy.shape} but x {x.shape} and W {W.shape} "
-                         f"give y the shape {batch + (d_out,)}")
-    if xa is not None and xa.shape != batch + (r,):
-        raise ValueError(f"xa has shape {xa.shape} but x @ A.T has shape {batch + (r,)} "
-                         f"(x {x.shape}, A {A.shape})")
+    _backend.host_only("lora_linear_backward", dy=dy, x=x, W=W, A=A, B=B, xa=xa)
+    dy, x, W, A, B = (v.as_array(a, n) for a, n in ((dy, "dy"), (x, "x"), (W, "W"), (A, "A"),
+                                                     (B, "B")))
+    xa = None if xa is None else v.as_array(xa, "xa")
+    dtype = v.host_dtype(dy=dy, x=x, W=W, A=A, B=B, xa=xa)
+    batch, d_in, d_out, r = v.backward_shapes(dy.shape, x.shape, W.shape, A.shape, B.shape,
+                                              None if xa is None else xa.shape)
     s = resolve(scale, alpha, rule, r)
 
     n = int(np.prod(batch, dtype=np.int64))

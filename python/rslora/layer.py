@@ -7,12 +7,13 @@ Names follow PEFT's ``LoraLayer`` where they carry over: ``lora_A`` (r, in_featu
 
 from __future__ import annotations
 
-import numbers
-from typing import NamedTuple
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _arrays, _core
+from . import _backend, _core
+from . import _validation as v
 from .scaling import resolve
 from .backward import lora_linear_backward
 from .linear import lora_linear, merge, unmerge
@@ -66,14 +67,17 @@ class LoRALinear:
     >>> layer.lora_A -= lr * grads.lora_A
     """
 
-    def __init__(self, weight, lora_A, lora_B, *, bias=None, alpha=None, rule="rslora",
-                 scale=None, copy=True):
-        arrays = dict(weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
-        arrays = {k: None if v is None else _arrays.as_array(v, k) for k, v in arrays.items()}
-        _arrays.common_dtype(**arrays)
-        for name in ("weight", "lora_A", "lora_B"):
-            _arrays.require_ndim(arrays[name], name, 2)
+    def __init__(self, weight: Any, lora_A: Any, lora_B: Any, *, bias: Any = None,
+                 alpha: float | None = None, rule: str = "rslora", scale: float | None = None,
+                 copy: bool = True) -> None:
+        given = dict(weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+        _backend.host_only("LoRALinear", **given)
+        arrays = {k: None if a is None else v.as_array(a, k) for k, a in given.items()}
+        v.host_dtype(**arrays)
         W, A, B, b = arrays["weight"], arrays["lora_A"], arrays["lora_B"], arrays["bias"]
+        assert W is not None and A is not None and B is not None  # as_array refuses None
+        for arr, name in ((W, "weight"), (A, "lora_A"), (B, "lora_B")):
+            v.ndim(arr.shape, name, 2)
         if A.shape[1] != W.shape[1]:
             raise ValueError(f"lora_A has shape {A.shape} but weight has in_features={W.shape[1]}")
         if B.shape != (W.shape[0], A.shape[0]):
@@ -84,7 +88,7 @@ class LoRALinear:
         self.scaling = resolve(scale, alpha, rule, A.shape[0])
         self.lora_alpha = alpha
         self.rule = rule
-        conv = (lambda a: np.array(a, order="C")) if copy else np.ascontiguousarray
+        conv: Any = (lambda a: np.array(a, order="C")) if copy else np.ascontiguousarray
         self._packed: np.ndarray | None = None
         if copy:
             self._packed = np.empty((W.shape[0] + A.shape[0], W.shape[1]), dtype=W.dtype)
@@ -97,22 +101,22 @@ class LoRALinear:
         self.lora_B = conv(B)
         self.bias = None if b is None else conv(b)
         self.merged = False
-        self._cache = None
+        self._cache: tuple[np.ndarray, np.ndarray | None] | None = None
 
     @classmethod
-    def init(cls, weight, r, *, alpha=None, rule="rslora", scale=None, bias=None, seed=None):
+    def init(cls, weight: Any, r: int, *, alpha: float | None = None, rule: str = "rslora",
+             scale: float | None = None, bias: Any = None,
+             seed: int | np.random.Generator | None = None) -> LoRALinear:
         """A fresh adapter as PEFT initialises one: lora_A Kaiming-uniform (a = sqrt(5)), lora_B 0.
 
         With ``alpha`` and ``scale`` both omitted, alpha = r (PEFT's ``lora_alpha`` default is
         8 with r = 8).
         """
-        W = _arrays.as_array(weight, "weight")
-        _arrays.check_float(W, "weight")
-        _arrays.require_ndim(W, "weight", 2)
-        if isinstance(r, bool) or not isinstance(r, numbers.Integral):
-            raise TypeError(f"r must be an integer, got {type(r).__name__}")
-        if not 1 <= r <= 2**31 - 1:  # checked before r * in_features is allocated
-            raise ValueError(f"r must be in [1, 2**31 - 1], got {r}")
+        _backend.host_only("LoRALinear.init", weight=weight, bias=bias)
+        W = v.as_array(weight, "weight")
+        v.host_dtype(weight=W)
+        v.ndim(W.shape, "weight", 2)
+        r = v.integer(r, "r", 1, v.INT_MAX)  # checked before r * in_features is allocated
         if alpha is None and scale is None:
             alpha = float(r)
         bound = 1.0 / np.sqrt(W.shape[1])  # kaiming_uniform_(a=sqrt(5)) on (r, in_features)
@@ -123,22 +127,22 @@ class LoRALinear:
     # --- shapes ------------------------------------------------------------------------------
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1]
+        return int(self.weight.shape[1])
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return int(self.weight.shape[0])
 
     @property
     def r(self) -> int:
-        return self.lora_A.shape[0]
+        return int(self.lora_A.shape[0])
 
     @property
-    def dtype(self) -> np.dtype:
+    def dtype(self) -> np.dtype[Any]:
         return self.weight.dtype
 
     # --- compute -----------------------------------------------------------------------------
-    def forward(self, x, *, cache=True):
+    def forward(self, x: Any, *, cache: bool = True) -> np.ndarray:
         """The layer's output for x (..., in_features).
 
         Unmerged: the fused forward, and (with ``cache=True``) x and ``x @ lora_A.T`` are kept
@@ -151,7 +155,7 @@ class LoRALinear:
         """
         if self.merged:
             empty_A = self.lora_A[:0]
-            y = lora_linear(x, self.weight, empty_A, self.lora_B[:, :0], scale=0.0, bias=self.bias)
+            y: np.ndarray = lora_linear(x, self.weight, empty_A, self.lora_B[:, :0], scale=0.0, bias=self.bias)
             self._cache = (np.asarray(x), None) if cache else None
             return y
         if self._is_packed():
@@ -169,14 +173,15 @@ class LoRALinear:
         return (self._packed is not None and self.weight is self._packed_views[0]
                 and self.lora_A is self._packed_views[1])
 
-    def _packed_forward(self, x):
+    def _packed_forward(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
         d_out, r = self.out_features, self.r
+        assert self._packed is not None
         bias = None
         if self.bias is not None:  # the shrink columns start at 0 (built per call: bias may change)
             bias = np.zeros(d_out + r, dtype=self.dtype)
             bias[:d_out] = self.bias
         # [y | xa] = x @ [W; A].T (+ [bias | 0]): one GEMM; lora_linear validates x.
-        z = lora_linear(x, self._packed, self._packed[:0], np.empty((d_out + r, 0), self.dtype),
+        z: np.ndarray = lora_linear(x, self._packed, self._packed[:0], np.empty((d_out + r, 0), self.dtype),
                         scale=0.0, bias=bias)
         z2 = z.reshape(-1, d_out + r)  # a view: z is fresh and C-contiguous
         # y += s xa B^T, a GEMM with beta = 1 ("W += s B A" with W = y, B = xa, A = lora_B^T);
@@ -184,7 +189,7 @@ class LoRALinear:
         _core.merge(z2[:, :d_out], self.lora_B.T, z2[:, d_out:], self.scaling)
         return z[..., :d_out], z[..., d_out:]
 
-    def backward(self, dy, *, need=("x", "A", "B")) -> LoRAGrads:
+    def backward(self, dy: Any, *, need: str | Iterable[str] = ("x", "A", "B")) -> LoRAGrads:
         """Gradients for the last :meth:`forward`'s input: ``LoRAGrads(dx, lora_A, lora_B)``.
 
         ``need`` picks among "x", "A", "B" (see :func:`rslora.lora_linear_backward`). While
@@ -205,7 +210,8 @@ class LoRALinear:
     def get_delta_weight(self) -> np.ndarray:
         """``scaling * lora_B @ lora_A`` (out_features, in_features), a new array."""
         delta = np.zeros_like(self.weight)
-        return merge(delta, self.lora_A, self.lora_B, scale=self.scaling)
+        merge(delta, self.lora_A, self.lora_B, scale=self.scaling)
+        return delta
 
     def merge(self) -> "LoRALinear":
         """Fold the adapter into the weight in place (``weight += scaling * B @ A``)."""
@@ -226,7 +232,7 @@ class LoRALinear:
         return self
 
     # --- arrays in and out -------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of the arrays under PEFT's key names (``base_layer.weight``, ``lora_A.weight``,
         ``lora_B.weight``, ``base_layer.bias``). The base weight is given unmerged."""
         W = self.weight.copy()
@@ -239,7 +245,8 @@ class LoRALinear:
         return d
 
     @classmethod
-    def from_state_dict(cls, state: dict, *, alpha=None, rule="rslora", scale=None):
+    def from_state_dict(cls, state: dict[str, Any], *, alpha: float | None = None,
+                        rule: str = "rslora", scale: float | None = None) -> LoRALinear:
         """The inverse of :meth:`state_dict` (keys as PEFT names them)."""
         return cls(state["base_layer.weight"], state["lora_A.weight"], state["lora_B.weight"],
                    bias=state.get("base_layer.bias"), alpha=alpha, rule=rule, scale=scale)

@@ -8,29 +8,18 @@ the result; an Inf in A or B with ``scale=0`` gives NaN (0 * Inf), as in the Num
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
-import numpy as np
-
-from . import _arrays, _core
+from . import _backend
+from ._validation import leading
 from .scaling import resolve
 
 __all__ = ["lora_linear", "merge", "unmerge"]
 
 
-def _gpu(name):
-    """The GPU implementation (rslora.cuda), imported only when a device array arrives.
-
-    Its functions take the resolved scale: ``lora_linear(x, W, A, B, s, bias=, out=, return_xa=)``
-    and ``merge(W, A, B, s)``.
-    """
-    from . import cuda
-
-    return getattr(cuda, name)
-
-
-def lora_linear(x, W, A, B, *, scale=None, alpha=None, rule="rslora", bias=None, out=None,
-                return_xa=False):
+def lora_linear(x: Any, W: Any, A: Any, B: Any, *, scale: float | None = None,
+                alpha: float | None = None, rule: str = "rslora", bias: Any = None, out: Any = None,
+                return_xa: bool = False) -> Any:
     """``x @ W.T + bias + s * (x @ A.T) @ B.T`` without n-by-d_out temporaries.
 
     Parameters
@@ -65,51 +54,18 @@ def lora_linear(x, W, A, B, *, scale=None, alpha=None, rule="rslora", bias=None,
     operands must share one dtype (float32 or float64); mixing them is a ``TypeError``. The GIL
     is released while the kernels run.
     """
-    if _arrays.on_gpu(x):
-        s = resolve(scale, alpha, rule, A.shape[0])
-        return _gpu("lora_linear")(x, W, A, B, s, bias=bias, out=out, return_xa=return_xa)
-    x = _arrays.as_array(x, "x")
-    W = _arrays.as_array(W, "W")
-    A = _arrays.as_array(A, "A")
-    B = _arrays.as_array(B, "B")
-    bias = None if bias is None else _arrays.as_array(bias, "bias")
-    dtype = _arrays.common_dtype(x=x, W=W, A=A, B=B, bias=bias)
-    if x.ndim < 1:
-        raise ValueError("x must have shape (..., d_in), got a 0-d array")
-    _arrays.require_ndim(W, "W", 2)
-    _arrays.require_ndim(A, "A", 2)
-    s = resolve(scale, alpha, rule, A.shape[0])
-
-    d_in, d_out, r = x.shape[-1], W.shape[0], A.shape[0]
-    batch = x.shape[:-1]
-    x2 = x.reshape(math.prod(batch), d_in)  # a view when x's layout allows it
-    out, out2, copy_back = _arrays.prepare_out(out, batch + (d_out,), dtype, x=x, W=W, A=A, B=B,
-                                               bias=bias)
-    xa = np.empty((x2.shape[0], r), dtype=dtype)
-    _core.lora_linear(x2, W, A, B, s, bias, out2, xa)
-    if copy_back:
-        out[...] = out2.reshape(out.shape)
-    return (out, xa.reshape(batch + (r,))) if return_xa else out
+    s = resolve(scale, alpha, rule, leading(A))
+    return _backend.op("lora_linear", x)(x, W, A, B, s, bias=bias, out=out, return_xa=return_xa)
 
 
-def _merge(W, A, B, sign, scale, alpha, rule):
-    if _arrays.on_gpu(W):
-        return _gpu("merge")(W, A, B, sign * resolve(scale, alpha, rule, A.shape[0]))
-    if not isinstance(W, np.ndarray):
-        raise TypeError(f"W must be a NumPy array (merge works in place), got {type(W).__name__}")
-    A = _arrays.as_array(A, "A")
-    B = _arrays.as_array(B, "B")
-    _arrays.common_dtype(W=W, A=A, B=B)
-    _arrays.require_ndim(W, "W", 2)
-    _arrays.require_ndim(A, "A", 2)
-    _arrays.check_writable(W, "W", "; merge works in place")
-    _arrays.check_no_alias(W, "W", A=A, B=B)
-    s = resolve(scale, alpha, rule, A.shape[0])
-    _core.merge(W, A, B, sign * s)
-    return W
+def _merge(W: Any, A: Any, B: Any, sign: float, scale: float | None, alpha: float | None,
+           rule: str) -> Any:
+    s = resolve(scale, alpha, rule, leading(A))
+    return _backend.op("merge", W)(W, A, B, sign * s)
 
 
-def merge(W, A, B, *, scale=None, alpha=None, rule="rslora"):
+def merge(W: Any, A: Any, B: Any, *, scale: float | None = None, alpha: float | None = None,
+          rule: str = "rslora") -> Any:
     """``W += s * B @ A`` in place, with no d_out-by-d_in temporary (one GEMM with beta = 1).
 
     Parameters
@@ -128,6 +84,7 @@ def merge(W, A, B, *, scale=None, alpha=None, rule="rslora"):
     return _merge(W, A, B, 1.0, scale, alpha, rule)
 
 
-def unmerge(W, A, B, *, scale=None, alpha=None, rule="rslora"):
+def unmerge(W: Any, A: Any, B: Any, *, scale: float | None = None, alpha: float | None = None,
+            rule: str = "rslora") -> Any:
     """``W -= s * B @ A`` in place: undoes :func:`merge` up to float rounding."""
     return _merge(W, A, B, -1.0, scale, alpha, rule)

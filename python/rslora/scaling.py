@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-import numbers
+from collections.abc import Iterable
+
+from ._validation import integer, real
 
 RULES = ("rslora", "standard")
 
@@ -11,15 +13,6 @@ RULES = ("rslora", "standard")
 def _check_rule(rule: str) -> None:
     if rule not in RULES:
         raise ValueError(f"rule must be 'rslora' or 'standard', got {rule!r}")
-
-
-def _check_real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 def scale(alpha: float, r: int, rule: str = "rslora") -> float:
@@ -41,11 +34,8 @@ def scale(alpha: float, r: int, rule: str = "rslora") -> float:
         Computed in float64 exactly as PEFT does (``alpha / math.sqrt(r)`` or ``alpha / r``).
     """
     _check_rule(rule)
-    alpha = _check_real(alpha, "alpha")
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
-        raise TypeError(f"r must be an integer, got {type(r).__name__}")
-    if r < 1:
-        raise ValueError(f"r must be >= 1, got {r}")
+    alpha = real(alpha, "alpha")
+    r = integer(r, "r", 1)
     return alpha / math.sqrt(r) if rule == "rslora" else alpha / r
 
 
@@ -60,20 +50,21 @@ def resolve(scale_: float | None, alpha: float | None, rule: str, r: int) -> flo
     if scale_ is None and alpha is None:
         raise ValueError("give scale= or alpha= (with rule=)")
     if scale_ is not None:
-        return _check_real(scale_, "scale")
+        return real(scale_, "scale")
     if r == 0:
-        _check_real(alpha, "alpha")
+        real(alpha, "alpha")
         return 0.0
-    return scale(alpha, r, rule)
+    return scale(alpha, r, rule)  # type: ignore[arg-type]  # alpha is not None here
 
 
-def scale_table(alpha: float = 16.0, ranks=(1, 4, 8, 16, 32, 64)) -> list[dict]:
+def scale_table(alpha: float = 16.0,
+                ranks: Iterable[int] = (1, 4, 8, 16, 32, 64)) -> list[dict[str, float]]:
     """Rows of ``{"r", "standard", "rslora"}`` for the given ranks (the rsLoRA paper's table)."""
     return [{"r": r, "standard": scale(alpha, r, "standard"), "rslora": scale(alpha, r, "rslora")}
             for r in ranks]
 
 
-def format_scale_table(alpha: float = 16.0, ranks=(1, 4, 8, 16, 32, 64)) -> str:
+def format_scale_table(alpha: float = 16.0, ranks: Iterable[int] = (1, 4, 8, 16, 32, 64)) -> str:
     """The scale table as aligned text, values printed with full float64 precision (repr)."""
     rows = scale_table(alpha, ranks)
     head = f"{'r':>5}  {'alpha/r':>20}  {'alpha/sqrt(r)':>20}"

@@ -7,28 +7,37 @@ PEFT shapes: ``delta (d_out, d_in)`` (= fine-tuned W - base W), ``A (r, d_in)`` 
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 import numpy as np
 
+from . import _backend, _core
+from . import _validation as v
 from .scaling import resolve
-from . import _core
-from .svd import _int, _matrix, rsvd, rsvd_tol
+from .svd import rsvd, rsvd_tol
 
 __all__ = ["lora_from_delta", "spectrum", "Spectrum"]
 
 
-def _converged(n_iter, shape, k):
+def _converged(n_iter: int | str, shape: tuple[int, ...], k: int) -> int | str:
     """"auto" here means the fixed iteration count that converges the vectors and singular
     values themselves (5 subspace iterations; these functions promise the best rank-k factors),
     not rsvd's adaptive stop at the 1.001x Frobenius contract."""
-    if (isinstance(n_iter, str) and n_iter == "auto" and len(shape) == 2
-            and isinstance(k, numbers.Integral) and not isinstance(k, bool) and 1 <= k <= min(shape)):
+    if n_iter == "auto" and len(shape) == 2 and _is_int(k) and 1 <= k <= min(shape):
         return _core.rsvd_auto_iters("subspace", shape[0], shape[1], int(k), 10)
     return n_iter
 
 
-def lora_from_delta(delta, r=None, *, tol=None, max_rank=None, alpha=None, scale=None,
-                    rule="rslora", seed=None, n_iter="auto"):
+def _is_int(value: object) -> bool:
+    """An integer rank the range checks can read (anything else: rsvd names it)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def lora_from_delta(delta: Any, r: int | None = None, *, tol: float | None = None,
+                    max_rank: int | None = None, alpha: float | None = None,
+                    scale: float | None = None, rule: str = "rslora",
+                    seed: int | np.random.Generator | None = None,
+                    n_iter: int | str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """LoRA factors ``(A, B)`` whose scaled product is the best rank-r approximation of ``delta``.
 
     Parameters
@@ -62,18 +71,18 @@ def lora_from_delta(delta, r=None, *, tol=None, max_rank=None, alpha=None, scale
     """
     if (r is None) == (tol is None):
         raise ValueError("give exactly one of r= (a rank) and tol= (a relative error)")
+    _backend.host_only("lora_from_delta", delta=delta)
     if r is not None:
         if max_rank is not None:
             raise ValueError("max_rank= goes with tol=, not with r=")
-        shape = np.shape(delta)
-        if (len(shape) == 2 and isinstance(r, numbers.Integral) and not isinstance(r, bool)
-                and not 1 <= r <= min(shape)):
-            raise ValueError(f"r must be in [1, min(d_out, d_in)] = [1, {min(shape)}] for delta "
-                             f"of shape {tuple(shape)}, got {r}")
+        shape = tuple(np.shape(delta))
+        if len(shape) == 2 and _is_int(r):
+            v.rank(r, "r", shape, of="delta", dims="d_out, d_in")  # named as the rank, not k
         U, S, Vt = rsvd(delta, r, n_iter=_converged(n_iter, shape, r), seed=seed)
     else:
-        kw = {} if isinstance(n_iter, str) and n_iter == "auto" else {"n_iter": n_iter}
-        U, S, Vt, _ = rsvd_tol(delta, tol, max_rank=max_rank, seed=seed, **kw)
+        assert tol is not None
+        q = 2 if n_iter == "auto" else n_iter  # rsvd_tol's default
+        U, S, Vt, _ = rsvd_tol(delta, tol, max_rank=max_rank, seed=seed, n_iter=q)  # type: ignore[arg-type]
     rank = S.shape[0]
     s = 1.0 if scale is None and alpha is None else resolve(scale, alpha, rule, rank)
     if s == 0.0 and rank > 0:
@@ -102,7 +111,7 @@ class Spectrum:
     """
 
     def __init__(self, singular_values: np.ndarray, total_energy: float, complete: bool, *,
-                 exponent: int = 0, dtype=None):
+                 exponent: int = 0, dtype: Any = None) -> None:
         """Values and total energy of ``M * 2**exponent`` (see :func:`_pow2_exponent`)."""
         dtype = np.dtype(dtype or singular_values.dtype)
         scaled = singular_values.astype(np.float64)
@@ -120,7 +129,7 @@ class Spectrum:
         self.energy = sq / total_energy if total_energy > 0 else np.ones_like(sq)
 
     def __len__(self) -> int:
-        return self.singular_values.shape[0]
+        return int(self.singular_values.shape[0])
 
     def __repr__(self) -> str:
         k = len(self)
@@ -134,9 +143,7 @@ class Spectrum:
         (a relative 8 eps of their dtype), so ``rank_for(1.0)`` is the numerical rank. Raises
         ``ValueError`` when the k values computed do not reach ``share`` (ask for a larger k).
         """
-        if isinstance(share, bool) or not isinstance(share, numbers.Real):
-            raise TypeError(f"share must be a real number, got {type(share).__name__}")
-        share = float(share)
+        share = v.real(share, "share")
         if not 0.0 < share <= 1.0:
             raise ValueError(f"share must be in (0, 1], got {share}")
         if self._scaled_total == 0:
@@ -153,7 +160,8 @@ class Spectrum:
         return r
 
 
-def spectrum(M, k=None, *, seed=None, check_finite=True) -> Spectrum:
+def spectrum(M: Any, k: int | None = None, *, seed: int | np.random.Generator | None = None,
+             check_finite: bool = True) -> Spectrum:
     """The singular-value spectrum of ``M`` and its cumulative energy.
 
     Parameters
@@ -174,14 +182,15 @@ def spectrum(M, k=None, *, seed=None, check_finite=True) -> Spectrum:
         ``.singular_values``, ``.energy`` (cumulative share of ``||M||_F^2``; the total is
         exact, from ``M``), ``.rank_for(share)``, ``.total_energy``.
     """
-    M = _matrix(M, check_finite and k is None)  # rsvd checks in its first pass
+    _backend.host_only("spectrum", M=M)
+    M = v.host_matrix(M, "M", check_finite and k is None)  # rsvd checks in its first pass
     e = _pow2_exponent(M)
     Ms = np.ldexp(M, e) if e else M  # exact: only exponents change
     if k is None:
         s = np.linalg.svd(Ms, compute_uv=False) if M.size else np.zeros(0, M.dtype)
         s = s.astype(M.dtype, copy=False)
     else:
-        k = _int(k, "k")
+        k = v.integer(k, "k")
         _, s, _ = rsvd(M, k, n_iter=_converged("auto", M.shape, k), seed=seed,
                        check_finite=check_finite)  # scales on its own
         s = np.ldexp(s.astype(np.float64), e)

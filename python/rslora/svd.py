@@ -9,18 +9,14 @@ is honoured between passes.
 
 from __future__ import annotations
 
-import numbers
-import secrets
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _arrays, _core
+from . import _backend, _core
+from . import _validation as v
 
 __all__ = ["rsvd", "rsvd_tol", "RsvdTolResult"]
-
-_METHODS = ("subspace", "krylov")
-_NORMALIZERS = ("qr", "lu", "none")
 
 
 class RsvdTolResult(NamedTuple):
@@ -32,68 +28,9 @@ class RsvdTolResult(NamedTuple):
     error: float
 
 
-def _matrix(M, check_finite: bool = False, name: str = "M") -> np.ndarray:
-    """A 2-D float32/float64 view of M that the core can read (copied only if strides are odd)."""
-    if M is None:
-        raise TypeError(f"{name} must be an array, got None")
-    arr = np.asarray(M)
-    if arr.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must be float32 or float64, got {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {arr.shape}")
-    s0, s1 = arr.strides
-    item = arr.itemsize
-    readable = min(s0, s1) >= 0 and (s0 == item or s1 == item or arr.size <= 1)
-    if not readable:  # negative or doubly strided: BLAS would need a copy on every pass
-        arr = np.ascontiguousarray(arr)
-    if check_finite and arr.size and not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or Inf (pass check_finite=False to skip this check)")
-    return arr
-
-
-_INT_MAX = 2**31 - 1  # n_iter is a C int in the core
-
-
-def _int(value, name: str, lo: int | None = None, hi: int | None = None) -> int:
-    """An integer argument checked against [lo, hi] before any arithmetic with it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    value = int(value)
-    if lo is not None and value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value}")
-    if hi is not None and value > hi:
-        raise ValueError(f"{name} must be <= {hi}, got {value}")
-    return value
-
-
-def _seed(seed) -> int:
-    """The core's 64-bit key: None draws fresh entropy; a Generator gives its next integer."""
-    if seed is None:
-        return secrets.randbits(64)
-    if isinstance(seed, np.random.Generator):
-        return int(seed.integers(0, 2**63, dtype=np.int64))
-    seed = _int(seed, "seed", 0)
-    if seed >= 2**64:
-        raise ValueError(f"seed must be < 2**64, got {seed}")
-    return seed
-
-
-def _n_iter(n_iter) -> int:
-    if isinstance(n_iter, str):
-        if n_iter != "auto":
-            raise ValueError(f"n_iter must be 'auto' or an integer >= 0, got {n_iter!r}")
-        return -1
-    return _int(n_iter, "n_iter", 0, _INT_MAX)
-
-
-def _choice(value, name: str, allowed: tuple) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-    return value
-
-
-def rsvd(M, k, *, oversample=10, n_iter="auto", method="subspace", normalizer="qr", seed=None,
-         check_finite=True, auto_tol=1e-3):
+def rsvd(M: Any, k: int, *, oversample: int = 10, n_iter: int | str = "auto",
+         method: str = "subspace", normalizer: str = "qr", seed: int | np.random.Generator | None = None,
+         check_finite: bool = True, auto_tol: float = 1e-3) -> Any:
     """Rank-``k`` truncated SVD by a randomized range finder.
 
     Parameters
@@ -185,34 +122,14 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", method="subspace", normalizer="q
     values that exceed ``M``'s dtype raise ``ValueError`` (never Inf or NaN). GPU arrays (DLPack: torch, CuPy) run on the GPU through
     :func:`rslora.cuda.rsvd`.
     """
-    # l = min(k + oversample, min(m, n)) and no matrix has a side of 2**31 on both axes: a
-    # larger oversample changes nothing, and clamping it keeps k + oversample far inside the
-    # 64-bit integers of both backends.
-    oversample = min(_int(oversample, "oversample", 0), _INT_MAX)
-    if _arrays.on_gpu(M):
-        from . import cuda
-
-        _n_iter(n_iter)  # range-checked here too: both backends reject the same arguments
-        return cuda.rsvd(M, k, oversample=oversample, n_iter=n_iter, method=method,
-                         normalizer=normalizer, seed=seed, check_finite=check_finite)
-    M = _matrix(M)  # NaN/Inf are caught by the core's max-abs scan of M
-    k = _int(k, "k")
-    lo = min(M.shape)
-    if not 1 <= k <= lo:
-        raise ValueError(f"k must be in [1, min(m, n)] = [1, {lo}] for M of shape {M.shape}, got {k}")
-    method = _choice(method, "method", _METHODS)
-    normalizer = _choice(normalizer, "normalizer", _NORMALIZERS)
-    if method == "krylov" and normalizer != "qr":
-        raise ValueError("method='krylov' orthonormalizes its blocks: normalizer must be 'qr'")
-    if isinstance(auto_tol, bool) or not isinstance(auto_tol, numbers.Real):
-        raise TypeError(f"auto_tol must be a real number, got {type(auto_tol).__name__}")
-    if not 0.0 < float(auto_tol) < 1.0:
-        raise ValueError(f"auto_tol must be in (0, 1), got {auto_tol}")
-    return _core.rsvd(M, k, oversample, _n_iter(n_iter), method, normalizer, _seed(seed),
-                      bool(check_finite), float(auto_tol))
+    return _backend.op("rsvd", M)(M, k, oversample=oversample, n_iter=n_iter, method=method,
+                                  normalizer=normalizer, seed=seed, check_finite=check_finite,
+                                  auto_tol=auto_tol)
 
 
-def rsvd_tol(M, tol, *, max_rank=None, block=None, n_iter=2, seed=None, check_finite=True):
+def rsvd_tol(M: Any, tol: float, *, max_rank: int | None = None, block: int | None = None,
+             n_iter: int = 2, seed: int | np.random.Generator | None = None,
+             check_finite: bool = True) -> RsvdTolResult:
     """The smallest-rank truncated SVD whose relative Frobenius error is at most ``tol``.
 
     Blocked randomized QB with an exact error indicator (Yu, Gu & Li 2018, randQB_EI): blocks
@@ -256,21 +173,14 @@ def rsvd_tol(M, tol, *, max_rank=None, block=None, n_iter=2, seed=None, check_fi
     and the indicator continues from that value, so the reported error stays accurate for any
     tolerance the precision can reach. Sums of squares are accumulated in float64.
     """
-    M = _matrix(M)
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
-        raise TypeError(f"tol must be a real number, got {type(tol).__name__}")
-    tol = float(tol)
-    if not 0.0 < tol < 1.0:
-        raise ValueError(f"tol must be in (0, 1), got {tol}")
-    lo = min(M.shape)
-    if lo == 0:
-        raise ValueError(f"M has shape {M.shape}: nothing to approximate")
-    max_rank = lo if max_rank is None else _int(max_rank, "max_rank")
-    if not 1 <= max_rank <= lo:
-        raise ValueError(f"max_rank must be in [1, min(m, n)] = [1, {lo}] for M of shape "
-                         f"{M.shape}, got {max_rank}")
+    _backend.host_only("rsvd_tol", M=M)
+    Mh = v.host_matrix(M)
+    tol = v.open_unit(tol, "tol")
+    if min(Mh.shape) == 0:
+        raise ValueError(f"M has shape {Mh.shape}: nothing to approximate")
+    rank = min(Mh.shape) if max_rank is None else v.rank(max_rank, "max_rank", Mh.shape)
     # a block wider than max_rank is max_rank (clamped: no overflow in the core's sizes)
-    block = min(32, max_rank) if block is None else min(_int(block, "block", 1), max_rank)
-    n_iter = _int(n_iter, "n_iter", 0, _INT_MAX)
-    U, S, Vt, err = _core.rsvd_tol(M, tol, max_rank, block, n_iter, _seed(seed), bool(check_finite))
+    width = min(32, rank) if block is None else min(v.integer(block, "block", 1), rank)
+    q = v.integer(n_iter, "n_iter", 0, v.INT_MAX)
+    U, S, Vt, err = _core.rsvd_tol(Mh, tol, rank, width, q, v.seed(seed), bool(check_finite))
     return RsvdTolResult(U, S, Vt, float(err))

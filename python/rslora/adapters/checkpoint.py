@@ -13,6 +13,7 @@ safetensors' own ``serialize_file``, rounded to nearest even as torch does. No t
 from __future__ import annotations
 
 import json
+from typing import Any
 import math
 import os
 from pathlib import Path
@@ -247,7 +248,7 @@ class Checkpoint:
     def __init__(self, path):
         self.path = Path(os.fspath(path))
         self._where: dict[str, Path] = {}  # tensor -> file
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, Any] = {}  # safetensors safe_open handles
         p = self.path
         if not p.exists():
             raise FileNotFoundError(f"{p}: no such file or folder")
@@ -284,9 +285,9 @@ class Checkpoint:
                 raise CheckpointError(f"{index}: shard {shard.name} is missing (it holds "
                                       f"{len(held)} tensor(s), e.g. {held[0]!r})")
             self._handles[shard] = _open(shard)
-        held = {shard: set(h.keys()) for shard, h in self._handles.items()}
+        present = {shard: set(h.keys()) for shard, h in self._handles.items()}
         for key, shard in weight_map.items():
-            if key not in held[shard]:
+            if key not in present[shard]:
                 raise CheckpointError(f"{index}: tensor {key!r} is mapped to {shard.name}, "
                                       "which does not hold it")
             self._where[key] = shard

@@ -47,7 +47,7 @@ def conv1d_by_type(model_type, module: str) -> bool | None:
     if not model_type:
         return None
     leaves = CONV1D_MODULES.get(str(model_type))
-    return bool(leaves) and module.rsplit(".", 1)[-1] in leaves
+    return leaves is not None and bool(leaves) and module.rsplit(".", 1)[-1] in leaves
 
 
 def layout_evidence(ck) -> set:

@@ -209,7 +209,7 @@ def _dict_evidence(base) -> set:
     seen = set()
     for k, W in base.items():
         b = base.get(k[: -len("weight")] + "bias") if k.endswith(".weight") else None
-        s = getattr(W, "shape", ())
+        s: tuple[int, ...] = getattr(W, "shape", ())
         if b is not None and len(s) == 2 and s[0] != s[1] and getattr(b, "ndim", 0) == 1:
             if b.shape[0] == s[1]:
                 seen.add("conv1d")
@@ -398,7 +398,9 @@ def _shards(ck: Checkpoint, limit, dtype) -> list:
         for key in ck.keys():
             by_file[ck.file_of(key).name].append(key)
         return [(f, keys) for f, keys in by_file.items() if keys]
-    groups, cur, size = [], [], 0
+    groups: list[list[str]] = []
+    cur: list[str] = []
+    size = 0
     for key in ck.keys():
         code = ck.dtype(key)
         itemsize = _ITEMSIZE.get(DTYPE_CODES[dtype] if dtype and code in FLOAT_CODES else code, 8)

@@ -11,12 +11,12 @@ dense delta (kohya's ``resize_lora``). All of it in float64.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .._validation import integer, number
 from .atomic import check_output_dir
 from .rewrite import (
     narrow,
@@ -144,21 +144,13 @@ class ResizeResult:
 
 
 def _check_int(value, name: str):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
+    return None if value is None else integer(value, name, 1)
 
 
 def _check_fraction(value, name: str, low_open: bool, high_open: bool):
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
+    value = number(value, name)
     lo_ok = value > 0 if low_open else value >= 0
     hi_ok = value < 1 if high_open else value <= 1
     if not (math.isfinite(value) and lo_ok and hi_ok):

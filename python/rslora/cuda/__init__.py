@@ -20,13 +20,14 @@ first runs.
 from __future__ import annotations
 
 import ctypes
-import numbers
 import os
+from typing import Any
 
 import numpy as np
 
 from . import _device_arrays as dev
-from ..scaling import _check_real
+from .. import _core
+from .. import _validation as v
 
 __all__ = ["is_available", "info", "lora_linear", "merge", "lora_linear_multi", "lora_add_multi",
            "rsvd"]
@@ -75,13 +76,13 @@ def _preload() -> None:
             _preload_notes.append(f"{name} not found")
 
 
-def _load():
+def _load() -> Any:
     """The compiled CUDA module; ImportError saying what is missing when it cannot be loaded."""
     global _module
     if _module is None:
         _preload()
         try:
-            from .. import _cuda
+            from .. import _cuda  # type: ignore[attr-defined,unused-ignore]
         except ImportError as e:
             notes = "; ".join(_preload_notes)
             raise ImportError(
@@ -96,12 +97,12 @@ def _load():
 def is_available() -> bool:
     """True when the CUDA module loads and sees at least one GPU (never raises)."""
     try:
-        return _load().device_count() > 0
+        return bool(_load().device_count() > 0)
     except (ImportError, RuntimeError):
         return False
 
 
-def info() -> dict:
+def info() -> dict[str, list[dict[str, Any]]]:
     """The CUDA module's view of the machine: devices, names and compute capabilities.
 
     Raises ImportError (module not built or cuBLAS missing) or RuntimeError (no driver or GPU,
@@ -113,18 +114,23 @@ def info() -> dict:
                         for i in range(n)]}
 
 
-# --- argument handling ------------------------------------------------------------------------
+# --- argument handling (the rules themselves are in rslora._validation, shared with the CPU) ------
 
-def _scale(s, name="s") -> float:
-    return _check_real(s, name)
-
-
-def _ndim(a, name, nd) -> None:
-    if len(a.shape) != nd:
-        raise ValueError(f"{name} must be {nd}-D, got shape {dev.shape_str(a.shape)}")
+def _shape(a: Any) -> v.Shape:
+    return tuple(int(d) for d in a.shape)
 
 
-def _readable(fw, a):
+def _opt_shape(a: Any) -> v.Shape | None:
+    return None if a is None else _shape(a)
+
+
+def _dtype(**arrays: Any) -> str:
+    """The one dtype of the operands, from the GPU's float16/bfloat16/float32."""
+    return v.same_dtype(dev.SUPPORTED, **{n: None if a is None else dev.dtype_name(a)
+                                          for n, a in arrays.items()})
+
+
+def _readable(fw: dev.Framework, a: Any) -> Any:
     """a itself when cuBLAS can read it, else a contiguous device copy."""
     if len(a.shape) == 2 and dev.blas_ok(a.shape, fw.strides(a)):
         return a
@@ -133,29 +139,24 @@ def _readable(fw, a):
     return fw.contiguous(a)
 
 
-def _check_no_alias(fw, target, target_name, **inputs) -> None:
+def _check_no_alias(fw: dev.Framework, target: Any, target_name: str, **inputs: Any) -> None:
     lo, hi = fw.span(target)
-    for name, a in inputs.items():
-        if a is None or lo == hi:
-            continue
+
+    def overlap(a: Any) -> bool:
         alo, ahi = fw.span(a)
-        if alo < hi and lo < ahi:
-            raise ValueError(f"{target_name} overlaps {name}; pass a separate array")
+        return lo < hi and alo < hi and lo < ahi
+
+    v.no_alias(target_name, overlap, **inputs)
 
 
-def _prepare_out(fw, out, shape, dtype, like, **inputs):
+def _prepare_out(fw: dev.Framework, out: Any, shape: v.Shape, dtype: str, like: Any,
+                 **inputs: Any) -> tuple[Any, Any, bool]:
     """(out, 2-D view to write, needs_copy_back). Allocates with the caller's framework."""
     flat = (int(np.prod(shape[:-1], dtype=np.int64)), shape[-1])
     if out is None:
         res = fw.empty(shape, dtype, like)
         return res, fw.reshape(res, flat), False
-    if not dev.on_gpu(out):
-        raise TypeError(f"out must be a device array like x, got {type(out).__name__}")
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out has shape {dev.shape_str(out.shape)} but the result has shape "
-                         f"{dev.shape_str(shape)}")
-    if dev.dtype_name(out) != dtype:
-        raise ValueError(f"out has dtype {dev.dtype_name(out)} but the result is {dtype}")
+    v.out_matches(_shape(out), dev.dtype_name(out), shape, dtype)
     _check_no_alias(fw, out, "out", **inputs)
     view = fw.view(out, flat)
     if view is None or not dev.blas_ok(flat, fw.strides(view)):
@@ -163,13 +164,53 @@ def _prepare_out(fw, out, shape, dtype, like, **inputs):
     return out, view, False
 
 
-def _ctx(fw, device):
-    return device, fw.stream(device)
+_INT_DTYPES = ("int64", "int32", "int16", "int8", "uint8")
+
+
+def _ids(adapter_ids: Any, x: Any, sh: v.MultiShapes) -> Any:
+    """adapter_ids checked: a device array (its values are checked by the kernels, before any
+    output is written) or host ids range-checked here, as flat int64."""
+    if not dev.on_gpu(adapter_ids):
+        return v.host_ids(adapter_ids, sh.batch, sh.n_adapters)
+    dev.check_device_arrays(x=x, adapter_ids=adapter_ids)
+    d = dev.dtype_name(adapter_ids)
+    v.ids_meta(d, d in _INT_DTYPES, _shape(adapter_ids), sh.batch)
+    return adapter_ids
+
+
+def _scales(scales: Any, x: Any, n_adapters: int) -> Any:
+    """Per-adapter scales checked: a device vector, or host values as float32."""
+    if not dev.on_gpu(scales):
+        return v.host_scales(scales, n_adapters).astype(np.float32)
+    dev.check_device_arrays(x=x, scales=scales)
+    v.scales_shape(_shape(scales), n_adapters)
+    return scales
+
+
+def _multi_inputs(fw: dev.Framework, adapter_ids: Any, scales: Any, x: Any,
+                  sh: v.MultiShapes) -> tuple[Any, Any]:
+    """(ids as flat int64, scales as contiguous float32) on x's device. Everything on the host
+    is checked before anything is uploaded."""
+    ids, sc = _ids(adapter_ids, x, sh), _scales(scales, x, sh.n_adapters)
+    if isinstance(ids, np.ndarray):
+        ids = fw.from_host(ids, x)
+    elif dev.dtype_name(ids) != "int64":
+        ids = fw.astype(ids, "int64")
+    if isinstance(sc, np.ndarray):
+        sc = fw.from_host(sc, x)
+    else:
+        sc = fw.contiguous(fw.astype(sc, "float32"))
+    return fw.reshape(ids, (int(np.prod(sh.batch, dtype=np.int64)),)), sc
+
+
+def _capsules(fw: dev.Framework, stream: int, *arrays: Any) -> list[Any]:
+    return [None if a is None else fw.capsule(a, stream) for a in arrays]
 
 
 # --- ops ------------------------------------------------------------------------------------
 
-def lora_linear(x, W, A, B, s, *, bias=None, out=None, return_xa=False):
+def lora_linear(x: Any, W: Any, A: Any, B: Any, s: float, *, bias: Any = None, out: Any = None,
+                return_xa: bool = False) -> Any:
     """``x @ W.T + bias + s * (x @ A.T) @ B.T`` on the GPU (see :func:`rslora.lora_linear`).
 
     Parameters
@@ -192,129 +233,44 @@ def lora_linear(x, W, A, B, s, *, bias=None, out=None, return_xa=False):
     Not differentiable by autograd: this is the inference/merge path.
     """
     device = dev.check_device_arrays(x=x, W=W, A=A, B=B, bias=bias, out=out)
-    dtype = dev.common_dtype(x=x, W=W, A=A, B=B, bias=bias)
-    if len(x.shape) < 1:
-        raise ValueError("x must have shape (..., d_in), got a 0-d array")
-    for a, name in ((W, "W"), (A, "A"), (B, "B")):
-        _ndim(a, name, 2)
-    d_in, d_out, r = x.shape[-1], W.shape[0], A.shape[0]
-    if W.shape[1] != d_in:
-        raise ValueError(f"W has shape {dev.shape_str(W.shape)} but x has d_in={d_in}")
-    if A.shape[1] != d_in:
-        raise ValueError(f"A has shape {dev.shape_str(A.shape)} but x has d_in={d_in}")
-    if tuple(B.shape) != (d_out, r):
-        raise ValueError(f"B has shape {dev.shape_str(B.shape)} but W and A need ({d_out}, {r})")
-    if bias is not None and tuple(bias.shape) != (d_out,):
-        raise ValueError(f"bias has shape {dev.shape_str(bias.shape)} but W has d_out={d_out}")
-    s = _scale(s)
+    dtype = _dtype(x=x, W=W, A=A, B=B, bias=bias)
+    sh = v.linear_shapes(_shape(x), _shape(W), _shape(A), _shape(B), _opt_shape(bias))
+    s = v.real(s, "s")
     fw = dev.framework(x, "x")
-    batch = tuple(x.shape[:-1])
-    out, out2, copy_back = _prepare_out(fw, out, batch + (d_out,), dtype, x, x=x, W=W, A=A, B=B,
-                                        bias=bias)
+    out, out2, copy_back = _prepare_out(fw, out, sh.batch + (sh.d_out,), dtype, x, x=x, W=W, A=A,
+                                        B=B, bias=bias)
     m = _load()
-    x2 = _readable(fw, fw.reshape(x, (-1, d_in)))
+    x2 = _readable(fw, fw.reshape(x, (-1, sh.d_in)))
     W, A, B = _readable(fw, W), _readable(fw, A), _readable(fw, B)
     bias = None if bias is None else _readable(fw, bias)
-    xa = fw.empty((x2.shape[0], r), dtype, x)
-    device, stream = _ctx(fw, device)
-    cap = lambda a: None if a is None else fw.capsule(a, stream)  # noqa: E731
-    m.lora_linear(device, stream, cap(x2), cap(W), cap(A), cap(B), s, cap(bias), cap(out2),
-                  cap(xa))
+    xa = fw.empty((x2.shape[0], sh.r), dtype, x)
+    stream = fw.stream(device)
+    cx, cW, cA, cB, cbias, cout, cxa = _capsules(fw, stream, x2, W, A, B, bias, out2, xa)
+    m.lora_linear(device, stream, cx, cW, cA, cB, s, cbias, cout, cxa)
     if copy_back:
         out[...] = fw.reshape(out2, out.shape)
-    return (out, fw.reshape(xa, batch + (r,))) if return_xa else out
+    return (out, fw.reshape(xa, sh.batch + (sh.r,))) if return_xa else out
 
 
-def merge(W, A, B, s):
+def merge(W: Any, A: Any, B: Any, s: float) -> Any:
     """``W += s * B @ A`` in place on the GPU: one cuBLAS GEMM with beta = 1. Returns W."""
-    dev.check_device_arrays(W=W, A=A, B=B)
-    dev.common_dtype(W=W, A=A, B=B)
-    for a, name in ((W, "W"), (A, "A"), (B, "B")):
-        _ndim(a, name, 2)
-    if A.shape[1] != W.shape[1]:
-        raise ValueError(f"A has shape {dev.shape_str(A.shape)} but W has d_in={W.shape[1]}")
-    if tuple(B.shape) != (W.shape[0], A.shape[0]):
-        raise ValueError(f"B has shape {dev.shape_str(B.shape)} but W and A need "
-                         f"({W.shape[0]}, {A.shape[0]})")
-    s = _scale(s)
+    device = dev.check_device_arrays(W=W, A=A, B=B)
+    _dtype(W=W, A=A, B=B)
+    v.merge_shapes(_shape(W), _shape(A), _shape(B))
+    s = v.real(s, "s")
     fw = dev.framework(W, "W")
     _check_no_alias(fw, W, "W", A=A, B=B)
     m = _load()
     target = _readable(fw, W)
-    device, stream = _ctx(fw, dev.device_of(W)[1])
-    m.merge(device, stream, fw.capsule(target, stream), fw.capsule(_readable(fw, A), stream),
-            fw.capsule(_readable(fw, B), stream), s)
+    stream = fw.stream(device)
+    m.merge(device, stream, *_capsules(fw, stream, target, _readable(fw, A), _readable(fw, B)), s)
     if target is not W:
         W[...] = target
     return W
 
 
-def _multi_args(x, A_all, B_all, adapter_ids, scales, d_out_name, d_out):
-    """Shared validation of the multi-adapter calls; returns (fw, ids (device int64), scales
-    (device float32), x2, A_all, B_all) ready for the module."""
-    fw = dev.framework(x, "x")
-    if len(x.shape) < 1:
-        raise ValueError("x must have shape (..., d_in), got a 0-d array")
-    _ndim(A_all, "A_all", 3)
-    _ndim(B_all, "B_all", 3)
-    d_in = x.shape[-1]
-    na, r = A_all.shape[0], A_all.shape[1]
-    if A_all.shape[2] != d_in:
-        raise ValueError(f"A_all has shape {dev.shape_str(A_all.shape)} but x has d_in={d_in}")
-    if tuple(B_all.shape) != (na, d_out, r):
-        raise ValueError(f"B_all has shape {dev.shape_str(B_all.shape)} but A_all and "
-                         f"{d_out_name} need ({na}, {d_out}, {r})")
-    batch = tuple(x.shape[:-1])
-    n = int(np.prod(batch, dtype=np.int64))
-    # Everything on the host is checked before anything is uploaded.
-    if dev.on_gpu(adapter_ids):  # checked on the device, before any output is written
-        dev.check_device_arrays(x=x, adapter_ids=adapter_ids)
-        if dev.dtype_name(adapter_ids) not in ("int64", "int32", "int16", "int8", "uint8"):
-            raise TypeError(f"adapter_ids must be integers, got {dev.dtype_name(adapter_ids)}")
-        ids_host = None
-        ids_shape = tuple(adapter_ids.shape)
-    else:
-        ids_host = np.asarray(adapter_ids)
-        if ids_host.dtype.kind not in "iu":
-            raise TypeError(f"adapter_ids must be integers, got {ids_host.dtype}")
-        ids_shape = ids_host.shape
-    if ids_shape != batch:
-        raise ValueError(f"adapter_ids has shape {dev.shape_str(ids_shape)} but x has "
-                         f"{dev.shape_str(batch)} rows")
-    if ids_host is not None and ids_host.size:
-        flat = ids_host.reshape(-1)
-        bad = np.flatnonzero((flat < -1) | (flat >= na))
-        if bad.size:
-            raise IndexError(f"adapter_ids[{int(bad[0])}] = {int(flat[bad[0]])} is outside "
-                             f"[-1, {na}) for {na} adapters")
-    # per-adapter scales: a number, host values or a device vector -> float32 on the device
-    if dev.on_gpu(scales):
-        dev.check_device_arrays(x=x, scales=scales)
-        if tuple(scales.shape) != (na,):
-            raise ValueError(f"scales has shape {dev.shape_str(scales.shape)} but there are "
-                             f"{na} adapters")
-        sc = fw.contiguous(fw.astype(scales, "float32"))
-    else:
-        if isinstance(scales, numbers.Real) and not isinstance(scales, bool):
-            host = np.full(na, _scale(scales, "scales"), dtype=np.float64)
-        else:
-            host = np.asarray(scales, dtype=np.float64)
-        if host.shape != (na,):
-            raise ValueError(f"scales has shape {host.shape} but there are {na} adapters")
-        if not np.all(np.isfinite(host)):
-            raise ValueError("scales must be finite")
-        sc = fw.from_host(host.astype(np.float32), x)
-    if ids_host is None:
-        ids = adapter_ids if dev.dtype_name(adapter_ids) == "int64" else fw.astype(adapter_ids,
-                                                                                   "int64")
-    else:
-        ids = fw.from_host(np.ascontiguousarray(ids_host, dtype=np.int64), x)
-    ids = fw.reshape(ids, (n,))
-    x2 = _readable(fw, fw.reshape(x, (n, d_in)))
-    return fw, ids, sc, x2, fw.contiguous(A_all), fw.contiguous(B_all), batch
-
-
-def lora_linear_multi(x, W, A_all, B_all, adapter_ids, *, scales, bias=None, out=None):
+def lora_linear_multi(x: Any, W: Any, A_all: Any, B_all: Any, adapter_ids: Any, *, scales: Any,
+                      bias: Any = None, out: Any = None) -> Any:
     """Multi-adapter forward on the GPU: row i gets ``x_i W^T + bias + s_a B_a A_a x_i`` with
     ``a = adapter_ids[i]`` (-1: the base layer only).
 
@@ -325,7 +281,7 @@ def lora_linear_multi(x, W, A_all, B_all, adapter_ids, *, scales, bias=None, out
     A_all, B_all : device arrays, shapes (n_adapters, r, d_in) and (n_adapters, d_out, r)
     adapter_ids : integer array, shape x.shape[:-1]
         On the device (checked there) or host integers (checked before any upload).
-    scales : float or array, shape (n_adapters,)
+    scales : array, shape (n_adapters,)
         Per-adapter scale (host values or a device vector), applied in float32.
     bias : device array, shape (d_out,), optional
     out : device array, shape (..., d_out), optional
@@ -338,79 +294,61 @@ def lora_linear_multi(x, W, A_all, B_all, adapter_ids, *, scales, bias=None, out
     [-1, n_adapters) raises IndexError naming the row before any output is written.
     """
     device = dev.check_device_arrays(x=x, W=W, A_all=A_all, B_all=B_all, bias=bias, out=out)
-    dtype = dev.common_dtype(x=x, W=W, A_all=A_all, B_all=B_all, bias=bias)
-    _ndim(W, "W", 2)
-    d_out = W.shape[0]
-    if len(x.shape) >= 1 and W.shape[1] != x.shape[-1]:
-        raise ValueError(f"W has shape {dev.shape_str(W.shape)} but x has d_in={x.shape[-1]}")
-    if bias is not None and tuple(bias.shape) != (d_out,):
-        raise ValueError(f"bias has shape {dev.shape_str(bias.shape)} but W has d_out={d_out}")
-    fw, ids, sc, x2, A_all, B_all, batch = _multi_args(x, A_all, B_all, adapter_ids, scales, "W",
-                                                       d_out)
-    out, out2, copy_back = _prepare_out(fw, out, batch + (d_out,), dtype, x, x=x, W=W,
+    dtype = _dtype(x=x, W=W, A_all=A_all, B_all=B_all, bias=bias)
+    sh = v.multi_shapes(_shape(x), _shape(A_all), _shape(B_all), W=_shape(W),
+                        bias=_opt_shape(bias))
+    fw = dev.framework(x, "x")
+    ids, sc = _multi_inputs(fw, adapter_ids, scales, x, sh)
+    out, out2, copy_back = _prepare_out(fw, out, sh.batch + (sh.d_out,), dtype, x, x=x, W=W,
                                         A_all=A_all, B_all=B_all, bias=bias)
     m = _load()
+    x2 = _readable(fw, fw.reshape(x, (-1, sh.d_in)))
     W = _readable(fw, W)
     bias = None if bias is None else _readable(fw, bias)
-    device, stream = _ctx(fw, device)
-    cap = lambda a: None if a is None else fw.capsule(a, stream)  # noqa: E731
-    m.lora_linear_multi(device, stream, cap(x2), cap(W), cap(A_all), cap(B_all), cap(ids),
-                        cap(sc), cap(bias), cap(out2))
+    stream = fw.stream(device)
+    m.lora_linear_multi(device, stream, *_capsules(fw, stream, x2, W, fw.contiguous(A_all),
+                                                   fw.contiguous(B_all), ids, sc, bias, out2))
     if copy_back:
         out[...] = fw.reshape(out2, out.shape)
     return out
 
 
-def lora_add_multi(y, x, A_all, B_all, adapter_ids, *, scales):
+def lora_add_multi(y: Any, x: Any, A_all: Any, B_all: Any, adapter_ids: Any, *,
+                   scales: Any) -> Any:
     """``y[i] += s_a B_a A_a x_i`` in place on the GPU (``a = adapter_ids[i]``, -1: nothing).
 
-    y (..., d_out) must be writable and not overlap an input; returns y. See
-    :func:`lora_linear_multi` for the other arguments and the kernels.
+    y (..., d_out) must not overlap an input; returns y. See :func:`lora_linear_multi` for the
+    other arguments and the kernels.
     """
     device = dev.check_device_arrays(y=y, x=x, A_all=A_all, B_all=B_all)
-    dev.common_dtype(y=y, x=x, A_all=A_all, B_all=B_all)
-    if len(y.shape) < 1 or tuple(y.shape[:-1]) != tuple(x.shape[:-1]):
-        raise ValueError(f"y has shape {dev.shape_str(y.shape)} but x has shape "
-                         f"{dev.shape_str(x.shape)}; they must share the leading dimensions")
-    fw, ids, sc, x2, A_all, B_all, batch = _multi_args(x, A_all, B_all, adapter_ids, scales, "y",
-                                                       y.shape[-1])
+    _dtype(y=y, x=x, A_all=A_all, B_all=B_all)
+    sh = v.multi_shapes(_shape(x), _shape(A_all), _shape(B_all), y=_shape(y))
+    fw = dev.framework(x, "x")
     _check_no_alias(fw, y, "y", x=x, A_all=A_all, B_all=B_all)
+    ids, sc = _multi_inputs(fw, adapter_ids, scales, x, sh)
     m = _load()
-    flat = (x2.shape[0], y.shape[-1])
+    flat = (int(np.prod(sh.batch, dtype=np.int64)), sh.d_out)
     y2 = fw.view(y, flat)
     copy_back = y2 is None or not dev.blas_ok(flat, fw.strides(y2))
     if copy_back:
         y2 = fw.contiguous(fw.reshape(y, flat))
-    device, stream = _ctx(fw, device)
-    cap = lambda a: None if a is None else fw.capsule(a, stream)  # noqa: E731
-    m.lora_linear_multi(device, stream, cap(x2), None, cap(A_all), cap(B_all), cap(ids), cap(sc),
-                        None, cap(y2))
+    x2 = _readable(fw, fw.reshape(x, (flat[0], sh.d_in)))
+    stream = fw.stream(device)
+    cx, cA, cB, cids, csc, cy = _capsules(fw, stream, x2, fw.contiguous(A_all),
+                                          fw.contiguous(B_all), ids, sc, y2)
+    m.lora_linear_multi(device, stream, cx, None, cA, cB, cids, csc, None, cy)
     if copy_back:
         y[...] = fw.reshape(y2, y.shape)
     return y
 
 
-def _n_iter(n_iter, k, m, n) -> int:
-    if isinstance(n_iter, str):
-        if n_iter != "auto":
-            raise ValueError(f"n_iter must be a non-negative integer or 'auto', got {n_iter!r}")
-        return 7 if k < 0.1 * min(m, n) else 4  # slowly-decaying spectra need the extra passes
-    if isinstance(n_iter, bool) or not isinstance(n_iter, numbers.Integral) or n_iter < 0:
-        raise ValueError(f"n_iter must be a non-negative integer or 'auto', got {n_iter!r}")
-    return int(n_iter)
-
-
-def _seed(seed) -> int:
-    if seed is None:
-        return int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be None or a non-negative integer, got {seed!r}")
-    return int(seed) & 0xFFFFFFFFFFFFFFFF
-
-
-def rsvd(M, k, *, oversample=10, n_iter="auto", method="subspace", normalizer="qr", seed=None,
-         check_finite=True):
+def rsvd(M: Any, k: int, *, oversample: int = 10, n_iter: int | str = "auto",
+         method: str = "subspace", normalizer: str = "qr", seed: object = None,
+         check_finite: bool = True, auto_tol: float = 1e-3) -> tuple[Any, Any, Any]:
     """Randomized truncated SVD of a device matrix: ``M ~ U diag(S) Vt``.
+
+    Takes the arguments of :func:`rslora.rsvd` and judges them by the same rules (the same
+    errors, word for word); what the GPU does not implement is refused after that, by name.
 
     Parameters
     ----------
@@ -418,18 +356,22 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", method="subspace", normalizer="q
         float32; float16/bfloat16 are computed in float32 (a device copy) and the factors are
         returned in M's dtype.
     k : int
-        Rank, 0 <= k <= min(m, n).
+        Rank, 1 <= k <= min(m, n).
     oversample : int
         Extra columns of the test matrix (l = min(k + oversample, min(m, n))).
     n_iter : int or "auto"
-        Subspace iterations; "auto" is 7 when k < 0.1 min(m, n), else 4.
+        Subspace iterations. "auto" is the fixed count the CPU's rsvd uses where it cannot stop
+        adaptively (``rslora._core.rsvd_auto_iters("subspace", m, n, k, oversample)``: 0 when l
+        spans the short side, else a few): the GPU does not run the adaptive stop.
     method, normalizer : "subspace", "qr"
         The GPU implements subspace iteration with QR re-orthonormalisation only.
-    seed : int, optional
+    seed : int, numpy.random.Generator or None
         Key of the Philox4x32-10 stream that fills the Gaussian test matrix (same seed, same
-        result on any GPU); None draws one.
+        result on any GPU); a Generator gives its next integer, None draws one.
     check_finite : bool
         Reject NaN/Inf in M first (one device reduction and a sync).
+    auto_tol : float
+        Checked as on the CPU; the GPU's "auto" does not use it.
 
     Returns
     -------
@@ -448,35 +390,35 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", method="subspace", normalizer="q
     if d == "float64":
         raise TypeError("M is float64; the GPU rsvd works in float32 (pass M.float(), or use "
                         "rslora.rsvd on the host for float64)")
-    dev.common_dtype(M=M)
-    _ndim(M, "M", 2)
-    m_, n_ = int(M.shape[0]), int(M.shape[1])
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an integer, got {type(k).__name__}")
-    if not 0 <= k <= min(m_, n_):
-        raise ValueError(f"k={k} must be in [0, min(m, n)] = [0, {min(m_, n_)}] for M of shape "
-                         f"{dev.shape_str(M.shape)}")
-    if isinstance(oversample, bool) or not isinstance(oversample, numbers.Integral) \
-            or oversample < 0:
-        raise ValueError(f"oversample must be a non-negative integer, got {oversample!r}")
-    if method != "subspace":
-        raise ValueError(f"method={method!r}: the GPU rsvd implements 'subspace' only")
-    if normalizer != "qr":
-        raise ValueError(f"normalizer={normalizer!r}: the GPU rsvd implements 'qr' only")
-    q = _n_iter(n_iter, int(k), m_, n_)
-    key = _seed(seed)
+    _dtype(M=M)
+    v.ndim(_shape(M), "M", 2)
+    m_, n_ = _shape(M)
+    a = v.rsvd_args((m_, n_), k, oversample, n_iter, method, normalizer, seed, auto_tol)
+    if a.method != "subspace":
+        raise ValueError(f"method={a.method!r}: the GPU rsvd implements 'subspace' only")
+    if a.normalizer != "qr":
+        raise ValueError(f"normalizer={a.normalizer!r}: the GPU rsvd implements 'qr' only")
+    q = _n_iter(a.n_iter, a.k, m_, n_, a.oversample)
     fw = dev.framework(M, "M")
     if check_finite and not fw.all_finite(M):
-        raise ValueError("M contains NaN or Inf")
+        raise ValueError("M contains NaN or Inf (pass check_finite=False to skip this check)")
+    key = v.seed(a.seed)
     m = _load()
     M32 = M if d == "float32" else fw.astype(M, "float32")
     M32 = _readable(fw, M32)
-    U = fw.empty((m_, k), "float32", M)
-    S = fw.empty((k,), "float32", M)
-    Vt = fw.empty((k, n_), "float32", M)
-    device, stream = _ctx(fw, device)
-    cap = lambda a: fw.capsule(a, stream)  # noqa: E731
-    m.rsvd(device, stream, cap(M32), int(k), int(oversample), q, key, cap(U), cap(S), cap(Vt))
+    U = fw.empty((m_, a.k), "float32", M)
+    S = fw.empty((a.k,), "float32", M)
+    Vt = fw.empty((a.k, n_), "float32", M)
+    stream = fw.stream(device)
+    cM, cU, cS, cVt = _capsules(fw, stream, M32, U, S, Vt)
+    m.rsvd(device, stream, cM, a.k, a.oversample, q, key, cU, cS, cVt)
     if d != "float32":
         U, S, Vt = fw.astype(U, d), fw.astype(S, d), fw.astype(Vt, d)
     return U, S, Vt
+
+
+def _n_iter(n_iter: int, k: int, m: int, n: int, oversample: int = 10) -> int:
+    """The iterations the GPU runs: n_iter itself, or for "auto" the CPU's fixed-count rule."""
+    if n_iter != v.AUTO:
+        return n_iter
+    return int(_core.rsvd_auto_iters("subspace", m, n, k, oversample))

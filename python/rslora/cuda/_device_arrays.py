@@ -8,38 +8,80 @@ stream) live here; validation works on ``.shape`` and ``.dtype`` names alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import numpy as np
 
-from .._arrays import on_gpu
+from .._validation import on_gpu
+
+__all__ = ["on_gpu", "Framework", "FRAMEWORKS", "framework", "check_device_arrays", "dtype_name",
+           "device_of", "shape_str", "blas_ok", "SUPPORTED"]
 
 _KDL_CUDA, _KDL_CUDA_MANAGED = 2, 13
 SUPPORTED = ("float16", "bfloat16", "float32")
 
 
-def dtype_name(a) -> str:
+def dtype_name(a: Any) -> str:
     """``"float32"`` for torch.float32, numpy/cupy float32 and the like."""
     return str(getattr(a, "dtype", type(a).__name__)).rsplit(".", 1)[-1]
 
 
-def device_of(a) -> tuple[int, int]:
+def device_of(a: Any) -> tuple[int, int]:
     """The DLPack (device type, ordinal) of an array."""
     t, i = a.__dlpack_device__()
     return int(t), int(i)
 
 
-def shape_str(shape) -> str:
+def shape_str(shape: Sequence[int]) -> str:
     return str(tuple(int(d) for d in shape))
 
 
 class Framework:
-    """The operations rslora.cuda needs from the framework that owns the caller's arrays."""
+    """The operations rslora.cuda needs from the framework that owns the caller's arrays.
+
+    Shapes and strides are in elements; arrays are the framework's own (typed Any here)."""
 
     name = ""
 
-    def __init__(self, mod):
+    def __init__(self, mod: Any) -> None:
         self.mod = mod
 
-    def span(self, a) -> tuple[int, int]:
+    def empty(self, shape: Sequence[int], dtype: str, like: Any) -> Any:
+        raise NotImplementedError
+
+    def from_host(self, values: np.ndarray, like: Any) -> Any:
+        raise NotImplementedError
+
+    def stream(self, device: int) -> int:
+        raise NotImplementedError
+
+    def strides(self, a: Any) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def data_ptr(self, a: Any) -> int:
+        raise NotImplementedError
+
+    def itemsize(self, a: Any) -> int:
+        raise NotImplementedError
+
+    def contiguous(self, a: Any) -> Any:
+        raise NotImplementedError
+
+    def astype(self, a: Any, dtype: str) -> Any:
+        raise NotImplementedError
+
+    def reshape(self, a: Any, shape: Sequence[int]) -> Any:
+        raise NotImplementedError
+
+    def view(self, a: Any, shape: Sequence[int]) -> Any:
+        """A view with the new shape, or None when the layout does not allow one."""
+        raise NotImplementedError
+
+    def all_finite(self, a: Any) -> bool:
+        raise NotImplementedError
+
+    def span(self, a: Any) -> tuple[int, int]:
         """[first byte, one past the last byte] that a view can touch (for overlap checks)."""
         ptr, item = self.data_ptr(a), self.itemsize(a)
         lo = hi = 0
@@ -52,7 +94,7 @@ class Framework:
                 hi += (n - 1) * st
         return ptr + lo * item, ptr + (hi + 1) * item
 
-    def capsule(self, a, stream: int):
+    def capsule(self, a: Any, stream: int) -> Any:
         # stream None means "no synchronisation needed": the work runs on the caller's current
         # stream, which is where the framework queued the producers of these arrays.
         return a.__dlpack__(stream=stream or None)
@@ -61,58 +103,58 @@ class Framework:
 class Torch(Framework):
     name = "torch"
 
-    def dtype(self, name):
+    def dtype(self, name: str) -> Any:
         return getattr(self.mod, name)
 
-    def empty(self, shape, dtype: str, like):
+    def empty(self, shape: Sequence[int], dtype: str, like: Any) -> Any:
         return self.mod.empty(tuple(shape), dtype=self.dtype(dtype), device=like.device)
 
-    def from_host(self, values: np.ndarray, like):
+    def from_host(self, values: np.ndarray, like: Any) -> Any:
         return self.mod.as_tensor(values, device=like.device)
 
     def stream(self, device: int) -> int:
         return int(self.mod.cuda.current_stream(device).cuda_stream)
 
-    def strides(self, a):
+    def strides(self, a: Any) -> tuple[int, ...]:
         return tuple(a.stride())
 
-    def data_ptr(self, a) -> int:
+    def data_ptr(self, a: Any) -> int:
         return int(a.data_ptr())
 
-    def itemsize(self, a) -> int:
-        return a.element_size()
+    def itemsize(self, a: Any) -> int:
+        return int(a.element_size())
 
-    def contiguous(self, a):
+    def contiguous(self, a: Any) -> Any:
         return a.contiguous()
 
-    def astype(self, a, dtype: str):
+    def astype(self, a: Any, dtype: str) -> Any:
         return a.to(self.dtype(dtype))
 
-    def reshape(self, a, shape):
+    def reshape(self, a: Any, shape: Sequence[int]) -> Any:
         return a.reshape(tuple(shape))
 
-    def view(self, a, shape):
+    def view(self, a: Any, shape: Sequence[int]) -> Any:
         """A view with the new shape, or None when the layout does not allow one."""
         try:
             return a.view(tuple(shape))
         except RuntimeError:
             return None
 
-    def all_finite(self, a) -> bool:
+    def all_finite(self, a: Any) -> bool:
         return bool(self.mod.isfinite(a).all())
 
-    def capsule(self, a, stream: int):
+    def capsule(self, a: Any, stream: int) -> Any:
         return a.detach().__dlpack__(stream=stream or None)
 
 
 class CuPy(Framework):
     name = "cupy"
 
-    def empty(self, shape, dtype: str, like):
+    def empty(self, shape: Sequence[int], dtype: str, like: Any) -> Any:
         with self.mod.cuda.Device(like.device.id):
             return self.mod.empty(tuple(shape), dtype=dtype)
 
-    def from_host(self, values: np.ndarray, like):
+    def from_host(self, values: np.ndarray, like: Any) -> Any:
         with self.mod.cuda.Device(like.device.id):
             return self.mod.asarray(values)
 
@@ -120,25 +162,25 @@ class CuPy(Framework):
         with self.mod.cuda.Device(device):
             return int(self.mod.cuda.get_current_stream().ptr)
 
-    def strides(self, a):
+    def strides(self, a: Any) -> tuple[int, ...]:
         return tuple(s // a.itemsize for s in a.strides)
 
-    def data_ptr(self, a) -> int:
+    def data_ptr(self, a: Any) -> int:
         return int(a.data.ptr)
 
-    def itemsize(self, a) -> int:
-        return a.itemsize
+    def itemsize(self, a: Any) -> int:
+        return int(a.itemsize)
 
-    def contiguous(self, a):
+    def contiguous(self, a: Any) -> Any:
         return self.mod.ascontiguousarray(a)
 
-    def astype(self, a, dtype: str):
+    def astype(self, a: Any, dtype: str) -> Any:
         return a.astype(dtype)
 
-    def reshape(self, a, shape):
+    def reshape(self, a: Any, shape: Sequence[int]) -> Any:
         return a.reshape(tuple(shape))
 
-    def view(self, a, shape):
+    def view(self, a: Any, shape: Sequence[int]) -> Any:
         v = a.view()
         try:
             v.shape = tuple(shape)
@@ -146,28 +188,38 @@ class CuPy(Framework):
             return None
         return v
 
-    def all_finite(self, a) -> bool:
+    def all_finite(self, a: Any) -> bool:
         return bool(self.mod.isfinite(a).all())
 
 
-def framework(a, name: str) -> Framework:
+def _torch() -> Framework:
+    import torch
+
+    return Torch(torch)
+
+
+def _cupy() -> Framework:
+    import cupy
+
+    return CuPy(cupy)
+
+
+# The frameworks whose device arrays rslora.cuda can allocate beside, by top-level module name.
+FRAMEWORKS: dict[str, Callable[[], Framework]] = {"torch": _torch, "cupy": _cupy}
+
+
+def framework(a: Any, name: str) -> Framework:
     """The framework of a device array; TypeError for one rslora.cuda cannot allocate beside."""
-    mod = type(a).__module__.split(".", 1)[0]
-    if mod == "torch":
-        import torch
-
-        return Torch(torch)
-    if mod == "cupy":
-        import cupy
-
-        return CuPy(cupy)
-    raise TypeError(f"{name} is a {type(a).__module__}.{type(a).__name__} on a GPU; rslora.cuda "
-                    "works with PyTorch tensors and CuPy arrays")
+    make = FRAMEWORKS.get(type(a).__module__.split(".", 1)[0])
+    if make is None:
+        raise TypeError(f"{name} is a {type(a).__module__}.{type(a).__name__} on a GPU; "
+                        "rslora.cuda works with PyTorch tensors and CuPy arrays")
+    return make()
 
 
-def check_device_arrays(**arrays) -> int:
+def check_device_arrays(**arrays: Any) -> int:
     """All given arrays live on one CUDA device; returns its ordinal. Names the first offender."""
-    first, dev = None, None
+    first, dev = "", -1
     for name, a in arrays.items():
         if a is None:
             continue
@@ -179,31 +231,14 @@ def check_device_arrays(**arrays) -> int:
         t, i = device_of(a)
         if t not in (_KDL_CUDA, _KDL_CUDA_MANAGED):
             raise TypeError(f"{name} is on DLPack device type {t}, not CUDA")
-        if dev is None:
+        if dev < 0:
             first, dev = name, i
         elif i != dev:
             raise ValueError(f"{name} is on cuda:{i} but {first} is on cuda:{dev}")
     return dev
 
 
-def common_dtype(**arrays) -> str:
-    """The one dtype all named arrays share: float16, bfloat16 or float32 (TypeError otherwise)."""
-    first, dt = None, None
-    for name, a in arrays.items():
-        if a is None:
-            continue
-        d = dtype_name(a)
-        if d not in SUPPORTED:
-            raise TypeError(f"{name} is {d}; GPU arrays must be float16, bfloat16 or float32")
-        if dt is None:
-            first, dt = name, d
-        elif d != dt:
-            raise TypeError(f"{name} is {d} but {first} is {dt}; cast explicitly "
-                            "(no silent upcast)")
-    return dt
-
-
-def blas_ok(shape, strides) -> bool:
+def blas_ok(shape: Sequence[int], strides: Sequence[int]) -> bool:
     """Whether cuBLAS can read a 2-D view as it is (one unit stride, the other non-negative)."""
     (r, c), (rs, cs) = shape, strides
     row_major = (c <= 1 or cs == 1) and (r <= 1 or rs >= max(c, 1))

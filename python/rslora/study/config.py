@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,8 +82,9 @@ class StudyConfig:
 def from_dict(d: dict) -> StudyConfig:
     """The config back from :meth:`StudyConfig.as_dict` (results.json's ``config``)."""
     names = {f.name for f in dataclasses.fields(StudyConfig)}
-    return StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
-                          if k in names})
+    kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
+                          if k in names}
+    return StudyConfig(**kw)
 
 
 def full_config(seed: int = 0) -> StudyConfig:

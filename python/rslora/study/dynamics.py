@@ -20,6 +20,7 @@ map over ranks and seeds is :mod:`.lrmap`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -102,7 +103,7 @@ class _Adam:
                 p -= (lr / c1) * m / denom
 
 
-_OPT = {"sgd": _SGD, "adam": _Adam}
+_OPT: dict[str, Any] = {"sgd": _SGD, "adam": _Adam}
 
 
 def eval_steps(cfg) -> list:
@@ -132,7 +133,9 @@ def train(cfg, problem: Problem, r: int, rule: str, optimizer: str, lr: float, *
     n, d = cfg.batch, problem.delta.shape[1]
     evals = eval_steps(cfg)
     per_step = run_cost(cfg, r) / cfg.steps
-    steps, losses, diverged_at = [], [], None
+    steps: list[int] = []
+    losses: list[float] = []
+    diverged_at: int | None = None
     with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is detected, not warned
         for t in range(cfg.steps + 1):
             if t == evals[len(steps)]:
@@ -186,6 +189,7 @@ def grad_norm_probe(cfg, problem: Problem) -> dict:
             res, xa = lora_linear(x, problem.neg, A, B, scale=s, return_xa=True)
             res *= np.float32(1.0 / n)
             _, _, dB = lora_linear_backward(res, x, problem.neg, A, B, scale=s, need=("B",), xa=xa)
+            assert dB is not None
             meas.append(float(np.linalg.norm(dB.astype(np.float64))))
             theory.append(s * math.sqrt(problem.fro2 * r / 3 * ((1 + 1 / n) / d + 1 / n)))
         out[rule] = {"ranks": list(cfg.probe_ranks), "grad_norm": meas, "expected": theory,
@@ -220,6 +224,7 @@ def one_step_probe(cfg, problem: Problem, lrs: dict) -> dict:
                     y0, xa = lora_linear(x, problem.neg, A, B, scale=s, return_xa=True)
                     _, _, dB = lora_linear_backward(y0, x, problem.neg, A, B, scale=s,
                                                     need=("B",), xa=xa)
+                    assert dB is not None
                     if optimizer == "sgd":
                         B1 = -lr * dB
                     else:  # Adam's bias-corrected first step: m_hat = g, v_hat = g^2

@@ -15,6 +15,7 @@ description alone, so the map is the same for any number of processes.
 
 from __future__ import annotations
 
+from typing import Any
 
 import numpy as np
 
@@ -120,7 +121,7 @@ def run(cfg, runner, S: np.ndarray) -> dict:
     memo.ensure([job(cfg, rep, r, rule, o, k0[o, rep]) for o in dynamics.OPTIMIZERS
                  for rule in dynamics.RULES for rep in reps for r in ranks])
     tail = np.cumsum((S * S)[::-1])[::-1] / float(np.sum(S * S))
-    out = {"target": KIND, "ranks": list(ranks), "fit_ranks": list(cfg.ranks),
+    out: dict[str, Any] = {"target": KIND, "ranks": list(ranks), "fit_ranks": list(cfg.ranks),
            "eckart_young": [float(tail[r]) if r < len(S) else 0.0 for r in ranks],
            "cells": {}}
     for o in dynamics.OPTIMIZERS:

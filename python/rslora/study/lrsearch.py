@@ -59,7 +59,8 @@ class Search:
     def optimum_k(self) -> float:
         """The interpolated best lattice position (a float between grid points)."""
         k = self.best_k()
-        lo, mid, hi = (self.losses.get(k + j) for j in (-1, 0, 1))
+        lo, hi = (self.losses.get(k + j) for j in (-1, 1))
+        mid = self.losses[k]
         if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
             return float(k)
         f0, f1, f2 = (math.log(max(v, LOSS_FLOOR)) for v in (lo, mid, hi))

@@ -14,6 +14,7 @@ set after ``mlp_steps`` steps; the learning-rate protocol is the toy's (:mod:`.l
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -214,7 +215,7 @@ def run(cfg, runner) -> dict:
     run_many([((o, rule, rep, r), k0[o, rep]) for o in OPTIMIZERS for rule in RULES
               for rep in reps for r in ranks])
     nets = [net(cfg, rep) for rep in reps]
-    out = {"ranks": list(ranks), "cells": {},
+    out: dict[str, Any] = {"ranks": list(ranks), "cells": {},
            "start_loss": _spread([n.start_loss for n in nets]),
            "old_task_loss": _spread([n.old_task_loss for n in nets])}
     for o in OPTIMIZERS:

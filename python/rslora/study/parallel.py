@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 
 def default_workers() -> int:
@@ -20,6 +21,9 @@ def default_workers() -> int:
     if not sys.platform.startswith("linux"):
         return 1
     return max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
+_LIMIT: object = None
 
 
 def _init_worker() -> None:
@@ -36,7 +40,8 @@ class Runner:
     """
 
     def __init__(self, workers: int = 1, advance=lambda units: None):
-        self.workers, self.advance, self._pool = max(1, int(workers)), advance, None
+        self.workers, self.advance = max(1, int(workers)), advance
+        self._pool: Any = None  # a ProcessPoolExecutor once map() needs one
 
     def __enter__(self):
         return self

@@ -27,9 +27,10 @@ for a fixed int seed.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
+
+from .._validation import integer, number
 
 __all__ = [
     "style_spectrum",
@@ -44,17 +45,11 @@ __all__ = [
 
 
 def _dim(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+    return integer(value, name, minimum)
 
 
 def _positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    value = number(value, name)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     return value
