@@ -7,10 +7,10 @@ matrices are accumulated in float64.
 
 from __future__ import annotations
 
-import dask
+from dask.delayed import delayed
 import numpy as np
 
-_delayed = dask.delayed(pure=True)
+_delayed = delayed(pure=True)
 
 
 def add(a, b):

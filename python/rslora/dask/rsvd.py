@@ -19,14 +19,13 @@ on the client) and one more pass for B^T = M^T Q, as the textbook method does.
 from __future__ import annotations
 
 import math
-import numbers
 
-import dask
+from dask.base import compute, persist
+from dask.delayed import delayed
 import dask.array as da
 import numpy as np
 
-from .. import _core
-from ..svd import _INT_MAX, _int, _n_iter, _seed  # the argument rules of rslora.rsvd
+from .. import _core, _validation
 from . import blocks
 
 __all__ = ["rsvd"]
@@ -38,15 +37,15 @@ _COND_LIMIT = 100.0
 # conditioned (the first Y = M Omega is not, on a decaying spectrum: its small Ritz values carry
 # errors of ~u cond(Y) ||M||, which would read as convergence).
 _COND_RITZ = 16.0
-_delayed = dask.delayed(pure=True)
+_delayed = delayed(pure=True)
 # What the last call in this process did (for tests and benchmarks): iterations, reads of M,
 # and whether the TSQR fallback ran.
 _LAST_RUN: dict = {}
 
 
 def _check_args(M, k, oversample, n_iter, seed, auto_tol):
-    """The checks of rslora.rsvd, in its order and with its messages, for a dask array."""
-    oversample = min(_int(oversample, "oversample", 0), _INT_MAX)
+    """The checks of rslora.rsvd (rslora._validation: the same rules and messages), for a dask
+    array. Returns (k, oversample, n_iter, seed key, auto_tol)."""
     if not isinstance(M, da.Array):
         raise TypeError(f"M must be a dask array, got {type(M).__name__} "
                         "(rslora.rsvd takes in-memory arrays)")
@@ -57,15 +56,8 @@ def _check_args(M, k, oversample, n_iter, seed, auto_tol):
     if any(math.isnan(s) for s in M.shape):
         raise ValueError(f"M has unknown chunk sizes (shape {M.shape}): call "
                          "M.compute_chunk_sizes() first")
-    k = _int(k, "k")
-    lo = min(M.shape)
-    if not 1 <= k <= lo:
-        raise ValueError(f"k must be in [1, min(m, n)] = [1, {lo}] for M of shape {M.shape}, got {k}")
-    if isinstance(auto_tol, bool) or not isinstance(auto_tol, numbers.Real):
-        raise TypeError(f"auto_tol must be a real number, got {type(auto_tol).__name__}")
-    if not 0.0 < float(auto_tol) < 1.0:
-        raise ValueError(f"auto_tol must be in (0, 1), got {auto_tol}")
-    return k, oversample, _n_iter(n_iter), _seed(seed), float(auto_tol)
+    a = _validation.rsvd_args(M.shape, k, oversample, n_iter, "subspace", "qr", seed, auto_tol)
+    return a.k, a.oversample, a.n_iter, _validation.seed(a.seed), a.auto_tol
 
 
 def rsvd(M, k, *, oversample=10, n_iter="auto", seed=None, check_finite=True, auto_tol=1e-3):
@@ -124,10 +116,10 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", seed=None, check_finite=True, au
         U, Vt = Vt.T.copy(), U.T
         sign = _signs_local(U)
         U = da.from_array(U * sign.astype(dtype), chunks=U.shape)
-        (Vt,) = dask.persist(Vt * sign.astype(dtype)[:, None])
+        (Vt,) = persist(Vt * sign.astype(dtype)[:, None])
     else:
         sign = _signs_blocks(U)
-        (U,) = dask.persist(U * sign.astype(dtype))
+        (U,) = persist(U * sign.astype(dtype))
         Vt = da.from_array(Vt * sign.astype(dtype)[:, None], chunks=(k, M.chunks[1]))
     return U, da.from_array(S, chunks=k), Vt
 
@@ -204,14 +196,14 @@ def _unscale(S, scale, dtype):
 
 def _pass(parts, Z, scale, stats):
     """One read of X: persisted Y blocks, and the summed M^T Y, Y^T Y (and stats)."""
-    Zd = dask.delayed(Z)  # one key: shipped once per worker, not once per task
+    Zd = delayed(Z)  # one key: shipped once per worker, not once per task
     outs = [_delayed(blocks.power_block, nout=4)(b, Zd, scale, stats) for b in parts]
     W = blocks.tree(o[1] for o in outs)
     G = blocks.tree(o[2] for o in outs)
     extra = [blocks.tree((o[3] for o in outs), blocks.merge_stats)] if stats else []
-    done = dask.persist(*[o[0] for o in outs], W, G, *extra)
+    done = persist(*[o[0] for o in outs], W, G, *extra)
     nb = len(parts)
-    small = dask.compute(*done[nb:])
+    small = compute(*done[nb:])
     return list(done[:nb]), small[0], small[1], (small[2] if stats else None)
 
 
@@ -268,40 +260,40 @@ def _finish(parts, rows, Ys, W, G, k, scale, dtype):
         V, s, Pt = np.linalg.svd(W @ T, full_matrices=False)  # M^T Q = V S P^T
         U1 = [_delayed(blocks.times)(y, T @ Pt.T[:, :k], dtype) for y in Ys]
         C = s[:k, None] * V[:, :k].T  # M ~ U1 C
-        R2 = _cholesky(dask.compute(blocks.tree(_delayed(blocks.gram)(u) for u in U1))[0])
+        R2 = _cholesky(compute(blocks.tree(_delayed(blocks.gram)(u) for u in U1))[0])
         if R2 is not None:  # second step: U = U1 R2^-1, then the small SVD of R2 C
             P2, S, Vt = np.linalg.svd(R2 @ C, full_matrices=False)
             Mat = np.linalg.solve(R2, P2)
             U = [_delayed(blocks.times)(u, Mat, dtype) for u in U1]
-            U = dask.persist(*U)
+            U = persist(*U)
             return _from_blocks(U, rows, k, dtype), S.astype(dtype), Vt.astype(dtype)
     # TSQR fallback: Q from Householder QR per block and of the stacked R factors, then one
     # more read of X for B^T = X^T Q.
     _LAST_RUN.update(tsqr=True, passes=_LAST_RUN["passes"] + 1)
     Q, _ = _tsqr(Ys, rows)
-    Bt = dask.compute(blocks.tree(_delayed(blocks.xt_block)(x, q, scale)
+    Bt = compute(blocks.tree(_delayed(blocks.xt_block)(x, q, scale)
                                   for x, q in zip(parts, Q)))[0]
     V, S, Pt = np.linalg.svd(Bt, full_matrices=False)  # X^T Q = V S P^T
-    U = dask.persist(*[_delayed(blocks.times)(q, Pt.T[:, :k], dtype) for q in Q])
+    U = persist(*[_delayed(blocks.times)(q, Pt.T[:, :k], dtype) for q in Q])
     return _from_blocks(U, rows, k, dtype), S[:k].astype(dtype), V[:, :k].T.astype(dtype)
 
 
 def _tsqr(Ys, rows):
     """Householder TSQR: Q blocks (persisted) and R with Y = Q R, for any block heights."""
-    qrs = dask.persist(*[_delayed(blocks.qr_block, nout=2)(y) for y in Ys])
-    Rs = dask.compute(*[q[1] for q in qrs])
+    qrs = persist(*[_delayed(blocks.qr_block, nout=2)(y) for y in Ys])
+    Rs = compute(*[q[1] for q in qrs])
     Q2, R = np.linalg.qr(np.vstack(Rs))
     Q, off = [], 0
     for qr, Rb in zip(qrs, Rs):
         h = Rb.shape[0]
         Q.append(_delayed(np.matmul)(qr[0], Q2[off:off + h].astype(Rb.dtype)))
         off += h
-    return dask.persist(*Q), R
+    return persist(*Q), R
 
 
 def _signs_blocks(U):
     """+1/-1 per column so that its entry of largest magnitude (the first on ties) is positive."""
-    parts = dask.compute(*[_delayed(blocks.col_absmax)(b) for b in U.to_delayed()[:, 0]])
+    parts = compute(*[_delayed(blocks.col_absmax)(b) for b in U.to_delayed()[:, 0]])
     best = np.full(U.shape[1], -1.0)
     val = np.ones(U.shape[1])
     for a, v in parts:
