@@ -254,21 +254,14 @@ RSLORA_AVX512 void expand_impl(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, 
 
 bool have_avx512() { return __builtin_cpu_supports("avx512f"); }
 
-void shrink_avx512(const float* const* x, i64 c, const float* A, i64 r, i64 A_rs, i64 d,
-                   float* xa) {
-  shrink_impl(x, c, A, r, A_rs, d, xa);
+void add_group_avx512(const Group<float>& g, Dims dims, float* work) {
+  shrink_impl(g.x, g.c, g.A, dims.r, g.A_rs, dims.d_in, work);
+  expand_impl(g.y, g.c, g.B, dims.r, g.B_rs, dims.d_out, work, g.s, work + kSmallGroup * dims.r);
 }
-void shrink_avx512(const double* const* x, i64 c, const double* A, i64 r, i64 A_rs, i64 d,
-                   double* xa) {
-  shrink_impl(x, c, A, r, A_rs, d, xa);
-}
-void expand_avx512(float* const* y, i64 c, const float* B, i64 r, i64 B_rs, i64 d_out,
-                   const float* xa, float s, float* bt) {
-  expand_impl(y, c, B, r, B_rs, d_out, xa, s, bt);
-}
-void expand_avx512(double* const* y, i64 c, const double* B, i64 r, i64 B_rs, i64 d_out,
-                   const double* xa, double s, double* bt) {
-  expand_impl(y, c, B, r, B_rs, d_out, xa, s, bt);
+void add_group_avx512(const Group<double>& g, Dims dims,
+                      double* work) {
+  shrink_impl(g.x, g.c, g.A, dims.r, g.A_rs, dims.d_in, work);
+  expand_impl(g.y, g.c, g.B, dims.r, g.B_rs, dims.d_out, work, g.s, work + kSmallGroup * dims.r);
 }
 
 }  // namespace rslora::detail
