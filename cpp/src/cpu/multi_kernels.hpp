@@ -41,9 +41,8 @@ void add_group(const Group<float>& g, Dims dims, float* work);
 void add_group(const Group<double>& g, Dims dims, double* work);
 
 // SIMD versions chosen at run time: AVX-512F (multi_kernels_avx512.cpp) and AVX2+FMA
-// (multi_kernels_avx2.cpp), both multi_kernels_tiled.hpp's algorithm; the loops in
-// multi_kernels.cpp are the baseline path, compiled for the build's baseline ISA (x86-64: SSE2,
-// no FMA).
+// (multi_kernels_avx2.cpp); the loops in multi_kernels.cpp are the baseline path, compiled for
+// the build's baseline ISA (x86-64: SSE2, no FMA).
 #if defined(__x86_64__) && defined(__GNUC__)
 #define RSLORA_HAVE_X86_KERNELS 1
 bool have_avx512();
