@@ -148,17 +148,26 @@ void add_small_groups(Mat<T> y, Mat<const T> x, Stack<const T> A, Stack<const T>
   for (i64 c : cost) work += c;
   const int nt = threads_for(static_cast<double>(work) * dims.r * (dims.d_in + dims.d_out));
   const std::vector<size_t> cut = split_by_cost(cost, nt);
+  auto group = [&](size_t g) {
+    const i64 a = small[g];
+    detail::Group<T> grp;
+    grp.x = x_rows.data() + groups.start[a];
+    grp.y = y_rows.data() + groups.start[a];
+    grp.c = groups.count(a);
+    grp.A = A[a].data, grp.A_rs = A.rs;
+    grp.B = B[a].data, grp.B_rs = B.rs;
+    grp.s = static_cast<T>(scales[a]);
+    return grp;
+  };
   run_parts(nt, [&](int t) {
     std::vector<T> scratch(static_cast<size_t>(detail::group_scratch(dims.r)));
-    for (size_t g = cut[static_cast<size_t>(t)]; g < cut[static_cast<size_t>(t) + 1]; ++g) {
-      const i64 a = small[g];
-      detail::Group<T> grp;
-      grp.x = x_rows.data() + groups.start[a];
-      grp.y = y_rows.data() + groups.start[a];
-      grp.c = groups.count(a);
-      grp.A = A[a].data, grp.A_rs = A.rs;
-      grp.B = B[a].data, grp.B_rs = B.rs;
-      grp.s = static_cast<T>(scales[a]);
+    const size_t g0 = cut[static_cast<size_t>(t)], g1 = cut[static_cast<size_t>(t) + 1];
+    for (size_t g = g0; g < g1; ++g) {
+      detail::Group<T> grp = group(g);
+      if (g + 1 < g1) {  // what this thread adds next, to prefetch meanwhile
+        const detail::Group<T> next = group(g + 1);
+        grp.next_A = next.A, grp.next_x = next.x, grp.next_c = next.c;
+      }
       detail::add_group(grp, dims, scratch.data());
     }
   });

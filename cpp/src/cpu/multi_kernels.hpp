@@ -12,6 +12,8 @@ constexpr i64 kSmallGroup = 32;
 
 // One group: y_k += s * B (A x_k) for its c rows. Rows of x (length d_in) and of y (length
 // d_out) are unit-stride; A (r, d_in) and B (d_out, r) have unit column strides.
+// next_A, next_x, next_c: the A and x rows of the group the same thread adds next (or none),
+// which the SIMD paths prefetch while this group's expand computes.
 template <class T>
 struct Group {
   const T* const* x = nullptr;
@@ -22,6 +24,9 @@ struct Group {
   const T* B = nullptr;
   i64 B_rs = 0;
   T s = T(0);
+  const T* next_A = nullptr;
+  const T* const* next_x = nullptr;
+  i64 next_c = 0;
 };
 
 // Sizes shared by every group of a call.
