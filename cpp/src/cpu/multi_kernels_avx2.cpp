@@ -245,40 +245,12 @@ RSLORA_TARGET RSLORA_INLINE void transpose_block(const T* B, i64 B_rs, i64 r, i6
   }
 }
 
-// The prefetch of the next group's shrink inputs, spread over the expand's blocks: block b asks
-// for the b-th slice of every row of A and x (a few lines per row), so that the memory stream
-// keeps going while the expand computes, and the next shrink finds its data in L2. Into L2 only
-// (T1): into L1 they evicted the expand's own block of B and rows of y (measured 1.4x slower).
-template <class T>
-class NextGroupPrefetch {
- public:
-  NextGroupPrefetch(const Group<T>& g, Dims dims, i64 blocks)
-      : g_(g), dims_(dims), seg_bytes_(round_up_line(ceil_div(dims.d_in * i64(sizeof(T)), blocks))) {}
-  RSLORA_TARGET RSLORA_INLINE void block(i64 b) const {
-    if (!g_.next_A) return;
-    const i64 lo = b * seg_bytes_, hi = std::min(lo + seg_bytes_, dims_.d_in * i64(sizeof(T)));
-    for (i64 q = 0; q < dims_.r; ++q) lines(g_.next_A + q * g_.A_rs, lo, hi);
-    for (i64 k = 0; k < g_.next_c; ++k) lines(g_.next_x[k], lo, hi);
-  }
-
- private:
-  static i64 ceil_div(i64 a, i64 b) { return (a + b - 1) / b; }
-  static i64 round_up_line(i64 bytes) { return ceil_div(bytes, 64) * 64; }
-  RSLORA_TARGET static RSLORA_INLINE void lines(const T* row, i64 lo, i64 hi) {
-    for (i64 b = lo; b < hi; b += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T1);
-  }
-  const Group<T>& g_;
-  Dims dims_;
-  i64 seg_bytes_;
-};
-
 // Rows in tiles of K = 4 (J = 2: 8 chains), the last 1-3 rows with wider J.
 template <class T>
 RSLORA_TARGET void expand_tiled(const Group<T>& g, Dims dims, const T* xa, T* bt) {
   constexpr i64 W = kBlockCols<T>;
   const i64 c = g.c, r = dims.r, d_out = dims.d_out;
-  const NextGroupPrefetch<T> next(g, dims, (d_out + W - 1) / W);
+  const NextGroupPrefetch<T> next(g, dims, (d_out + W - 1) / W);  // multi_kernels.hpp
   for (i64 j0 = 0; j0 < d_out; j0 += W) {
     next.block(j0 / W);
     const i64 jb = std::min(W, d_out - j0);
