@@ -58,7 +58,7 @@ void add_group(const Group<double>& g, Dims dims, double* work);
 #define RSLORA_HAVE_X86_KERNELS 1
 bool have_avx512();
 bool have_avx2_fma();
-#define RSLORA_DECLARE_SIMD(SUFFIX)                                              \
+#define RSLORA_DECLARE_SIMD(SUFFIX)                                       \
   void add_group_##SUFFIX(const Group<float>& g, Dims dims, float* work); \
   void add_group_##SUFFIX(const Group<double>& g, Dims dims, double* work);
 RSLORA_DECLARE_SIMD(avx512)
@@ -73,24 +73,24 @@ template <class T>
 class NextGroupPrefetch {
  public:
   NextGroupPrefetch(const Group<T>& g, Dims dims, i64 blocks)
-      : g_(g), dims_(dims), seg_bytes_(round_up_line(ceil_div(dims.d_in * i64(sizeof(T)), blocks))) {}
+      : g_(g), dims_(dims), row_bytes_(dims.d_in * static_cast<i64>(sizeof(T))),
+        seg_bytes_(ceil_div(ceil_div(row_bytes_, blocks), 64) * 64) {}
   void block(i64 b) const {
     if (!g_.next_A) return;
-    const i64 lo = b * seg_bytes_, hi = std::min(lo + seg_bytes_, dims_.d_in * i64(sizeof(T)));
+    const i64 lo = b * seg_bytes_, hi = std::min(lo + seg_bytes_, row_bytes_);
     for (i64 q = 0; q < dims_.r; ++q) lines(g_.next_A + q * g_.A_rs, lo, hi);
     for (i64 k = 0; k < g_.next_c; ++k) lines(g_.next_x[k], lo, hi);
   }
 
  private:
   static i64 ceil_div(i64 a, i64 b) { return (a + b - 1) / b; }
-  static i64 round_up_line(i64 bytes) { return ceil_div(bytes, 64) * 64; }
   static void lines(const T* row, i64 lo, i64 hi) {
     for (i64 b = lo; b < hi; b += 64)
       _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T1);
   }
   const Group<T>& g_;
   Dims dims_;
-  i64 seg_bytes_;
+  i64 row_bytes_, seg_bytes_;  // a row of x or A; the slice of it prefetched per block
 };
 #else
 #define RSLORA_HAVE_X86_KERNELS 0

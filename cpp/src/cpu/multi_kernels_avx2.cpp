@@ -188,7 +188,8 @@ RSLORA_TARGET RSLORA_INLINE void expand_tile(T* const* y, i64 j0, i64 jj0, i64 j
   if (jb - jj0 >= J * L) {  // every column exists: all loads of y before the first store (rows
     // 4 KB apart would alias a store with the next row's load and stall it)
     for (int k = 0; k < K; ++k)
-      for (int j = 0; j < J; ++j) acc[k][j] = S::fma(sv, acc[k][j], S::load(y[k] + j0 + jj0 + j * L));
+      for (int j = 0; j < J; ++j)
+        acc[k][j] = S::fma(sv, acc[k][j], S::load(y[k] + j0 + jj0 + j * L));
     for (int k = 0; k < K; ++k)
       for (int j = 0; j < J; ++j) S::store(y[k] + j0 + jj0 + j * L, acc[k][j]);
     return;
