@@ -7,10 +7,12 @@ float32, d_in = d_out = 4096, r = 16, 64 adapters (A_all and B_all: 34 MB togeth
 - "numpy masks": a Python loop over adapters with boolean masks (what one writes by hand).
 - "numpy einsum gather": gather each row's A and B (n * 2 * r * d floats) and einsum.
 - "floor: read adapters": streaming every adapter once (a dot product over A_all and B_all),
-  the memory traffic no implementation can avoid when every adapter is used.
+  the memory traffic no implementation can avoid when every adapter is used. The dot product is
+  OpenBLAS's (threaded like the op); "floor: max over adapters" reads the same bytes with NumPy's
+  max reduction (one thread, a faster read here), a stricter floor.
 - "rslora, <path> forced": the same op with the SIMD kernel path forced (rslora.use_kernel_path),
   so one machine times the AVX2 and baseline kernels that other CPUs run; "rslora" itself runs
-  the best path here (rslora.kernel_path(), named in the entry's extra_info).
+  the best path here, named in the row ("default kernel: ...") and in the entry's extra_info.
 - "base x @ W.T" and "lora_linear": the whole op against the base GEMM alone, and against the
   single-adapter fused forward when every row is on one adapter.
 """
@@ -89,10 +91,15 @@ def run(benchmark, fn, rounds=10):
     return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
 
 
+def row_name(kind):
+    """One row per batch kind, naming the kernel path the unforced entry runs."""
+    return f"lora_add_multi {kind} (default kernel: {rslora.kernel_path()})"
+
+
 @pytest.mark.parametrize("kind", ADD_KINDS)
 def test_add_rslora(benchmark, data, kind):
     x, y0, ids = batch(data, kind)
-    set_case(benchmark, f"lora_add_multi {kind}", "rslora", kernel_path=rslora.kernel_path())
+    set_case(benchmark, row_name(kind), "rslora", kernel_path=rslora.kernel_path())
     y = y0.copy()
     rslora.lora_add_multi(y, x, data["A"], data["B"], ids, scales=data["scales"])
     assert_close(y, reference_add(y0, x, data, ids))
@@ -107,7 +114,7 @@ def test_add_rslora_forced_path(benchmark, data, kind, path):
     if why:
         pytest.skip(f"{path}: {why}")
     x, y0, ids = batch(data, kind)
-    set_case(benchmark, f"lora_add_multi {kind}", f"rslora, {path} forced")
+    set_case(benchmark, row_name(kind), f"rslora, {path} forced", kernel_path=path)
     with rslora.use_kernel_path(path):
         y = y0.copy()
         rslora.lora_add_multi(y, x, data["A"], data["B"], ids, scales=data["scales"])
@@ -120,7 +127,7 @@ def test_add_rslora_forced_path(benchmark, data, kind, path):
 @pytest.mark.parametrize("peer", list(PEERS))
 def test_add_numpy(benchmark, data, kind, peer):
     x, y0, ids = batch(data, kind)
-    set_case(benchmark, f"lora_add_multi {kind}", peer)
+    set_case(benchmark, row_name(kind), peer)
     fn, sc = PEERS[peer], data["scales"].astype(DT)
     y = fn(y0.copy(), x, data["A"], data["B"], ids, sc)
     assert_close(y, reference_add(y0, x, data, ids))
@@ -135,11 +142,23 @@ def test_add_floor(benchmark, data, kind):
     used = np.unique(ids)
     A_used, B_used = data["A"][used].reshape(-1), data["B"][used].reshape(-1)
     ones = np.ones_like(A_used)
-    set_case(benchmark, f"lora_add_multi {kind}", "floor: read adapters",
+    set_case(benchmark, row_name(kind), "floor: read adapters",
              mbytes=(A_used.nbytes + B_used.nbytes) / 1e6)
     total = run(benchmark, lambda: A_used @ ones + B_used @ ones, rounds=20)
     assert total == pytest.approx(A_used.astype(np.float64).sum() + B_used.astype(np.float64).sum(),
                                   rel=1e-3, abs=1.0)
+
+
+@pytest.mark.parametrize("kind", ADD_KINDS)
+def test_add_floor_max(benchmark, data, kind):
+    """The same bytes read by a max reduction (no multiply-add, one thread)."""
+    _, _, ids = batch(data, kind)
+    used = np.unique(ids)
+    A_used, B_used = data["A"][used].reshape(-1), data["B"][used].reshape(-1)
+    set_case(benchmark, row_name(kind), "floor: max over adapters",
+             mbytes=(A_used.nbytes + B_used.nbytes) / 1e6)
+    got = run(benchmark, lambda: (A_used.max(), B_used.max()), rounds=20)
+    assert got == (A_used.astype(np.float64).max(), B_used.astype(np.float64).max())
 
 
 # --- the whole op -----------------------------------------------------------------------------

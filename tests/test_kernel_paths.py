@@ -97,6 +97,33 @@ def test_add_multi_within_derived_bound(path, dtype, d_in, d_out, r):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stack", ["padded rows", "one adapter broadcast"])
+def test_add_multi_adapter_layouts_in_the_kernels(path, dtype, stack):
+    """Adapters whose rows are not packed (row strides > d_in and > r, unit column stride) or
+    that are all one array (stride 0 between adapters) stay in the kernels, whose row strides
+    and next-group prefetch must follow them."""
+    rng = np.random.default_rng(11)
+    d_in, d_out, r = 203, 150, 12
+    sizes = [1, 2, 3, 4, 5, 7, 8, 9, 13, 32]
+    ids = group_ids(rng, sizes)
+    x, _, A, B, scales = make(rng, len(ids), d_in, d_out, r, len(sizes), dtype)
+    if stack == "padded rows":
+        A_big = np.zeros((len(sizes), r, d_in + 13), dtype)
+        B_big = np.zeros((len(sizes), d_out, r + 3), dtype)
+        A_big[:, :, :d_in], B_big[:, :, :r] = A, B
+        A_in, B_in = A_big[:, :, :d_in], B_big[:, :, :r]
+    else:
+        A = np.broadcast_to(A[:1], A.shape)
+        B = np.broadcast_to(B[:1], B.shape)
+        A_in, B_in = A, B
+    y0 = rng.standard_normal((len(ids), d_out)).astype(dtype)
+    got = rslora.lora_add_multi(y0.copy(), x, A_in, B_in, ids, scales=scales)
+    want = y0.astype(np.float64) + lora_part(x, A, B, ids, scales)
+    mag = np.abs(y0.astype(np.float64)) + lora_part(x, A, B, ids, scales, absolute=True)
+    assert np.all(np.abs(got - want) <= bound(dtype, d_in, r, mag)), (path, stack)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_linear_multi_within_derived_bound(path, dtype):
     rng = np.random.default_rng(5)
     n, d_in, d_out, r, na = 70, 129, 67, 12, 20

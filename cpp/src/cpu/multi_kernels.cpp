@@ -65,7 +65,7 @@ RSLORA_INLINE void shrink_impl(const T* const* x, i64 c, const T* A, i64 r, i64 
 template <class T>
 RSLORA_INLINE void expand_impl(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, i64 d_out,
                                const T* xa, T s, T* bt) {
-  constexpr i64 J = kExpandBlock;
+  constexpr i64 J = 64;  // columns per block (<= kExpandCols)
   for (i64 j0 = 0; j0 < d_out; j0 += J) {
     const i64 jb = std::min(J, d_out - j0);
     // bt (r, J) = this block of B transposed (zero-padded), so the loop below is unit-stride.
@@ -86,64 +86,35 @@ RSLORA_INLINE void expand_impl(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, 
   }
 }
 
-void shrink_portable(const float* const* x, i64 c, const float* A, i64 r, i64 A_rs,
-                                   i64 d, float* xa, float* acc) {
-  shrink_impl(x, c, A, r, A_rs, d, xa, acc);
-}
-void shrink_portable(const double* const* x, i64 c, const double* A, i64 r,
-                                   i64 A_rs, i64 d, double* xa, double* acc) {
-  shrink_impl(x, c, A, r, A_rs, d, xa, acc);
-}
-void expand_portable(float* const* y, i64 c, const float* B, i64 r, i64 B_rs,
-                                   i64 d_out, const float* xa, float s, float* bt) {
-  expand_impl(y, c, B, r, B_rs, d_out, xa, s, bt);
-}
-void expand_portable(double* const* y, i64 c, const double* B, i64 r, i64 B_rs,
-                                   i64 d_out, const double* xa, double s, double* bt) {
-  expand_impl(y, c, B, r, B_rs, d_out, xa, s, bt);
+// The baseline path of a whole group: no prefetch (the hardware prefetcher follows the rows).
+template <class T>
+void add_group_portable(const Group<T>& g, Dims dims, T* work) {
+  static_assert(8 * kLanes <= kExpandCols, "shrink_rows<T, 8> lane sums fit the scratch");
+  T* xa = work;
+  T* rest = xa + kSmallGroup * dims.r;  // lane sums of the shrink, then B^T of the expand
+  shrink_impl(g.x, g.c, g.A, dims.r, g.A_rs, dims.d_in, xa, rest);
+  expand_impl(g.y, g.c, g.B, dims.r, g.B_rs, dims.d_out, xa, g.s, rest);
 }
 
 template <class T>
-void shrink_any(const T* const* x, i64 c, const T* A, i64 r, i64 A_rs, i64 d, T* xa, T* acc) {
+void add_group_any(const Group<T>& g, Dims dims, T* work) {
 #if RSLORA_HAVE_X86_KERNELS
   switch (kernel_path()) {
-    case KernelPath::avx512: return shrink_avx512(x, c, A, r, A_rs, d, xa);
-    case KernelPath::avx2: return shrink_avx2(x, c, A, r, A_rs, d, xa);
+    case KernelPath::avx512: return add_group_avx512(g, dims, work);
+    case KernelPath::avx2: return add_group_avx2(g, dims, work);
     case KernelPath::baseline: break;
   }
 #endif
-  shrink_portable(x, c, A, r, A_rs, d, xa, acc);
-}
-template <class T>
-void expand_any(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, i64 d_out, const T* xa, T s,
-                T* bt) {
-#if RSLORA_HAVE_X86_KERNELS
-  switch (kernel_path()) {
-    case KernelPath::avx512: return expand_avx512(y, c, B, r, B_rs, d_out, xa, s, bt);
-    case KernelPath::avx2: return expand_avx2(y, c, B, r, B_rs, d_out, xa, s, bt);
-    case KernelPath::baseline: break;
-  }
-#endif
-  expand_portable(y, c, B, r, B_rs, d_out, xa, s, bt);
+  add_group_portable(g, dims, work);
 }
 
 }  // namespace
 
-void shrink(const float* const* x, i64 c, const float* A, i64 r, i64 A_rs, i64 d, float* xa,
-            float* acc) {
-  shrink_any(x, c, A, r, A_rs, d, xa, acc);
+void add_group(const Group<float>& g, Dims dims, float* work) {
+  add_group_any(g, dims, work);
 }
-void shrink(const double* const* x, i64 c, const double* A, i64 r, i64 A_rs, i64 d, double* xa,
-            double* acc) {
-  shrink_any(x, c, A, r, A_rs, d, xa, acc);
-}
-void expand(float* const* y, i64 c, const float* B, i64 r, i64 B_rs, i64 d_out, const float* xa,
-            float s, float* bt) {
-  expand_any(y, c, B, r, B_rs, d_out, xa, s, bt);
-}
-void expand(double* const* y, i64 c, const double* B, i64 r, i64 B_rs, i64 d_out,
-            const double* xa, double s, double* bt) {
-  expand_any(y, c, B, r, B_rs, d_out, xa, s, bt);
+void add_group(const Group<double>& g, Dims dims, double* work) {
+  add_group_any(g, dims, work);
 }
 
 }  // namespace rslora::detail

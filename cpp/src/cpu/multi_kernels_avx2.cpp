@@ -1,11 +1,6 @@
-// AVX2+FMA versions of the small-group kernels (multi_kernels.hpp), chosen at run time on CPUs
+// AVX2+FMA version of the small-group kernel (multi_kernels.hpp), chosen at run time on CPUs
 // with AVX2 and FMA but no AVX-512 (most AMD Zen 2/3 and Intel client CPUs), or when forced.
-// Same plan as the AVX-512 kernels with 256-bit registers (16 of them, so smaller tiles): the
-// shrink keeps a K x Q tile of dot products in registers (each load feeds several FMAs, >= 8
-// independent chains where c allows); the expand transposes B in 8 x 8 (float) / 4 x 4 (double)
-// register blocks into a small L1 buffer, then streams the rows of y once per block.
-// Summation order: lane sums over j then a horizontal sum in lane order (shrink); sum over q in
-// order, then y += s * sum with one FMA (expand).
+// 256-bit registers, 16 of them: tiles of at most 12 accumulators.
 #include "multi_kernels.hpp"
 
 #if RSLORA_HAVE_X86_KERNELS
@@ -13,7 +8,7 @@
 
 #include <algorithm>
 
-#define RSLORA_AVX2 __attribute__((target("avx2,fma")))
+#define RSLORA_TARGET __attribute__((target("avx2,fma")))
 #define RSLORA_INLINE inline __attribute__((always_inline))
 
 namespace rslora::detail {
@@ -26,17 +21,17 @@ template <>
 struct Simd<float> {
   using V = __m256;
   static constexpr int L = 8;
-  RSLORA_AVX2 static RSLORA_INLINE V zero() { return _mm256_setzero_ps(); }
-  RSLORA_AVX2 static RSLORA_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
-  RSLORA_AVX2 static RSLORA_INLINE V load(const float* p, int n) {  // first n lanes, rest 0
+  RSLORA_TARGET static RSLORA_INLINE V zero() { return _mm256_setzero_ps(); }
+  RSLORA_TARGET static RSLORA_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
+  RSLORA_TARGET static RSLORA_INLINE V load(const float* p, int n) {  // first n lanes, rest 0
     static const int m[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
     return _mm256_maskload_ps(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 8 - n)));
   }
-  RSLORA_AVX2 static RSLORA_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  RSLORA_AVX2 static RSLORA_INLINE V set1(float a) { return _mm256_set1_ps(a); }
-  RSLORA_AVX2 static RSLORA_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  RSLORA_TARGET static RSLORA_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  RSLORA_TARGET static RSLORA_INLINE V set1(float a) { return _mm256_set1_ps(a); }
+  RSLORA_TARGET static RSLORA_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   // v[0..8) rows -> columns.
-  RSLORA_AVX2 static RSLORA_INLINE void transpose(V* v) {
+  RSLORA_TARGET static RSLORA_INLINE void transpose(V* v) {
     const V t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
     const V t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
     const V t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
@@ -63,16 +58,16 @@ template <>
 struct Simd<double> {
   using V = __m256d;
   static constexpr int L = 4;
-  RSLORA_AVX2 static RSLORA_INLINE V zero() { return _mm256_setzero_pd(); }
-  RSLORA_AVX2 static RSLORA_INLINE V load(const double* p) { return _mm256_loadu_pd(p); }
-  RSLORA_AVX2 static RSLORA_INLINE V load(const double* p, int n) {
+  RSLORA_TARGET static RSLORA_INLINE V zero() { return _mm256_setzero_pd(); }
+  RSLORA_TARGET static RSLORA_INLINE V load(const double* p) { return _mm256_loadu_pd(p); }
+  RSLORA_TARGET static RSLORA_INLINE V load(const double* p, int n) {
     static const long long m[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
     return _mm256_maskload_pd(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 4 - n)));
   }
-  RSLORA_AVX2 static RSLORA_INLINE void store(double* p, V v) { _mm256_storeu_pd(p, v); }
-  RSLORA_AVX2 static RSLORA_INLINE V set1(double a) { return _mm256_set1_pd(a); }
-  RSLORA_AVX2 static RSLORA_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
-  RSLORA_AVX2 static RSLORA_INLINE void transpose(V* v) {
+  RSLORA_TARGET static RSLORA_INLINE void store(double* p, V v) { _mm256_storeu_pd(p, v); }
+  RSLORA_TARGET static RSLORA_INLINE V set1(double a) { return _mm256_set1_pd(a); }
+  RSLORA_TARGET static RSLORA_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  RSLORA_TARGET static RSLORA_INLINE void transpose(V* v) {
     const V t0 = _mm256_unpacklo_pd(v[0], v[1]), t1 = _mm256_unpackhi_pd(v[0], v[1]);
     const V t2 = _mm256_unpacklo_pd(v[2], v[3]), t3 = _mm256_unpackhi_pd(v[2], v[3]);
     v[0] = _mm256_permute2f128_pd(t0, t2, 0x20);
@@ -82,41 +77,60 @@ struct Simd<double> {
   }
 };
 
-// The lanes of v summed in lane order.
+// One group = c <= kSmallGroup rows of x and y on one adapter (A: r x d_in, B: d_out x r).
+// - shrink (xa = x_rows A^T): K x Q register tiles of dot products (K rows of x against Q rows
+//   of A, over all of d_in), so each load feeds several FMAs and >= 8 FMA chains run where c
+//   allows; the K rows of x stay in L2 while the rows of A stream past them once per tile row.
+//   Each dot product is summed over j lane-wise, then horizontally in lane order, then the tail.
+// - expand (y_rows += s xa B^T): d_out is cut into blocks of kBlockCols columns; each block of B
+//   (kBlockCols rows of r) is transposed in L x L register blocks into `bt` (L1), then K rows of
+//   y x J registers of columns are accumulated over q in order, y += s * sum (one FMA).
+// A and B stream from memory and are prefetched ahead, the next group's A and x rows during
+// this group's expand; the y rows, a few sequential streams, are left to the hardware prefetcher.
+
+// Columns of y per expand block: J = 8 registers for a single row.
 template <class T>
-RSLORA_AVX2 RSLORA_INLINE T lane_sum(typename Simd<T>::V v) {
-  alignas(32) T t[Simd<T>::L];
+constexpr i64 kBlockCols = 8 * Simd<T>::L;
+static_assert(kBlockCols<float> <= kExpandCols && kBlockCols<double> <= kExpandCols);
+
+// y = sum over the lanes of v, in lane order.
+template <class T>
+RSLORA_TARGET RSLORA_INLINE T lane_sum(typename Simd<T>::V v) {
+  alignas(64) T t[Simd<T>::L];
   Simd<T>::store(t, v);
   T s = T(0);
   for (int l = 0; l < Simd<T>::L; ++l) s += t[l];
   return s;
 }
 
-// Elements of a row of A ahead to prefetch in the shrink: A streams from memory, and 256-bit
-// loads leave fewer misses in flight than the AVX-512 kernel's (measured: ~20% off the shrink).
-// Prefetches past the end of A are harmless (they never fault).
-constexpr i64 kAhead = 512;
+// --- shrink ------------------------------------------------------------------------------------
 
-// xa[k * r + q0 + q] for K rows of x and Q rows of A from q0 on.
+// Elements of a row of A ahead to prefetch: A streams from memory in Q rows at once, more
+// streams than the hardware prefetcher follows well (measured on Zen 4: ~20% off the shrink).
+// Prefetches past the end of A are harmless (they never fault).
+constexpr i64 kAheadBytes = 2048;
+
+// xa[k * r + q0 + q] for K rows of x and Q rows of A from q0 on, over all of d.
 template <class T, int K, int Q>
-RSLORA_AVX2 RSLORA_INLINE void shrink_tile(const T* const* x, const T* A, i64 A_rs, i64 d, i64 r,
-                                           i64 q0, T* xa) {
+RSLORA_TARGET RSLORA_INLINE void shrink_tile(const T* const* x, const T* A, i64 A_rs, i64 d, i64 r,
+                                             i64 q0, T* xa) {
   using S = Simd<T>;
   constexpr int L = S::L;
+  constexpr i64 ahead = kAheadBytes / static_cast<i64>(sizeof(T));
   const i64 dv = d - d % L;
   typename S::V acc[K][Q];
   for (int k = 0; k < K; ++k)
     for (int q = 0; q < Q; ++q) acc[k][q] = S::zero();
   const T* a = A + q0 * A_rs;
   for (i64 j = 0; j < dv; j += L) {
-    if (j % (64 / sizeof(T)) == 0)  // A streams from memory: one prefetch per line, far ahead
+    if (j % (64 / sizeof(T)) == 0)  // one prefetch per cache line of each row of A
       for (int q = 0; q < Q; ++q)
-        _mm_prefetch(reinterpret_cast<const char*>(a + q * A_rs + j + kAhead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(a + q * A_rs + j + ahead), _MM_HINT_T0);
     typename S::V av[Q];
     for (int q = 0; q < Q; ++q) av[q] = S::load(a + q * A_rs + j);
     for (int k = 0; k < K; ++k) {
       typename S::V xv = S::load(x[k] + j);
-      asm("" : "+x"(xv));  // one load of x per row: keep GCC from folding it into each FMA
+      asm("" : "+v"(xv));  // one load of x per row: keep GCC from folding it into each FMA
       for (int q = 0; q < Q; ++q) acc[k][q] = S::fma(xv, av[q], acc[k][q]);
     }
   }
@@ -130,15 +144,18 @@ RSLORA_AVX2 RSLORA_INLINE void shrink_tile(const T* const* x, const T* A, i64 A_
 
 // All r rows of A for K rows of x: Q rows at a time (K * Q + Q + 1 <= 16 registers), then one.
 template <class T, int K, int Q>
-RSLORA_AVX2 RSLORA_INLINE void shrink_rows(const T* const* x, const T* A, i64 A_rs, i64 d, i64 r,
-                                           T* xa) {
+RSLORA_TARGET RSLORA_INLINE void shrink_rows(const T* const* x, const T* A, i64 A_rs, i64 d, i64 r,
+                                             T* xa) {
   i64 q = 0;
   for (; q + Q <= r; q += Q) shrink_tile<T, K, Q>(x, A, A_rs, d, r, q, xa);
   for (; q < r; ++q) shrink_tile<T, K, 1>(x, A, A_rs, d, r, q, xa);
 }
 
+// xa (c, r) = x_rows A^T: tiles of K = 4 rows (Q = 2: 8 FMA chains), the last 1-3 rows with
+// wider Q. The x rows of a tile stay in L2 while Q rows of A at a time stream past them.
 template <class T>
-RSLORA_AVX2 void shrink_impl(const T* const* x, i64 c, const T* A, i64 r, i64 A_rs, i64 d, T* xa) {
+RSLORA_TARGET void shrink_tiled(const T* const* x, i64 c, const T* A, i64 r, i64 A_rs, i64 d,
+                                T* xa) {
   i64 k = 0;
   for (; k + 4 <= c; k += 4) shrink_rows<T, 4, 2>(x + k, A, A_rs, d, r, xa + k * r);
   if (c - k == 3) shrink_rows<T, 3, 3>(x + k, A, A_rs, d, r, xa + k * r);
@@ -146,80 +163,127 @@ RSLORA_AVX2 void shrink_impl(const T* const* x, i64 c, const T* A, i64 r, i64 A_
   if (c - k == 1) shrink_rows<T, 1, 8>(x + k, A, A_rs, d, r, xa + k * r);
 }
 
-// y[k][j0 .. j0 + jb) += s * sum_q xa[k * r + q] * bt[q * L ..] for K rows.
-template <class T, int K>
-RSLORA_AVX2 RSLORA_INLINE void expand_rows(T* const* y, i64 j0, i64 jb, const T* bt, i64 r,
-                                           const T* xa, T s) {
+// --- expand ------------------------------------------------------------------------------------
+
+// y[k][j0 + jj] for K rows and J registers of columns from jj0: acc over q in order, then
+// y += s * acc. jb: columns of the block that exist (the rest of bt is zero padding).
+template <class T, int K, int J>
+RSLORA_TARGET RSLORA_INLINE void expand_tile(T* const* y, i64 j0, i64 jj0, i64 jb, const T* bt,
+                                             i64 r, const T* xa, T s) {
   using S = Simd<T>;
-  typename S::V acc[K];
-  for (int k = 0; k < K; ++k) acc[k] = S::zero();
+  constexpr int L = S::L;
+  constexpr i64 W = kBlockCols<T>;
+  typename S::V acc[K][J];
+  for (int k = 0; k < K; ++k)
+    for (int j = 0; j < J; ++j) acc[k][j] = S::zero();
   for (i64 q = 0; q < r; ++q) {
-    const typename S::V b = S::load(bt + q * S::L);
-    for (int k = 0; k < K; ++k) acc[k] = S::fma(S::set1(xa[k * r + q]), b, acc[k]);
+    typename S::V b[J];
+    for (int j = 0; j < J; ++j) b[j] = S::load(bt + q * W + jj0 + j * L);
+    for (int k = 0; k < K; ++k) {
+      const typename S::V w = S::set1(xa[k * r + q]);
+      for (int j = 0; j < J; ++j) acc[k][j] = S::fma(w, b[j], acc[k][j]);
+    }
   }
   const typename S::V sv = S::set1(s);
-  for (int k = 0; k < K; ++k) {
-    if (jb == S::L) {
-      S::store(y[k] + j0, S::fma(sv, acc[k], S::load(y[k] + j0)));
-    } else {
-      alignas(32) T t[S::L];
-      S::store(t, acc[k]);
-      for (i64 jj = 0; jj < jb; ++jj) y[k][j0 + jj] = __builtin_fma(s, t[jj], y[k][j0 + jj]);
+  if (jb - jj0 >= J * L) {  // every column exists: all loads of y before the first store (rows
+    // 4 KB apart would alias a store with the next row's load and stall it)
+    for (int k = 0; k < K; ++k)
+      for (int j = 0; j < J; ++j)
+        acc[k][j] = S::fma(sv, acc[k][j], S::load(y[k] + j0 + jj0 + j * L));
+    for (int k = 0; k < K; ++k)
+      for (int j = 0; j < J; ++j) S::store(y[k] + j0 + jj0 + j * L, acc[k][j]);
+    return;
+  }
+  for (int k = 0; k < K; ++k)
+    for (int j = 0; j < J; ++j) {
+      T* p = y[k] + j0 + jj0 + j * L;
+      const i64 n = jb - jj0 - j * L;  // columns of this register that exist
+      if (n >= L) {
+        S::store(p, S::fma(sv, acc[k][j], S::load(p)));
+      } else if (n > 0) {
+        alignas(64) T t[L];
+        S::store(t, acc[k][j]);
+        for (i64 l = 0; l < n; ++l) p[l] = __builtin_fma(s, t[l], p[l]);
+      }
+    }
+}
+
+// All columns of the block for K rows, J registers at a time.
+template <class T, int K, int J>
+RSLORA_TARGET RSLORA_INLINE void expand_rows(T* const* y, i64 j0, i64 jb, const T* bt, i64 r,
+                                             const T* xa, T s) {
+  constexpr i64 step = J * Simd<T>::L;
+  for (i64 jj0 = 0; jj0 < jb; jj0 += step) expand_tile<T, K, J>(y, j0, jj0, jb, bt, r, xa, s);
+}
+
+// bt (r, W) = B[j0 .. j0 + jb, 0 .. r) transposed, zero-padded to W columns; L x L register
+// blocks. The same rows of the next block are prefetched as each L rows are read (B streams from
+// memory; a burst of W prefetches at once would stall on the miss queue; past B's end: harmless).
+template <class T>
+RSLORA_TARGET RSLORA_INLINE void transpose_block(const T* B, i64 B_rs, i64 r, i64 j0, i64 jb,
+                                                 T* bt) {
+  using S = Simd<T>;
+  constexpr int L = S::L;
+  constexpr i64 W = kBlockCols<T>;
+  const i64 row_bytes = r * static_cast<i64>(sizeof(T));
+  typename S::V v[L];
+  for (i64 i0 = 0; i0 < W; i0 += L) {  // rows j0 + i0 .. of B -> columns i0 .. of bt
+    for (i64 i = 0; i < L; ++i)
+      for (i64 b = 0; b < row_bytes; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(B + (j0 + W + i0 + i) * B_rs) + b, _MM_HINT_T0);
+    const i64 ib = std::clamp<i64>(jb - i0, 0, L);
+    for (i64 q0 = 0; q0 < r; q0 += L) {
+      const int qb = static_cast<int>(std::min<i64>(L, r - q0));
+      const T* b0 = B + (j0 + i0) * B_rs + q0;
+      if (ib == L && qb == L) {
+        for (int i = 0; i < L; ++i) v[i] = S::load(b0 + i * B_rs);
+      } else {
+        for (int i = 0; i < L; ++i) v[i] = i < ib ? S::load(b0 + i * B_rs, qb) : S::zero();
+      }
+      S::transpose(v);
+      for (int q = 0; q < qb; ++q) S::store(bt + (q0 + q) * W + i0, v[q]);
     }
   }
 }
 
-constexpr i64 kPrefetchRows = 64;  // rows of B ahead (B streams from memory)
+// Rows in tiles of K = 4 (J = 2: 8 chains), the last 1-3 rows with wider J.
+template <class T>
+RSLORA_TARGET void expand_tiled(const Group<T>& g, Dims dims, const T* xa, T* bt) {
+  constexpr i64 W = kBlockCols<T>;
+  const i64 c = g.c, r = dims.r, d_out = dims.d_out;
+  const NextGroupPrefetch<T> next(g, dims, (d_out + W - 1) / W);  // multi_kernels.hpp
+  for (i64 j0 = 0; j0 < d_out; j0 += W) {
+    next.block(j0 / W);
+    const i64 jb = std::min(W, d_out - j0);
+    transpose_block<T>(g.B, g.B_rs, r, j0, jb, bt);
+    T* const* y = g.y;
+    i64 k = 0;
+    for (; k + 4 <= c; k += 4) expand_rows<T, 4, 2>(y + k, j0, jb, bt, r, xa + k * r, g.s);
+    if (c - k == 3) expand_rows<T, 3, 2>(y + k, j0, jb, bt, r, xa + k * r, g.s);
+    if (c - k == 2) expand_rows<T, 2, 4>(y + k, j0, jb, bt, r, xa + k * r, g.s);
+    if (c - k == 1) expand_rows<T, 1, 8>(y + k, j0, jb, bt, r, xa + k * r, g.s);
+  }
+}
+
+// --- a group -----------------------------------------------------------------------------------
 
 template <class T>
-RSLORA_AVX2 void expand_impl(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, i64 d_out,
-                             const T* xa, T s, T* bt) {
-  using S = Simd<T>;
-  constexpr int L = S::L;
-  typename S::V v[L];
-  for (i64 j0 = 0; j0 < d_out; j0 += L) {
-    const i64 jb = std::min<i64>(L, d_out - j0);
-    if (j0 + kPrefetchRows + L <= d_out)
-      for (int i = 0; i < L; ++i)
-        _mm_prefetch(reinterpret_cast<const char*>(B + (j0 + kPrefetchRows + i) * B_rs),
-                     _MM_HINT_T0);
-    // bt (r, L) = rows j0 .. j0 + jb of B transposed, zero-padded; L x L blocks in registers.
-    for (i64 q0 = 0; q0 < r; q0 += L) {
-      const int qb = static_cast<int>(std::min<i64>(L, r - q0));
-      const T* b0 = B + j0 * B_rs + q0;
-      if (jb == L && qb == L) {
-        for (int i = 0; i < L; ++i) v[i] = S::load(b0 + i * B_rs);
-      } else {
-        for (int i = 0; i < L; ++i) v[i] = i < jb ? S::load(b0 + i * B_rs, qb) : S::zero();
-      }
-      S::transpose(v);
-      for (int q = 0; q < L; ++q)
-        if (q < qb) S::store(bt + (q0 + q) * L, v[q]);
-    }
-    i64 k = 0;
-    for (; k + 4 <= c; k += 4) expand_rows<T, 4>(y + k, j0, jb, bt, r, xa + k * r, s);
-    for (; k < c; ++k) expand_rows<T, 1>(y + k, j0, jb, bt, r, xa + k * r, s);
-  }
+RSLORA_TARGET void add_group_tiled(const Group<T>& g, Dims dims, T* work) {
+  T* xa = work;
+  T* bt = xa + kSmallGroup * dims.r;
+  shrink_tiled<T>(g.x, g.c, g.A, dims.r, g.A_rs, dims.d_in, xa);
+  expand_tiled<T>(g, dims, xa, bt);
 }
 
 }  // namespace
 
 bool have_avx2_fma() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
-void shrink_avx2(const float* const* x, i64 c, const float* A, i64 r, i64 A_rs, i64 d, float* xa) {
-  shrink_impl(x, c, A, r, A_rs, d, xa);
+void add_group_avx2(const Group<float>& g, Dims dims, float* work) {
+  add_group_tiled(g, dims, work);
 }
-void shrink_avx2(const double* const* x, i64 c, const double* A, i64 r, i64 A_rs, i64 d,
-                 double* xa) {
-  shrink_impl(x, c, A, r, A_rs, d, xa);
-}
-void expand_avx2(float* const* y, i64 c, const float* B, i64 r, i64 B_rs, i64 d_out,
-                 const float* xa, float s, float* bt) {
-  expand_impl(y, c, B, r, B_rs, d_out, xa, s, bt);
-}
-void expand_avx2(double* const* y, i64 c, const double* B, i64 r, i64 B_rs, i64 d_out,
-                 const double* xa, double s, double* bt) {
-  expand_impl(y, c, B, r, B_rs, d_out, xa, s, bt);
+void add_group_avx2(const Group<double>& g, Dims dims, double* work) {
+  add_group_tiled(g, dims, work);
 }
 
 }  // namespace rslora::detail

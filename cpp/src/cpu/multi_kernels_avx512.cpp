@@ -220,12 +220,13 @@ RSLORA_AVX512 RSLORA_INLINE void load_block(typename Simd<T>::V* v, const T* B, 
 
 template <class T>
 RSLORA_AVX512 void expand_impl(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, i64 d_out,
-                               const T* xa, T s, T* bt) {
+                               const T* xa, T s, T* bt, const NextGroupPrefetch<T>& next) {
   using S = Simd<T>;
   constexpr int L = S::L;
   const Transposer<T> transpose;
   typename S::V v[L];
   for (i64 j0 = 0; j0 < d_out; j0 += L) {
+    next.block(j0 / L);
     const i64 jb = std::min<i64>(L, d_out - j0);
     if (r == L && jb == L) {  // the common case: the transposed block stays in registers
       load_block<T>(v, B, B_rs, d_out, j0, jb, 0, L);
@@ -250,25 +251,24 @@ RSLORA_AVX512 void expand_impl(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, 
   }
 }
 
+template <class T>
+RSLORA_AVX512 void add_group_impl(const Group<T>& g, Dims dims, T* work) {
+  constexpr i64 L = Simd<T>::L;
+  const NextGroupPrefetch<T> next(g, dims, (dims.d_out + L - 1) / L);
+  shrink_impl(g.x, g.c, g.A, dims.r, g.A_rs, dims.d_in, work);
+  expand_impl(g.y, g.c, g.B, dims.r, g.B_rs, dims.d_out, work, g.s, work + kSmallGroup * dims.r,
+              next);
+}
+
 }  // namespace
 
 bool have_avx512() { return __builtin_cpu_supports("avx512f"); }
 
-void shrink_avx512(const float* const* x, i64 c, const float* A, i64 r, i64 A_rs, i64 d,
-                   float* xa) {
-  shrink_impl(x, c, A, r, A_rs, d, xa);
+void add_group_avx512(const Group<float>& g, Dims dims, float* work) {
+  add_group_impl(g, dims, work);
 }
-void shrink_avx512(const double* const* x, i64 c, const double* A, i64 r, i64 A_rs, i64 d,
-                   double* xa) {
-  shrink_impl(x, c, A, r, A_rs, d, xa);
-}
-void expand_avx512(float* const* y, i64 c, const float* B, i64 r, i64 B_rs, i64 d_out,
-                   const float* xa, float s, float* bt) {
-  expand_impl(y, c, B, r, B_rs, d_out, xa, s, bt);
-}
-void expand_avx512(double* const* y, i64 c, const double* B, i64 r, i64 B_rs, i64 d_out,
-                   const double* xa, double s, double* bt) {
-  expand_impl(y, c, B, r, B_rs, d_out, xa, s, bt);
+void add_group_avx512(const Group<double>& g, Dims dims, double* work) {
+  add_group_impl(g, dims, work);
 }
 
 }  // namespace rslora::detail
