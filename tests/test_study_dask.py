@@ -15,12 +15,12 @@ pytest.importorskip("distributed")
 
 import dask  # noqa: E402
 from distributed import Client, LocalCluster  # noqa: E402
-from test_study import FIGURES, tiny_config  # noqa: E402
+from test_study import tiny_config  # noqa: E402
 
 from rslora import cli, study  # noqa: E402
-from rslora.study import lrmap, mlp, parallel  # noqa: E402
+from rslora.study import lrmap, mlp, parallel, plots  # noqa: E402
 
-FILES = sorted(["report.md", "results.json", ".rslora-output.json"] + FIGURES)
+FILES = sorted(["report.md", "results.json", ".rslora-output.json"])  # plots: see `tiny`
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +32,17 @@ def scheduler():
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference():
     """results.json of the study run in this process, in order."""
-    out = tmp_path_factory.mktemp("ref") / "out"
-    study.run_study(tiny_config(), out, progress=False)
-    return (out / "results.json").read_bytes()
+    return study.output.dumps({k: v for k, v in study.run(tiny_config(), progress=False).items()
+                               if not k.startswith("_")}).encode()
 
 
 @pytest.fixture
 def tiny(monkeypatch):
     monkeypatch.setattr(study, "quick_config", tiny_config)  # `--quick` runs the tiny config
+    # No plots: they take most of a tiny study's time, and test_study checks them.
+    monkeypatch.setattr(plots, "write_all", lambda results, out_dir: [])
 
 
 def _study(out, *flags) -> int:
@@ -65,6 +66,7 @@ def test_workers_and_scheduler_give_the_same_results_json(tiny, scheduler, refer
     assert scheduler in (tmp_path / "s" / "report.md").read_text()
     with Client(scheduler, set_as_default=False) as client:  # the Python API's client=
         study.run_study(tiny_config(), tmp_path / "c", progress=False, client=client)
+        assert client.status == "running"  # the caller's client is left open
     assert (tmp_path / "c" / "results.json").read_bytes() == reference
     assert sorted(os.listdir(tmp_path / "s")) == FILES
 
@@ -180,10 +182,32 @@ def test_batches_cover_every_job_once_at_about_equal_cost(n_jobs, n):
     assert max(costs) - min(costs) <= (n_jobs - 1) ** 2  # dealt by decreasing cost
 
 
-def test_bad_api_arguments():
+def test_bad_api_arguments(tmp_path):
     with pytest.raises(ValueError, match="not both"):
         study.run(tiny_config(), progress=False, workers=2, scheduler="tcp://h:1")
     with pytest.raises(ValueError, match="workers or client, not both"):
         study.run(tiny_config(), progress=False, workers=2, client=object())
     with pytest.raises(ValueError, match="workers must be >= 1"):
-        study.run(tiny_config(), progress=False, workers=0)
+        study.run_study(tiny_config(), tmp_path / "out", progress=False, workers=0)
+    assert os.listdir(tmp_path) == []
+
+
+class _FakeClient:
+    def __init__(self, run):
+        self.run = run
+
+
+def test_workers_that_cannot_import_rslora_are_one_line():
+    from rslora.dask.cluster import ClusterError
+
+    no_study = _FakeClient(lambda fn: {"tcp://a:1": None, "tcp://b:2": "ModuleNotFoundError: x"})
+    with pytest.raises(ClusterError, match=r"worker at tcp://b:2 cannot import .* same rslora"):
+        parallel._check_workers_import(no_study)
+
+    def cannot_load(fn):
+        raise ModuleNotFoundError("No module named 'rslora'\n  (the worker's traceback)")
+
+    with pytest.raises(ClusterError, match=r"cannot run rslora's study .*'rslora'$"):
+        parallel._check_workers_import(_FakeClient(cannot_load))
+    parallel._check_workers_import(_FakeClient(lambda fn: {"tcp://a:1": None}))
+    assert parallel._import_study() is None  # here, as on a worker with rslora

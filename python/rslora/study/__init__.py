@@ -126,6 +126,7 @@ def run_study(cfg: StudyConfig, out_dir="rslora-study", *, force: bool = False,
 
     The files are written into a temporary sibling of ``out_dir`` that replaces it only when all
     are written: a crash leaves the previous output as it was."""
+    parallel.check_workers(workers, scheduler, client)  # before the output folder is touched
     with open_output(out_dir, force) as tmp:
         results = run(cfg, progress, workers, scheduler=scheduler, client=client)
         write(results, str(tmp))

@@ -107,17 +107,31 @@ def _import_study() -> str | None:
     try:
         from . import lrmap, mlp  # noqa: F401
     except Exception as e:  # noqa: BLE001 - reported by the client
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {_first_line(e)}"
     return None
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def _check_workers_import(client: Any) -> None:
+    """Every worker can run the study's runs: a clear line now, not a failed first task."""
     from ..dask.cluster import ClusterError
 
-    for address, error in client.run(_import_study).items():
+    advice = "install the same rslora on every worker"
+    try:
+        errors = client.run(_import_study)
+    except (OSError, TimeoutError) as e:
+        raise ClusterError(f"lost the Dask cluster: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - a worker without rslora cannot even load the check
+        raise ClusterError(f"the Dask workers cannot run rslora's study ({advice}): "
+                           f"{type(e).__name__}: {_first_line(e)}") from None
+    for address, error in errors.items():
         if error is not None:
             raise ClusterError(f"the Dask worker at {address} cannot import rslora's study "
-                               f"(install the same rslora on every worker): {error}")
+                               f"({advice}): {error}")
 
 
 def describe(client: Any) -> str:
