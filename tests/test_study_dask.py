@@ -60,7 +60,7 @@ def _one_line_error(capsys, *words):
 def test_workers_and_scheduler_give_the_same_results_json(tiny, scheduler, reference, tmp_path):
     assert _study(tmp_path / "w2", "--workers", "2") == 0
     assert (tmp_path / "w2" / "results.json").read_bytes() == reference
-    assert "2 local worker(s)" in (tmp_path / "w2" / "report.md").read_text()
+    assert "local Dask cluster of 2 worker processes" in (tmp_path / "w2" / "report.md").read_text()
     assert _study(tmp_path / "s", "--scheduler", scheduler) == 0
     assert (tmp_path / "s" / "results.json").read_bytes() == reference
     assert scheduler in (tmp_path / "s" / "report.md").read_text()

@@ -63,7 +63,7 @@ def run(cfg: StudyConfig, progress: bool | None = None, workers: int | None = No
         del deltas
         bar.set_description("learning-rate map (toy)")
         c = get_client()
-        runner, where = parallel.Runner(c, advance), parallel.describe(c)
+        runner, where = parallel.Runner(c, advance), parallel.describe(c, workers)
         S = spectra.make_delta(cfg, lrmap.KIND, cfg.train_dim)[1]
         res_map = lrmap.run(cfg, runner, S)
         bar.set_description("nonlinear fine-tune")

@@ -134,14 +134,25 @@ def _check_workers_import(client: Any) -> None:
                                f"({advice}): {error}")
 
 
-def describe(client: Any) -> str:
-    """Where the runs went, for the report (not for results.json: it varies)."""
+def _threads(client: Any) -> int:
+    """The worker threads of the cluster now (at least 1)."""
+    from ..dask.cluster import ClusterError
+
+    try:
+        return max(1, sum(client.nthreads().values()))
+    except (OSError, TimeoutError) as e:
+        raise ClusterError(f"lost the Dask cluster: {_first_line(e)}") from None
+
+
+def describe(client: Any, workers: int | None = None) -> str:
+    """Where the runs went, for the report (not for results.json: it varies). A local cluster's
+    random port is left out: two runs that ran alike read alike."""
     if client is None:
         return "in one process"
-    n = len(client.nthreads())
+    if workers is not None:
+        return f"on a local Dask cluster of {workers} worker processes"
     address = getattr(client.scheduler, "address", None) or "?"
-    local = "local " if address.startswith(("inproc://", "tcp://127.0.0.1:")) else ""
-    return f"on a Dask cluster of {n} {local}worker(s) ({address})"
+    return f"on the Dask cluster at {address} ({_threads(client)} worker threads at the start)"
 
 
 #: Tasks per worker thread in one round of runs. A Dask task costs a few ms of scheduling, tens
@@ -182,7 +193,6 @@ class Runner:
 
     def __init__(self, client: Any = None, advance=lambda units: None):
         self.client, self.advance = client, advance
-        self._threads = None
 
     def map(self, fn, cfg, jobs: list, cost=lambda job: 1.0) -> list:
         if self.client is None or not jobs:
@@ -193,9 +203,8 @@ class Runner:
             return out
         from ..dask.cluster import map_unordered
 
-        if self._threads is None:
-            self._threads = max(1, sum(self.client.nthreads().values()))
-        parts = batches(jobs, cost, BATCHES_PER_THREAD * self._threads)
+        threads = _threads(self.client)  # each round: a cluster may grow or shrink
+        parts = batches(jobs, cost, BATCHES_PER_THREAD * threads)
         prefix = fn.__module__.rsplit(".", 1)[-1]
 
         def key(batch) -> str:  # the dashboard's name of a task: its first run's description
@@ -206,7 +215,7 @@ class Runner:
         # Two batches in flight per thread: each worker has its next one at hand.
         for b, results in map_unordered(self.client, _Runs(fn, cfg),
                                         [[jobs[i] for i in part] for part in parts],
-                                        max_in_flight=2 * self._threads,
+                                        max_in_flight=2 * threads,
                                         key=key):
             for i, res in zip(parts[b], results):
                 out[i] = res
