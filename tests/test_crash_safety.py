@@ -131,7 +131,8 @@ def test_merge_killed_at_each_point(tmp_path, pair):
 def test_study_killed_before_and_after_the_swap(tmp_path):
     """Each study run costs seconds (matplotlib): kill it once before the swap and once after."""
     out = tmp_path / "out"
-    args = ["study", "--quick", "--out", str(out), "--force"]
+    # In this process (--workers 1): the swap is under test here, not the Dask runs.
+    args = ["study", "--quick", "--out", str(out), "--force", "--workers", "1"]
     run(args + ["--seed", "1"], patch=TINY_STUDY)
     old = snapshot(out)
     assert "report.md" in old

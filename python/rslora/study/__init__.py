@@ -24,17 +24,20 @@ __all__ = ["StudyConfig", "quick_config", "full_config", "run", "write", "run_st
 FORMAT = 2  # of results.json
 
 
-def run(cfg: StudyConfig, progress: bool | None = None, workers: int | None = None) -> dict:
+def run(cfg: StudyConfig, progress: bool | None = None, workers: int | None = None, *,
+        scheduler: str | None = None, client=None) -> dict:
     """Compute every number of the study. ``progress``: a tqdm bar on stderr (None: if a tty).
 
-    ``workers``: processes for the training runs (default: the cores this process may use);
-    the results do not depend on it.
+    Where the training runs go (at most one of): ``workers`` local processes (a Dask
+    ``LocalCluster`` started and stopped here; 1: this process), the Dask cluster at
+    ``scheduler`` (an address), ``client`` (a ``distributed.Client``); by default this process.
+    The results do not depend on it.
     """
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
+    parallel.check_workers(workers, scheduler, client)
     t0 = time.perf_counter()
-    workers = parallel.default_workers() if workers is None else workers
     n_approx = len(spectra.KINDS) * len(cfg.approx_ranks)
     units_map = lrmap.total_cost(cfg)
     per_approx = units_map / 60 / n_approx  # rough weight of one rsvd next to training
@@ -45,9 +48,10 @@ def run(cfg: StudyConfig, progress: bool | None = None, workers: int | None = No
     # a few CPU seconds) and the training runs go to worker processes instead. Measured here
     # on a busy 2-core machine, the quick study's spectra + approximation took 23 s of CPU with
     # NumPy's BLAS threads spinning and 1.1 s with one thread.
-    with threadpool_limits(limits=1), tqdm(total=total, disable=None if progress is None
-                                           else not progress, bar_format=fmt,
-                                           leave=False) as bar:
+    with parallel.open_client(workers, scheduler, client) as get_client, \
+            threadpool_limits(limits=1), tqdm(total=total, disable=None if progress is None
+                                              else not progress, bar_format=fmt,
+                                              leave=False) as bar:
         def advance(units):
             bar.update(min(units, max(bar.total - bar.n, 0)))
 
@@ -57,15 +61,16 @@ def run(cfg: StudyConfig, progress: bool | None = None, workers: int | None = No
         bar.set_description("approximation vs rank")
         res_approx = approximation.run(cfg, deltas, lambda u: advance(u * per_approx))
         del deltas
-        with parallel.Runner(workers, advance) as runner:
-            bar.set_description("learning-rate map (toy)")
-            S = spectra.make_delta(cfg, lrmap.KIND, cfg.train_dim)[1]
-            res_map = lrmap.run(cfg, runner, S)
-            bar.set_description("nonlinear fine-tune")
-            runner.advance = lambda u: advance(u * per_mlp)
-            res_mlp = mlp.run(cfg, runner)
-            bar.set_description("probes, equivalence")
-            res_dyn = _probes_and_equivalence(cfg, res_map)
+        bar.set_description("learning-rate map (toy)")
+        c = get_client()
+        runner, where = parallel.Runner(c, advance), parallel.describe(c, workers)
+        S = spectra.make_delta(cfg, lrmap.KIND, cfg.train_dim)[1]
+        res_map = lrmap.run(cfg, runner, S)
+        bar.set_description("nonlinear fine-tune")
+        runner.advance = lambda u: advance(u * per_mlp)
+        res_mlp = mlp.run(cfg, runner)
+        bar.set_description("probes, equivalence")
+        res_dyn = _probes_and_equivalence(cfg, res_map)
         bar.update(bar.total - bar.n)
     return {
         "format": FORMAT,
@@ -79,7 +84,7 @@ def run(cfg: StudyConfig, progress: bool | None = None, workers: int | None = No
         "mlp": res_mlp,
         # wall time is not a result: kept out of results.json so equal seeds give equal bytes
         "_wall_s": time.perf_counter() - t0,
-        "_workers": workers,
+        "_where": where,
     }
 
 
@@ -114,12 +119,15 @@ def write(results: dict, out_dir: str) -> list:
 
 
 def run_study(cfg: StudyConfig, out_dir="rslora-study", *, force: bool = False,
-              progress: bool | None = None, workers: int | None = None) -> dict:
+              progress: bool | None = None, workers: int | None = None,
+              scheduler: str | None = None, client=None) -> dict:
     """Check ``out_dir``, run the study, write its files; returns the results dict.
+    ``workers``, ``scheduler``, ``client``: where the training runs go (:func:`run`).
 
     The files are written into a temporary sibling of ``out_dir`` that replaces it only when all
     are written: a crash leaves the previous output as it was."""
+    parallel.check_workers(workers, scheduler, client)  # before the output folder is touched
     with open_output(out_dir, force) as tmp:
-        results = run(cfg, progress, workers)
+        results = run(cfg, progress, workers, scheduler=scheduler, client=client)
         write(results, str(tmp))
     return results

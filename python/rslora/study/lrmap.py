@@ -33,7 +33,8 @@ def lr_min(cfg, optimizer: str) -> float:
 def problem(cfg, rep: int) -> dynamics.Problem:
     key = (cfg, rep)
     if key not in _PROBLEMS:
-        _PROBLEMS.clear()  # one config at a time
+        if any(c != cfg for c, _ in _PROBLEMS):
+            _PROBLEMS.clear()  # one config at a time, all its seeds (a worker gets any of them)
         delta, _ = spectra.make_delta(cfg, KIND, cfg.train_dim, rep=rep)
         _PROBLEMS[key] = dynamics.Problem(cfg, KIND, delta, rep=rep)
     return _PROBLEMS[key]

@@ -141,7 +141,8 @@ class Net:
 def net(cfg, rep: int) -> Net:
     key = (cfg, rep)
     if key not in _NETS:
-        _NETS.clear()
+        if any(c != cfg for c, _ in _NETS):
+            _NETS.clear()  # one config at a time, all its seeds (a worker gets any of them)
         _NETS[key] = Net(cfg, rep)
     return _NETS[key]
 

@@ -151,13 +151,13 @@ def _section_approx(res) -> str:
 
 
 def render(res: dict, run_info: dict | None = None) -> str:
-    """report.md. ``run_info`` (wall time, workers) is not in results.json: it varies."""
+    """report.md. ``run_info`` (wall time, where it ran) is not in results.json: it varies."""
     cfg = res["config"]
     cmd = "rslora study" + (" --quick" if cfg["mode"] == "quick" else "") + f" --seed {cfg['seed']}"
     timing = ""
     if run_info:
-        timing = (f"This run took {run_info['wall_s']:.0f} s of wall time on "
-                  f"{run_info['workers']} worker process(es).\n\n")
+        timing = (f"This run took {run_info['wall_s']:.0f} s of wall time; its training runs "
+                  f"ran {run_info['where']}.\n\n")
     head = (
         f"# rsLoRA study ({cfg['mode']} mode, seed {cfg['seed']})\n\n"
         "What rank-stabilized LoRA (Kalajdzievski 2023, arXiv:2312.03732) changes, measured on "
