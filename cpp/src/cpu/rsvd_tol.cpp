@@ -81,28 +81,31 @@ void draw_block(const Sides<T>& sd, i64 b, std::uint64_t seed, std::uint64_t str
   check_interrupt();
 }
 
-// Z (q x b) -= W (Q^T Y): with Z = A^T Y, Z = (A - Q B)^T Y. C is scratch.
+// Out (rows x b) -= F (G^T In), F rows x c and G inner x c (column-major): one side of the
+// residual A - Q B = A - Q W^T applied to a thin block. C is scratch.
 template <class T>
-void deflate_t(const Basis<T>& bs, i64 p, i64 q, const T* Y, T* Z, i64 b, std::vector<T>& C) {
-  if (bs.c == 0) return;
-  const blas::SingleThreadScope one_thread(double(q) * bs.c * b);  // blas.hpp
-  C.resize(static_cast<size_t>(bs.c * b));
-  auto Cv = colmajor(C.data(), bs.c, b, bs.c);
-  blas::gemm<T>(T(1), ccolmajor(bs.Q.data(), p, bs.c, p), true, ccolmajor(Y, p, b, p), false, T(0), Cv);
-  blas::gemm<T>(T(-1), ccolmajor(bs.W.data(), q, bs.c, q), false, Cv.as_const(), false, T(1),
-                colmajor(Z, q, b, q));
+void subtract_projection(const T* F, i64 rows, const T* G, i64 inner, i64 c, const T* In, T* Out,
+                         i64 b, std::vector<T>& C) {
+  if (c == 0) return;
+  const blas::SingleThreadScope one_thread(double(inner) * c * b);  // blas.hpp
+  C.resize(static_cast<size_t>(c * b));
+  auto Cv = colmajor(C.data(), c, b, c);
+  blas::gemm<T>(T(1), ccolmajor(G, inner, c, inner), true, ccolmajor(In, inner, b, inner), false,
+                T(0), Cv);
+  blas::gemm<T>(T(-1), ccolmajor(F, rows, c, rows), false, Cv.as_const(), false, T(1),
+                colmajor(Out, rows, b, rows));
 }
 
-// Y (p x b) -= Q (W^T Z): with Y = A Z, Y = (A - Q B) Z. C is scratch.
+// Z (q x b) -= W (Q^T Y): with Z = A^T Y, Z = (A - Q B)^T Y.
+template <class T>
+void deflate_t(const Basis<T>& bs, i64 p, i64 q, const T* Y, T* Z, i64 b, std::vector<T>& C) {
+  subtract_projection(bs.W.data(), q, bs.Q.data(), p, bs.c, Y, Z, b, C);
+}
+
+// Y (p x b) -= Q (W^T Z): with Y = A Z, Y = (A - Q B) Z.
 template <class T>
 void deflate(const Basis<T>& bs, i64 p, i64 q, const T* Z, T* Y, i64 b, std::vector<T>& C) {
-  if (bs.c == 0) return;
-  const blas::SingleThreadScope one_thread(double(q) * bs.c * b);  // blas.hpp
-  C.resize(static_cast<size_t>(bs.c * b));
-  auto Cv = colmajor(C.data(), bs.c, b, bs.c);
-  blas::gemm<T>(T(1), ccolmajor(bs.W.data(), q, bs.c, q), true, ccolmajor(Z, q, b, q), false, T(0), Cv);
-  blas::gemm<T>(T(-1), ccolmajor(bs.Q.data(), p, bs.c, p), false, Cv.as_const(), false, T(1),
-                colmajor(Y, p, b, p));
+  subtract_projection(bs.Q.data(), p, bs.W.data(), q, bs.c, Z, Y, b, C);
 }
 
 // n_iter power passes on the residual A - Q B, applied to the thin blocks only (Y p x b in and
