@@ -21,7 +21,8 @@ def spectrum(name, n, k):
         "exp": np.exp(-i / 6.0),
         # the same decay down to k + 12, then a floor 1e-3 below: widening is predicted to pay
         # from the first k Ritz values, but the floor sits right past the sketch
-        "exp then floor": np.where(i < k + 12, np.exp(-i / 6.0), np.exp(-(k + 12) / 6.0) * 1e-3 + 1e-6),
+        "exp then floor": np.where(i < k + 12, np.exp(-i / 6.0),
+                                   np.exp(-(k + 12) / 6.0) * 1e-3 + 1e-6),
         # a flat tail at the edge: widening by a whole block
         "noisy": np.where(i < k - 3, 1.0, 0.0) + 0.02 * (1.0 + i / n),
         "gaussian": None,

@@ -110,7 +110,8 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", method="subspace", normalizer="q
         passes over ``M``; the whole call makes ``2 * n_iter + 2`` GEMM passes. ``"auto"``
         (subspace iteration with the "qr" normalizer) iterates until the result meets the
         accuracy contract below (0 iterations when the sketch already does), at most 12
-        times, and may first widen the sketch by up to ``l`` columns (Notes); with ``method="krylov"`` it means 3 steps, with the "lu"/"none" normalizers 5
+        times, and may first widen the sketch by up to ``l`` columns (Notes); with
+        ``method="krylov"`` it means 3 steps, with the "lu"/"none" normalizers 5
         iterations; 0 when ``l`` already spans the short side of ``M``. :func:`rslora._core.rsvd_last_n_iter` tells what a call chose.
     auto_tol : float
         The accuracy contract of ``n_iter="auto"``: relative Frobenius error
@@ -166,13 +167,13 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", method="subspace", normalizer="q
 
     When the sketch fails rule 1, its Ritz values may widen it before any iteration, keeping
     the columns already computed (Gaussian columns made orthogonal to them, 2 passes of their
-    width, at most ``l``: never more than one iteration costs): (a) on fast decay, by the
+    width, at most ``l``: never more than one iteration costs; the wider basis at most an
+    eighth of the short side, above which rule 2 stops too early): (a) on fast decay, by the
     columns that the decay of ``s_i^2`` over ``[k/2, k)`` predicts bring rule 1 within
     ``auto_tol``, when that is not below the rounding of the captured energy (float64, or
     float32 with an optimum well above its rounding); (b) on a flat tail at the edge,
-    ``(s_l / s_k)^4 > 0.7``, by ``l`` columns when ``2 l`` is at most an eighth of the short
-    side. The rules above then judge the wider basis, so widening changes the cost, never what
-    "converged" means. Measured (bench/RESULTS.md): float64 exp(-i/8) at 2048, 0 iterations at
+    ``(s_l / s_k)^4 > 0.7``, by ``l`` columns. The rules above then judge the wider basis,
+    so widening changes the cost, never what "converged" means. Measured (bench/RESULTS.md): float64 exp(-i/8) at 2048, 0 iterations at
     104 columns where 1 at 74 was needed; noisy low rank, 1 iteration at 148 columns where 4
     at 74 were (1.1-1.2x faster); float32 "style" and "facts" unchanged (the bound is below
     float32's rounding there; on a power law the passes saved and spent were even).

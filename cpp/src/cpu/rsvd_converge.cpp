@@ -156,7 +156,8 @@ i64 rsvd_widen_cols(const std::vector<double>& s, i64 k, double normA2, double e
   // (a 100-column basis of a 150 x 400 noisy matrix stopped at 1.0012x).
   const i64 cap = std::min<i64>(L, (room + L) / 8 - L);
   if (cap < 1) return 0;
-  if (need >= 0 && need <= static_cast<double>(cap)) return std::min<i64>(cap, std::max<i64>(static_cast<i64>(need), 8));
+  if (need >= 0 && need <= static_cast<double>(cap))
+    return std::min<i64>(cap, std::max<i64>(static_cast<i64>(need), 8));
   if (edge > 0.7 && cap == L) return cap;
   return 0;
 }
