@@ -47,7 +47,8 @@ def rsvd(M: Any, k: int, *, oversample: int = 10, n_iter: int | str = "auto",
         passes over ``M``; the whole call makes ``2 * n_iter + 2`` GEMM passes. ``"auto"``
         (subspace iteration with the "qr" normalizer) iterates until the result meets the
         accuracy contract below (0 iterations when the sketch already does), at most 12
-        times; with ``method="krylov"`` it means 3 steps, with the "lu"/"none" normalizers 5
+        times, and may first widen the sketch by up to ``l`` columns (Notes); with
+        ``method="krylov"`` it means 3 steps, with the "lu"/"none" normalizers 5
         iterations; 0 when ``l`` already spans the short side of ``M``. :func:`rslora._core.rsvd_last_n_iter` tells what a call chose.
     auto_tol : float
         The accuracy contract of ``n_iter="auto"``: relative Frobenius error
@@ -101,6 +102,19 @@ def rsvd(M: Any, k: int, *, oversample: int = 10, n_iter: int | str = "auto",
        is below half of what ``auto_tol`` allows, with ``opt^2`` estimated by
        ``max(below, err^2 - gap)``.
 
+    When the sketch fails rule 1, its Ritz values may widen it before any iteration, keeping
+    the columns already computed (Gaussian columns made orthogonal to them, 2 passes of their
+    width, at most ``l``: never more than one iteration costs; the wider basis at most an
+    eighth of the short side, above which rule 2 stops too early): (a) on fast decay, by the
+    columns that the decay of ``s_i^2`` over ``[k/2, k)`` predicts bring rule 1 within
+    ``auto_tol``, when that is not below the rounding of the captured energy (float64, or
+    float32 with an optimum well above its rounding); (b) on a flat tail at the edge,
+    ``(s_l / s_k)^4 > 0.7``, by ``l`` columns. The rules above then judge the wider basis,
+    so widening changes the cost, never what "converged" means. Measured (bench/RESULTS.md): float64 exp(-i/8) at 2048, 0 iterations at
+    104 columns where 1 at 74 was needed; noisy low rank, 1 iteration at 148 columns where 4
+    at 74 were (1.1-1.2x faster); float32 "style" and "facts" unchanged (the bound is below
+    float32's rounding there; on a power law the passes saved and spent were even).
+
     Changes of ``s_i^2`` smaller than their rounding are not counted. Rule 2 can be fooled,
     rarely, by a spectrum whose decay changes beyond index ``l`` (the rate is extrapolated from
     the first ``l`` values) or by a sketch that stalls for an iteration before converging; on
@@ -108,8 +122,11 @@ def rsvd(M: Any, k: int, *, oversample: int = 10, n_iter: int | str = "auto",
     meets 1.001x, with the fewest iterations that do on style (1), facts (5) and cliff (0) at
     2048 x 2048 (at 4096, facts: 5 where 4 suffice: the estimate keeps a 2x margin). It
     is conservative on a slowly decaying noise floor across index ``k`` (noisy low rank: 4
-    iterations where 1 meets the contract), where each noise direction converges slowly but
-    has little left to gain. A spectrum flat across index ``k`` converges slowly (the optimum
+    iterations at ``l`` where 1 meets the contract), where each noise direction converges
+    slowly but has little left to gain. Known miss: when ``l`` is most of the short side
+    (``k = 60``, ``l = 70`` of 80; tests/test_rsvd_widen.py) rule 2 can stop early, up to
+    ~1.0026x on a noisy or Gaussian matrix: its rates come from ``s_l``, far below
+    ``sigma_l`` there. A spectrum flat across index ``k`` converges slowly (the optimum
     is not unique there) and may stop at the 12-iteration cap above the contract.
 
     Sign convention: in every column of ``U`` the entry of largest magnitude (the first one

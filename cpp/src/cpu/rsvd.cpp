@@ -212,6 +212,24 @@ bool condition_by_gram(T* W, const detail::Gram& g, std::vector<double>& tmp) {
   return true;
 }
 
+// Q (p x l, orthonormal) and W = A^T Q grow by b columns: Q's from b more Gaussian columns
+// (stream 1 of the seed; the sketch used stream 0) made orthogonal to the first l.
+template <class T>
+void widen(const Sides<T>& sd, i64 l, i64 b, std::uint64_t seed, Workspace<T>& ws) {
+  const i64 p = sd.p, q = sd.q;
+  ws.Q.resize(static_cast<size_t>(p * (l + b)));
+  ws.W.resize(static_cast<size_t>(q * (l + b)));
+  T* Om = ws.W.data() + q * l;  // W's new block holds the test matrix until A^T Q_new
+  T* Y = ws.Q.data() + p * l;
+  random::normal<T>(Om, q * b, seed, 1);
+  sd.mul(Om, b, Y);
+  check_interrupt();
+  std::vector<T> tmp;
+  detail::orthonormalize_against(ws.Q.data(), p, l, Y, b, tmp);
+  sd.mul_t(Y, b, Om);
+  check_interrupt();
+}
+
 // Subspace iteration that stops when the rank-k result has converged to (1 + eps) x the optimal
 // error (rsvd_converge.cpp), after at most max_iters iterations; the sketch alone may be enough
 // (0 iterations). Each iteration's basis is orthonormalized to working precision, so its
@@ -219,9 +237,10 @@ bool condition_by_gram(T* W, const detail::Gram& g, std::vector<double>& tmp) {
 // than the same number of fixed iterations. ws.gram is left holding the Gram of the final W.
 // *iters receives the iterations made.
 template <class T>
-i64 subspace_auto(const Sides<T>& sd, i64 l, i64 k, int max_iters, double eps, double normA2,
+i64 subspace_auto(const Sides<T>& sd, i64 l0, i64 k, int max_iters, double eps, double normA2,
                   std::uint64_t seed, bool check_finite, Workspace<T>& ws, int* iters) {
   const i64 p = sd.p, q = sd.q;
+  i64 l = l0;
   sketch(sd, l, seed, check_finite, ws.Q, ws.W);
   double inc_prev = 0;
   ws.prev.clear();
@@ -232,6 +251,17 @@ i64 subspace_auto(const Sides<T>& sd, i64 l, i64 k, int max_iters, double eps, d
     check_interrupt();
     detail::gram_eig(ws.W.data(), q, l, ws.gram);
     if (detail::rsvd_converged<T>(ws.prev, ws.gram.s, k, normA2, eps, &inc_prev)) break;
+    if (it == 0) {
+      // Fast decay: a wider sketch (2 b column-passes) may meet the bound where an iteration
+      // (2 l) would be needed; the columns already computed are kept.
+      const i64 b = detail::rsvd_widen_cols<T>(ws.gram.s, k, normA2, eps, p - l);
+      if (b > 0) {
+        widen(sd, l, b, seed, ws);
+        l += b;
+        detail::gram_eig(ws.W.data(), q, l, ws.gram);
+        if (detail::rsvd_converged<T>(ws.prev, ws.gram.s, k, normA2, eps, &inc_prev)) break;
+      }
+    }
     if (it == max_iters) break;
     ws.prev = ws.gram.s;
     if (!condition_by_gram(ws.W.data(), ws.gram, ws.tmp)) detail::condition(ws.W.data(), q, l);

@@ -28,6 +28,9 @@
 // Where it is conservative: a slowly decaying noise floor across index k, whose directions
 // converge at ~0.6 per iteration where (s_L / s_i)^4 says 0.9 (noisy low rank in the benchmarks:
 // 4 iterations where 1 meets the contract).
+// Widening (rsvd_widen_cols): when the sketch fails the bound, its Ritz values may call for up
+// to l more Gaussian columns (made orthogonal to the sketch) before any iteration: the rule
+// above then judges the wider basis, so this changes the cost, never what "converged" means.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -135,10 +138,49 @@ bool rsvd_auto_converged(const std::vector<double>& prev, const std::vector<doub
 
 namespace rslora::detail {
 
+template <class T>
+i64 rsvd_widen_cols(const std::vector<double>& s, i64 k, double normA2, double eps, i64 room) {
+  const i64 L = static_cast<i64>(s.size());
+  const i64 h = k / 2;
+  if (room <= 0 || k < 8 || L <= k || !(s[h] > 0) || !(s[k - 1] > 0) || !(s[L - 1] > 0)) return 0;
+  const double u = std::numeric_limits<T>::epsilon() / 2;
+  const double allow = (1 + eps) * (1 + eps) - 1;
+  double in = 0, below = 0, noise = 8 * u * normA2;
+  for (i64 i = 0; i < L; ++i) {
+    (i < k ? in : below) += s[i] * s[i];
+    noise += 8 * u * s[i] * (s[i] + s[0]) * (i < k ? 1 : 2);  // as rsvd_converged counts it
+  }
+  const double outside = normA2 - in - below;
+  // (a) Fast decay: the columns that bring the sketch's bound within the allowance (the
+  // geometric decay of s_i^2 over [k/2, k) carried past L), if that is cheaper than one
+  // iteration and the bound is not below the rounding of the captured energy (float32 with a
+  // tiny optimum: then only an iteration's measured increase can stop the rule).
+  const double target = 0.5 * allow * below - noise;
+  const double r = std::pow(s[k - 1] / s[h], 2.0 / static_cast<double>(k - 1 - h));
+  double need = -1;
+  if (target > 0 && outside > target && r > 0 && r < 1)
+    need = std::ceil(std::log(target / outside) / std::log(r));
+  // (b) A flat tail at the edge: iterations converge at about (s_L / s_k)^4 at i = k; above 0.7
+  // the rule's estimate would take many of them, and a basis twice as wide (one iteration's
+  // cost) has converged in fewer (noisy low rank: 1 iteration at 2 l, not 4 at l; pure noise:
+  // 7, not the cap of 12). Below 0.7 (a power law) the passes saved and spent were even.
+  const double edge = std::pow(s[L - 1] / s[k - 1], 4);
+  // At most L columns (one iteration's cost), and the wider basis at most an eighth of the
+  // short side (room + L): where it is most of it, rule 2's rates, from s_L, run far too fast
+  // (a 100-column basis of a 150 x 400 noisy matrix stopped at 1.0012x).
+  const i64 cap = std::min<i64>(L, (room + L) / 8 - L);
+  if (cap < 1) return 0;
+  if (need >= 0 && need <= static_cast<double>(cap))
+    return std::min<i64>(cap, std::max<i64>(static_cast<i64>(need), 8));
+  if (edge > 0.7 && cap == L) return cap;
+  return 0;
+}
+
 #define RSLORA_INSTANTIATE(T)                                                                   \
   template void gram_eig<T>(const T*, i64, i64, Gram&);                                       \
   template bool rsvd_converged<T>(const std::vector<double>&, const std::vector<double>&, i64, \
-                                  double, double, double*);
+                                  double, double, double*);                        \
+  template i64 rsvd_widen_cols<T>(const std::vector<double>&, i64, double, double, i64);
 RSLORA_INSTANTIATE(float)
 RSLORA_INSTANTIATE(double)
 #undef RSLORA_INSTANTIATE

@@ -51,6 +51,12 @@ void orthonormalize_against(const T* Q, i64 p, i64 c, T* Y, i64 l, std::vector<T
 template <class T>
 void fix_signs(Mat<T> U, Mat<T> Vt);
 
+// Columns to add to the sketch (0: none) when its bound fails but the decay of its Ritz values
+// s (of L columns) predicts that a wider sketch meets the bound without iterating; at most room
+// and L (the cost of one iteration).
+template <class T>
+i64 rsvd_widen_cols(const std::vector<double>& s, i64 k, double normA2, double eps, i64 room);
+
 }  // namespace rslora::detail
 
 namespace rslora::detail {
@@ -127,6 +133,12 @@ struct Rescaled {
   void unscale(T* S, i64 k) const;
 };
 
+// Columns to add to the sketch (0: none) when its bound fails but the decay of its Ritz values
+// s (of L columns) predicts that a wider sketch meets the bound without iterating; at most room
+// and L (the cost of one iteration).
+template <class T>
+i64 rsvd_widen_cols(const std::vector<double>& s, i64 k, double normA2, double eps, i64 room);
+
 }  // namespace rslora::detail
 
 namespace rslora::detail {
@@ -139,5 +151,11 @@ namespace rslora::detail {
 template <class T>
 bool rsvd_converged(const std::vector<double>& prev, const std::vector<double>& cur, i64 k,
                     double normA2, double eps, double* inc_prev);
+
+// Columns to add to the sketch (0: none) when its bound fails but the decay of its Ritz values
+// s (of L columns) predicts that a wider sketch meets the bound without iterating; at most room
+// and L (the cost of one iteration).
+template <class T>
+i64 rsvd_widen_cols(const std::vector<double>& s, i64 k, double normA2, double eps, i64 room);
 
 }  // namespace rslora::detail
