@@ -143,26 +143,28 @@ def test_rslora_auto(benchmark, client, spectrum):
     assert r <= BAR, r
 
 
+def _at_fewest(benchmark, prob, spectrum, who, role, run, count_name):
+    """Time ``run(X, q)`` at the fewest iterations q that reach the contract; asserts it."""
+    q = _fewest(prob, lambda q: run(prob.X, q), HINT[(who, spectrum, FULL)])
+    set_case(benchmark, f"dask-rsvd-{spectrum}-{SIZE}", role, **{count_name: q})
+    out = benchmark.pedantic(lambda: run(prob.X, q), rounds=ROUNDS, iterations=1)
+    r = prob.ratio(*out)
+    benchmark.extra_info.update(error_ratio=r)
+    assert r <= BAR, r
+    return q
+
+
 @pytest.mark.parametrize("spectrum", list(SPECTRA))
 def test_rslora_fewest(benchmark, client, spectrum):
-    prob = _problem(client, spectrum)
-    q = _fewest(prob, lambda q: _ours(prob.X, q), HINT[("rslora", spectrum, FULL)])
-    set_case(benchmark, f"dask-rsvd-{spectrum}-{SIZE}", "rslora-fewest", n_iter=q)
-    out = benchmark.pedantic(lambda: _ours(prob.X, q), rounds=ROUNDS, iterations=1)
-    r = prob.ratio(*out)
-    benchmark.extra_info.update(error_ratio=r, reads=_impl._LAST_RUN["passes"])
-    assert r <= BAR, r
+    _at_fewest(benchmark, _problem(client, spectrum), spectrum, "rslora", "rslora-fewest", _ours,
+               "n_iter")
+    benchmark.extra_info.update(reads=_impl._LAST_RUN["passes"])
 
 
 @pytest.mark.parametrize("spectrum", list(SPECTRA))
 def test_svd_compressed_qr(benchmark, client, spectrum):
     prob = _problem(client, spectrum)
-    q = _fewest(prob, lambda q: _theirs(prob.X, q), HINT[("dask", spectrum, FULL)])
-    set_case(benchmark, f"dask-rsvd-{spectrum}-{SIZE}", "dask-qr", n_power_iter=q)
-    out = benchmark.pedantic(lambda: _theirs(prob.X, q), rounds=ROUNDS, iterations=1)
-    r = prob.ratio(*out)
-    benchmark.extra_info.update(error_ratio=r)
+    q = _at_fewest(benchmark, prob, spectrum, "dask", "dask-qr", _theirs, "n_power_iter")
     if FULL:  # the default iterator, for the record: its error with two more iterations
         benchmark.extra_info["power_iterator_error_ratio"] = prob.ratio(
             *_theirs(prob.X, q + 2, iterator="power"))
-    assert r <= BAR, r
