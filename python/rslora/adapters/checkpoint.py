@@ -387,26 +387,33 @@ _NUMPY_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "b
                 "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool"}
 
 
+def stored_array(arr: np.ndarray, code: str) -> np.ndarray:
+    """``arr`` as the contiguous little-endian array whose bytes are stored for safetensors dtype
+    ``code``: a float array cast to it ("BF16" via :func:`to_bfloat16_bits`; a uint16 array with
+    code "BF16" is taken as bit patterns already); other arrays as they are. Element by element,
+    so any slice of ``arr`` converts to the same bytes as that slice of the whole."""
+    if code == "BF16":
+        arr = arr if arr.dtype == np.uint16 else to_bfloat16_bits(arr)
+    elif code in ("F32", "F16", "F64") and arr.dtype.name == "bfloat16":
+        arr = arr.astype(np.float32)  # exact; then cast once to the code below
+    if code in ("F32", "F16", "F64"):
+        arr = np.asarray(arr, dtype=_NUMPY_NAMES[code])
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.byteorder == ">":
+        arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
+    return arr
+
+
 def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
     """Write ``{name: (array, code)}`` to one safetensors file.
 
-    ``code`` is the safetensors dtype to store: a float array is cast to it ("BF16" via
-    :func:`to_bfloat16_bits`; a uint16 array with code "BF16" is taken as bit patterns already);
-    other arrays are stored as they are. ``metadata`` defaults to ``{"format": "pt"}``, which
-    transformers and PEFT require to load the file.
+    ``code`` is the safetensors dtype to store (see :func:`stored_array`). ``metadata`` defaults
+    to ``{"format": "pt"}``, which transformers and PEFT require to load the file.
     """
     st = _safetensors()
     keep, specs = [], {}
     for name, (arr, code) in tensors.items():
-        if code == "BF16":
-            arr = arr if arr.dtype == np.uint16 else to_bfloat16_bits(arr)
-        elif code in ("F32", "F16", "F64") and arr.dtype.name == "bfloat16":
-            arr = arr.astype(np.float32)  # exact; then cast once to the code below
-        elif code in ("F32", "F16", "F64"):
-            arr = np.asarray(arr, dtype=_NUMPY_NAMES[code])
-        arr = np.ascontiguousarray(arr)
-        if arr.dtype.byteorder == ">":
-            arr = arr.byteswap().view(arr.dtype.newbyteorder("<"))
+        arr = stored_array(arr, code)
         keep.append(arr)  # serialize_file reads the raw pointers: keep the buffers alive
         specs[name] = st.TensorSpec(dtype=_NUMPY_NAMES.get(code, arr.dtype.name), shape=arr.shape,
                                     data_ptr=arr.ctypes.data, data_len=arr.nbytes)

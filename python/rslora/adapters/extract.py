@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..scaling import scale
 from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError
 from .layouts import EMBEDDING_NAMES, layout_evidence, model_config, stored_conv1d
 from .naming import match_modules, parse_prefix
-from .peft_format import common_rank, peft_config, write_adapter_files
+from .factor_stream import FactorStream
+from .peft_format import peft_config, write_adapter_config
 
 __all__ = ["extract_adapter", "ExtractResult", "LayerReport", "EMBEDDING_NAMES"]
 
@@ -271,41 +271,53 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
                                       "pass --on-missing skip (on_missing='skip') to leave them out")
         if not modules:
             raise CheckpointError("no 2-D weight to extract (is --include/--exclude too narrow?)")
-        factors = _factor_all(cb, ct, modules, rank, tol, max_rank, seed, progress, result,
-                              client)
-        if not factors:
-            raise CheckpointError("every selected weight is unchanged between BASE and TUNED: "
-                                  "nothing to extract")
-        full = _biases(ct, factors, prefix, result) if biases else {}
-
-    ranks = {m: A.shape[0] for m, (A, B) in factors.items()}
-    a = float(common_rank(ranks)) if alpha is None else float(alpha)
-    # PEFT sets fan_in_fan_out per module from its class on load; the flag only records Conv1D.
-    config = peft_config(ranks, a, rule == "rslora", base_model=base,
-                         fan_in_fan_out=any(result.layouts[m] == "conv1d" for m in factors))
-    if biases:
-        config["bias"] = "all"
-    for m, (A, B) in factors.items():
-        # Factors were computed for s = 1 (B A = delta_r); split s evenly over both sides.
-        r = A.shape[0]
-        root = np.float32(math.sqrt(scale(a, r, rule)))
-        A /= root
-        B /= root
-    with atomic_output_dir(out, force, inputs=(base, tuned)) as tmp:
-        if not any(result.layouts[m] == "embedding" for m in factors):
-            result.notes = [n for n in result.notes if "ties lm_head" not in n]
-        write_adapter_files(tmp, factors, config, dtype,
-                            embeddings={m for m in factors if result.layouts[m] == "embedding"},
-                            full=full)
+        jobs = _layers(cb, ct, modules, rank, tol, max_rank, seed)
+        emb = {j.module for j in jobs if j.layout == "embedding"}
+        bias_keys = (lambda kept: _bias_keys(ct, kept, prefix)) if biases else (lambda kept: {})
+        with atomic_output_dir(out, force, inputs=(base, tuned)) as tmp:
+            stream = FactorStream(
+                tmp, [(j.module, _peft_shape(j), j.module in emb,
+                       None if j.rank is None else min(j.rank, *j.shape)) for j in jobs],
+                dtype, rule, alpha, {k: ct.shape(key) for k, key in
+                                     bias_keys({j.module for j in jobs}).items()})
+            try:
+                _factor_all(cb, ct, jobs, progress, result, client, stream.put)
+                if not result.layers:
+                    raise CheckpointError("every selected weight is unchanged between BASE and "
+                                          "TUNED: nothing to extract")
+                full = bias_keys(set(stream.ranks))
+                ranks, a = stream.finish({k: (ct.shape(key), lambda key=key: ct.read(key))
+                                          for k, key in full.items()})
+            except BaseException:
+                stream.discard_temporaries()
+                raise
+            result.changed_not_extracted = [k for k in result.changed_not_extracted
+                                            if k not in full.values()]
+            # PEFT sets fan_in_fan_out per module from its class on load; the flag only records
+            # Conv1D.
+            config = peft_config(ranks, a, rule == "rslora", base_model=base,
+                                 fan_in_fan_out=any(result.layouts[m] == "conv1d" for m in ranks))
+            if biases:
+                config["bias"] = "all"
+            if not any(result.layouts[m] == "embedding" for m in ranks):
+                result.notes = [n for n in result.notes if "ties lm_head" not in n]
+            write_adapter_config(tmp, config)
     result.config = config
     return result
 
 
-def _biases(ct: Checkpoint, factors: dict, prefix, result: ExtractResult) -> dict:
-    """TUNED's bias tensors under the keys PEFT's ``bias="all"`` saves: every float tensor whose
-    name holds "bias", ``<module>.base_layer.bias`` for modules that carry LoRA."""
+def _peft_shape(job) -> tuple[int, int]:
+    """``(d_out, d_in)`` of the module's PEFT factors: the stored weight's shape, transposed for
+    Conv1D and embeddings (stored (in, out))."""
+    return tuple(job.shape) if job.layout == "linear" else tuple(job.shape[::-1])
+
+
+def _bias_keys(ct: Checkpoint, kept: set, prefix) -> dict:
+    """TUNED's bias tensors under the keys PEFT's ``bias="all"`` saves, ``{PEFT key: TUNED key}``:
+    every float tensor whose name holds "bias", ``<module>.base_layer.bias`` for the modules
+    ``kept`` (those that carry LoRA)."""
     rewrite = parse_prefix(prefix)
-    full, carried = {}, set()
+    full = {}
     for key in ct.keys():
         if "bias" not in key or ct.dtype(key) not in FLOAT_CODES:
             continue
@@ -315,9 +327,7 @@ def _biases(ct: Checkpoint, factors: dict, prefix, result: ExtractResult) -> dic
             if not stem.startswith(new):
                 continue
             stem = old + stem[len(new):]
-        full[f"{stem}.base_layer.{param}" if stem in factors else f"{stem}.{param}"] = ct.read(key)
-        carried.add(key)
-    result.changed_not_extracted = [k for k in result.changed_not_extracted if k not in carried]
+        full[f"{stem}.base_layer.{param}" if stem in kept else f"{stem}.{param}"] = key
     return full
 
 
@@ -397,27 +407,30 @@ def _factor(job: _Layer, delta: np.ndarray):
                              max(0.0, 1.0 - err * err), err, norm)
 
 
-def _factor_all(cb, ct, modules, rank, tol, max_rank, seed, progress, result, client) -> dict:
+def _factor_all(cb, ct, jobs, progress, result, client, sink) -> None:
+    """Factor every layer (here, or as tasks on ``client``) and hand each layer's factors to
+    ``sink(module, A, B)`` as it arrives, keeping none: the client holds the few layers in
+    flight, whatever the model's size. The reports go into ``result`` in plan order."""
     from tqdm.auto import tqdm
 
     from .parallel import run_items
 
-    jobs = _layers(cb, ct, modules, rank, tol, max_rank, seed)
     fn = _ReadOpen(cb, ct) if client is None else _read_by_path
-    done: list = [None] * len(jobs)
+    done: list = [None] * len(jobs)  # per layer: its LayerReport, or why it was skipped
     with tqdm(total=len(jobs), desc="extract", unit="layer",
               disable=None if progress else True) as bar:
         for i, out in run_items(client, fn, jobs, weights=[math.prod(j.shape) for j in jobs],
                                 name=lambda j: f"extract-{j.module}"):
-            done[i] = out
+            if isinstance(out, str):
+                done[i] = out
+            else:
+                sink(jobs[i].module, out[0], out[1])
+                done[i] = out[2]
+            del out  # the factors are written: drop them now, not at the next result
             bar.update(1)
-    factors = {}
     for job, out in zip(jobs, done):  # plan order, whatever order the layers finished in
         if isinstance(out, str):
             result.skipped[job.module] = out
-            continue
-        A, B, report = out
-        result.layers.append(report)
-        factors[job.module] = (A, B)
-        result.layouts[job.module] = job.layout
-    return factors
+        else:
+            result.layers.append(out)
+            result.layouts[job.module] = job.layout

@@ -282,6 +282,21 @@ def peft_config(ranks: dict, alpha: float, use_rslora: bool, *, base_model=None,
     }
 
 
+def factor_keys(module: str, embedding: bool = False) -> tuple[str, str]:
+    """The keys of a module's A and B in ``adapter_model.safetensors``: ``lora_A.weight`` /
+    ``lora_B.weight``, or PEFT's ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings."""
+    a, b = ("lora_embedding_A", "lora_embedding_B") if embedding else \
+        ("lora_A.weight", "lora_B.weight")
+    return f"{PREFIX}{module}.{a}", f"{PREFIX}{module}.{b}"
+
+
+def write_adapter_config(folder: Path, config: dict) -> None:
+    """Write ``config`` as ``folder/adapter_config.json``."""
+    # Top-level keys sorted as PEFT writes them; rank_pattern keeps its order (PEFT takes the
+    # first matching key, so json's sort_keys would change which rank a module gets).
+    (folder / CONFIG_NAME).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+
+
 def write_adapter_files(folder: Path, factors: dict, config: dict, dtype: str = "float32",
                         embeddings=(), full=None) -> None:
     """Write ``{module: (A, B)}`` and ``config`` into ``folder`` (which must exist); modules in
@@ -292,16 +307,12 @@ def write_adapter_files(folder: Path, factors: dict, config: dict, dtype: str = 
     code = DTYPE_CODES[dtype]
     tensors = {}
     for name, (A, B) in factors.items():
-        a, b = ("lora_embedding_A", "lora_embedding_B") if name in embeddings else \
-            ("lora_A.weight", "lora_B.weight")
-        tensors[f"{PREFIX}{name}.{a}"] = (A, code)
-        tensors[f"{PREFIX}{name}.{b}"] = (B, code)
+        a, b = factor_keys(name, name in embeddings)
+        tensors[a], tensors[b] = (A, code), (B, code)
     for key, arr in (full or {}).items():
         tensors[f"{PREFIX}{key}"] = (arr, code)
     save_tensors(folder / WEIGHTS_NAME, tensors)
-    # Top-level keys sorted as PEFT writes them; rank_pattern keeps its order (PEFT takes the
-    # first matching key, so json's sort_keys would change which rank a module gets).
-    (folder / CONFIG_NAME).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+    write_adapter_config(folder, config)
 
 
 def save_adapter(out_dir, factors: dict, *, alpha: float, rule: str = "rslora", base_model=None,
