@@ -68,15 +68,22 @@ def header_layout(tensors: Mapping[str, tuple[str, tuple[int, ...]]],
             {name: (base + s, base + e) for name, (s, e) in sizes.items()})
 
 
+def _bytes(data) -> memoryview:
+    """``data`` (an array, stored as it is, or bytes) as a flat view of its bytes."""
+    if isinstance(data, np.ndarray):  # also empty and 0-d arrays, which memoryview cannot cast
+        return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    return memoryview(data).cast("B")
+
+
 def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
+    view = _bytes(data)
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
 
 
 def _pread_into(fd: int, buf: np.ndarray, offset: int, what: str) -> None:
-    view, pos = memoryview(buf).cast("B"), 0
+    view, pos = _bytes(buf), 0
     while pos < len(view):
         n = os.preadv(fd, [view[pos:]], offset + pos)
         if n <= 0:
@@ -156,8 +163,7 @@ class TensorFile:
         start, end = self._take(name)
         pos = start
         for piece in pieces:
-            data = memoryview(np.ascontiguousarray(piece) if isinstance(piece, np.ndarray)
-                              else piece).cast("B")
+            data = _bytes(piece)
             if pos + len(data) > end:
                 raise ValueError(f"{self.path.name}: tensor {name!r} got more than its "
                                  f"{end - start} bytes")
