@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -273,7 +274,10 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
             raise CheckpointError("no 2-D weight to extract (is --include/--exclude too narrow?)")
         jobs = _layers(cb, ct, modules, rank, tol, max_rank, seed)
         emb = {j.module for j in jobs if j.layout == "embedding"}
-        bias_keys = (lambda kept: _bias_keys(ct, kept, prefix)) if biases else (lambda kept: {})
+
+        def bias_keys(kept: set) -> dict:
+            return _bias_keys(ct, kept, prefix) if biases else {}
+
         with atomic_output_dir(out, force, inputs=(base, tuned)) as tmp:
             stream = FactorStream(
                 tmp, [(j.module, _peft_shape(j), j.module in emb,
@@ -286,7 +290,7 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
                     raise CheckpointError("every selected weight is unchanged between BASE and "
                                           "TUNED: nothing to extract")
                 full = bias_keys(set(stream.ranks))
-                ranks, a = stream.finish({k: (ct.shape(key), lambda key=key: ct.read(key))
+                ranks, a = stream.finish({k: (ct.shape(key), partial(ct.read, key))
                                           for k, key in full.items()})
             except BaseException:
                 stream.discard_temporaries()

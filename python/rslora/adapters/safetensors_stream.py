@@ -71,7 +71,7 @@ def header_layout(tensors: Mapping[str, tuple[str, tuple[int, ...]]],
 def _bytes(data) -> memoryview:
     """``data`` (an array, stored as it is, or bytes) as a flat view of its bytes."""
     if isinstance(data, np.ndarray):  # also empty and 0-d arrays, which memoryview cannot cast
-        return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        return np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
     return memoryview(data).cast("B")
 
 
@@ -134,7 +134,8 @@ class TensorFile:
         """The tensors in file order."""
         return list(self.ranges)
 
-    def _take(self, name: str) -> tuple[int, int]:
+    def _take(self, name: str) -> tuple[int, int, int]:
+        """``(fd, start, end)`` for writing ``name``, once."""
         if name not in self._left:
             raise ValueError(f"{self.path.name}: tensor {name!r} is not in the plan"
                              if name not in self.specs else
@@ -142,32 +143,32 @@ class TensorFile:
         if self._fd is None:
             raise ValueError(f"{self.path.name} is closed")
         self._left.discard(name)
-        return self.ranges[name]
+        return (self._fd, *self.ranges[name])
 
     def write(self, name: str, arr: np.ndarray) -> None:
         """Store ``arr`` as tensor ``name`` (cast to its dtype as ``save_tensors`` casts)."""
-        code, shape = self.specs[name] if name in self.specs else (None, None)
-        if code is not None and tuple(np.shape(arr)) != shape:
+        if name in self.specs and tuple(np.shape(arr)) != self.specs[name][1]:
             raise ValueError(f"{self.path.name}: tensor {name!r} has shape {np.shape(arr)}, "
-                             f"planned {shape}")
-        start, end = self._take(name)
+                             f"planned {self.specs[name][1]}")
+        fd, start, end = self._take(name)
+        code = self.specs[name][0]
         data = stored_array(np.asarray(arr), code)
         if data.nbytes != end - start:
             raise ValueError(f"{self.path.name}: tensor {name!r} is {data.dtype} ({data.nbytes} "
                              f"bytes), planned {code} ({end - start} bytes)")
-        _pwrite_all(self._fd, data, start)
+        _pwrite_all(fd, data, start)
 
     def write_pieces(self, name: str, pieces: Iterable) -> None:
         """Store tensor ``name`` from consecutive pieces of its stored bytes (arrays of its
         dtype, or bytes), in order: for tensors copied or converted a chunk at a time."""
-        start, end = self._take(name)
+        fd, start, end = self._take(name)
         pos = start
         for piece in pieces:
             data = _bytes(piece)
             if pos + len(data) > end:
                 raise ValueError(f"{self.path.name}: tensor {name!r} got more than its "
                                  f"{end - start} bytes")
-            _pwrite_all(self._fd, data, pos)
+            _pwrite_all(fd, data, pos)
             pos += len(data)
         if pos != end:
             raise ValueError(f"{self.path.name}: tensor {name!r} got {pos - start} of its "
