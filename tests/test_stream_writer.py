@@ -333,3 +333,50 @@ def test_killed_mid_stream(tmp_path, pair, mode):
                        env=env, capture_output=True, text=True)  # cleans up, writes the new output
     assert p.returncode == 0, p.stderr
     assert sorted(os.listdir(tmp_path)) == ["out"] and files(out) != before
+
+
+# -- merge -------------------------------------------------------------------------------------
+def merge_case(folder, layers, d=192, r=8):
+    """A one-file model (float32 and bfloat16 weights, an int64 buffer) and a LoRA adapter."""
+    rng = np.random.default_rng(1)
+    model = {f"layers.{i}.proj.weight": (rng.standard_normal((d, d)).astype(np.float32),
+                                         "BF16" if i % 2 else "F32") for i in range(layers)}
+    model["position_ids"] = (np.arange(7, dtype=np.int64), "I64")
+    save_tensors(folder / "model.safetensors", model)
+    rslora.save_adapter(folder / "adapter", {
+        f"layers.{i}.proj": (rng.standard_normal((r, d)).astype(np.float32),
+                             rng.standard_normal((d, r)).astype(np.float32))
+        for i in range(0, layers, 2)}, alpha=r)
+
+
+@pytest.mark.parametrize("dtype", [None, "float16"])
+def test_merge_streams_the_bytes_safetensors_writes(tmp_path, dtype):
+    merge_case(tmp_path, 3, d=16)
+    out = rslora.merge_checkpoint(tmp_path / "model.safetensors", tmp_path / "adapter",
+                                  tmp_path / "out", dtype=dtype)
+    got = load_file(out / "model.safetensors")
+    assert got["position_ids"].dtype == np.int64
+    save_file(got, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_merge_keeps_a_tensor_in_memory_not_the_file(tmp_path):
+    """A one-file model of 4 and of 16 weights: the peak traced memory of merging it does not
+    grow with the file (it grew by every weight when the file was written at once)."""
+    d = 192
+
+    def peak(layers):
+        folder = tmp_path / str(layers)
+        folder.mkdir()
+        merge_case(folder, layers, d)
+        rslora.merge_checkpoint(folder / "model.safetensors", folder / "adapter", folder / "w")
+        tracemalloc.start()
+        try:
+            rslora.merge_checkpoint(folder / "model.safetensors", folder / "adapter",
+                                    folder / "out")
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    # the adapter (loaded whole, as merge does) grows by 6 modules x 2 x r x d floats: 74 KB
+    assert peak(16) - peak(4) < 6 * 2 * 8 * d * 4 + d * d * 4 / 2

@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_output_dir, check_output_dir
-from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError, save_tensors
+from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError
 from .layouts import decide_conv1d, model_config
 from .naming import match_modules
 from .parallel import run_items
 from .peft_format import LoraAdapter, LoraModule, load_adapter
+from .safetensors_stream import TensorFile
 from ..linear import merge
 
 __all__ = ["merge_adapter", "merge_checkpoint", "MergePlan", "plan_merge"]
@@ -363,25 +364,24 @@ def merge_checkpoint(base, adapter, out_dir, *, dtype: str | None = None, force:
                 jobs = [_Update(str(ck.file_of(k)), k, ck.shape(k), ck.dtype(k),
                                 plan.replace.get(k), tuple(plan.updates.get(k, ())))
                         for k in keys if k in plan.updates or k in plan.replace]
-                merged = {}
-                for i, W in run_items(client, fn, jobs, weights=[math.prod(j.shape) for j in jobs],
-                                      name=lambda j: f"merge-{j.key}"):
-                    merged[jobs[i].key] = W
-                    bar.update(jobs[i].key in plan.updates)
-                tensors = {}
-                for key in keys:
-                    code = ck.dtype(key)
-                    out_code = DTYPE_CODES[dtype] if dtype and code in FLOAT_CODES else code
-                    if key in merged:
-                        tensors[key] = (merged.pop(key), out_code)
-                    elif out_code != code:
-                        tensors[key] = (ck.read(key), out_code)
-                    else:
-                        tensors[key] = ck.read_raw(key)
-                    weight_map[key] = fname
-                save_tensors(tmp / fname, tensors)
-                total += sum(_nbytes(a, c) for a, c in tensors.values())
-                del tensors
+                out_codes = {k: DTYPE_CODES[dtype] if dtype and ck.dtype(k) in FLOAT_CODES
+                             else ck.dtype(k) for k in keys}
+                # Each tensor goes to its offset in the file as it is ready: one tensor in
+                # memory (and the tasks in flight), not the shard.
+                with TensorFile(tmp / fname, {k: (out_codes[k], ck.shape(k)) for k in keys}) as f:
+                    for i, W in run_items(client, fn, jobs,
+                                          weights=[math.prod(j.shape) for j in jobs],
+                                          name=lambda j: f"merge-{j.key}"):
+                        f.write(jobs[i].key, W)
+                        del W
+                        bar.update(jobs[i].key in plan.updates)
+                    for key in keys:
+                        weight_map[key] = fname
+                        if key in plan.updates or key in plan.replace:
+                            continue  # written above
+                        f.write(key, ck.read(key) if out_codes[key] != ck.dtype(key)
+                                else ck.read_raw(key)[0])
+                total += sum(e - s for s, e in f.ranges.values())
             if len(groups) > 1:
                 index = {"metadata": {"total_size": total}, "weight_map": weight_map}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -434,10 +434,6 @@ def _copy_other_files(folder: Path, out: Path, dtype) -> None:
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
              "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1}
-
-
-def _nbytes(arr: np.ndarray, code: str) -> int:
-    return arr.size * _ITEMSIZE.get(code, arr.itemsize)
 
 
 def _bar(total: int, on: bool):
