@@ -236,9 +236,13 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
 
     Notes
     -----
-    Layers are processed one at a time (per worker thread with ``client``): peak memory is
-    about two float32 copies of the largest weight, plus the factors. Zero deltas (unchanged
-    weights) and embeddings are skipped and reported. Keys are
+    Layers are processed one at a time (per worker thread with ``client``), and each layer's
+    factors are written to the adapter file as they arrive (:class:`.factor_stream.FactorStream`):
+    peak memory is about two float32 copies of the largest weight plus one layer's factors, at
+    any model size. With ``tol`` (or ranks capped unevenly and no ``alpha``), the factors wait
+    in a float32 file in the output's temporary folder until every rank is known, and a layer
+    that turns out unchanged has the file rebuilt without it: the disk then holds the adapter
+    twice for a moment. Zero deltas (unchanged weights) are skipped and reported. Keys are
     ``base_model.model.<module>.lora_A.weight`` (r, d_in) and ``...lora_B.weight`` (d_out, r).
     """
     if (rank is None) == (tol is None):
