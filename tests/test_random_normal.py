@@ -45,3 +45,19 @@ def test_float32_normals_same_bits_for_any_length():
     a = _core.random_normal(1000, 9, 0, False)
     for n in (1, 3, 63, 64, 65, 257):
         assert np.array_equal(_core.random_normal(n, 9, 0, False), a[:n])
+
+
+def test_float32_normals_same_bits_on_every_kernel_path():
+    saved = _core.kernel_path()
+    try:
+        outs = {}
+        for path in _core.kernel_paths():
+            if _core.kernel_paths()[path]:
+                continue  # not supported here (the reason is the value)
+            _core.set_kernel_path(path)
+            outs[path] = _core.random_normal(10_007, 5, 2, False)
+    finally:
+        _core.set_kernel_path(saved)
+    ref = outs.pop("baseline")
+    for path, got in outs.items():
+        assert np.array_equal(got, ref), path

@@ -1,6 +1,9 @@
 // Philox4x32-10 and Box-Muller normals (float32 generated in float arithmetic, no float64 detour).
 #include "rslora/random.hpp"
 
+#include "rslora/kernel_path.hpp"
+#include "multi_kernels.hpp"  // RSLORA_HAVE_X86_KERNELS
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -43,8 +46,12 @@ std::array<std::uint32_t, 4> philox(std::uint64_t ctr_lo, std::uint64_t ctr_hi, 
 // compiler vectorizes: Philox in 32 x 32 -> 64-bit products, log by a series in
 // s = (m - 1) / (m + 1), sin/cos by Taylor series after reduction to |a| <= pi/4 (all three within
 // ~2 ulp; libm's scalar logf and sincosf took 3/4 of the time of a 2048 x 74 test matrix).
-// Only +, -, *, / and sqrt, each correctly rounded, so any vector width gives the same bits (on
-// x86-64 builds for the baseline target, which has no FMA for the compiler to contract into).
+// Only +, -, *, / and sqrt, each correctly rounded, and no contraction into FMA (GCC's avx512f
+// target brings FMA: it moved 6% of the numbers by an ulp), so every kernel path gives the same
+// bits (tests/test_random_normal.py).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 namespace {
 
 constexpr int kLanes = 16;
@@ -98,10 +105,14 @@ inline void sincos_u24(std::uint32_t k, float& sn, float& cs) {
   std::memcpy(&cs, &csb, 4);
 }
 
-}  // namespace
-
-template <>
-void normal<float>(float* out, i64 n, std::uint64_t seed, std::uint64_t stream) {
+// The loop of normal<float>; inlined into one copy per instruction set below.
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
+inline void normals_f32(float* out, i64 n, std::uint64_t seed, std::uint64_t stream) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
   const std::uint32_t key0 = static_cast<std::uint32_t>(seed), key1 = static_cast<std::uint32_t>(seed >> 32);
   for (i64 c = 0; 4 * c < n; c += kLanes) {
     // Philox4x32-10 of blocks c .. c + 15, lane by lane (the same steps as philox()).
@@ -142,6 +153,32 @@ void normal<float>(float* out, i64 n, std::uint64_t seed, std::uint64_t stream) 
     const i64 base = 4 * c, count = std::min<i64>(4 * kLanes, n - base);
     std::copy(z, z + count, out + base);
   }
+}
+
+#if RSLORA_HAVE_X86_KERNELS
+// The same loop in wider vectors, chosen by the kernel path (rslora/kernel_path.hpp).
+__attribute__((target("avx2"))) void normals_f32_avx2(float* out, i64 n, std::uint64_t seed,
+                                                       std::uint64_t stream) {
+  normals_f32(out, n, seed, stream);
+}
+__attribute__((target("avx512f"))) void normals_f32_avx512(float* out, i64 n, std::uint64_t seed,
+                                                            std::uint64_t stream) {
+  normals_f32(out, n, seed, stream);
+}
+#endif
+
+}  // namespace
+
+template <>
+void normal<float>(float* out, i64 n, std::uint64_t seed, std::uint64_t stream) {
+#if RSLORA_HAVE_X86_KERNELS
+  switch (kernel_path()) {
+    case KernelPath::avx512: return normals_f32_avx512(out, n, seed, stream);
+    case KernelPath::avx2: return normals_f32_avx2(out, n, seed, stream);
+    case KernelPath::baseline: break;
+  }
+#endif
+  normals_f32(out, n, seed, stream);
 }
 
 template <>
