@@ -17,7 +17,7 @@ the spectrum alone; the vectors only have to be dense and orthogonal.
 
 Spectra: "style" and "facts" as above, "cliff" (flat s_i = 1 for i < k + 6, then
 1e-2 (1+i)^-1/2: the sketch straddles the cliff) and "noisy" (a rank-60 signal of 1 over a
-noise floor 0.03 (1 + i/n)), those two at 2048 only. Each method gets the fewest iterations
+noise floor 0.03 (1 + i/n), sorted). Each method gets the fewest iterations
 that reach <= 1.001 x the optimum on each spectrum and size, checked at run time (the hint
 and one fewer, else 0, 1, 2, ...; outside the timing; every benchmark asserts its accuracy); scikit-learn runs its defaults (n_iter=7 and LU
 normalization here, about 1.0003). Roles in each group:
@@ -56,14 +56,13 @@ SPECTRA = {
 }
 BAR = 1.001
 MAX_ITER = 12
-# cliff and noisy at 2048 only: the suite runs these as tests, and 4096 adds minutes
-CASES = [(n, spec) for n in SIZES for spec in SPECTRA if n == 2048 or spec in ("style", "facts")]
+CASES = [(n, spec) for n in SIZES for spec in SPECTRA]
 # Where the fewest iteration counts were found before (checked, not trusted: a wrong hint falls
 # back to trying 0, 1, 2, ...); saves the test run most of the search.
 HINT = {("style", 2048): 1, ("style", 4096): 1, ("facts", 2048): 5, ("facts", 4096): 4,
-        ("cliff", 2048): 0, ("noisy", 2048): 1}
+        ("cliff", 2048): 0, ("noisy", 2048): 1, ("cliff", 4096): 0, ("noisy", 4096): 1}
 HINT_KRYLOV = {("style", 2048): 1, ("style", 4096): 1, ("facts", 2048): 3, ("facts", 4096): 3,
-               ("cliff", 2048): 0, ("noisy", 2048): 1}
+               ("cliff", 2048): 0, ("noisy", 2048): 1, ("cliff", 4096): 0, ("noisy", 4096): 1}
 IDS = [f"{spec}-{n}" for n, spec in CASES]
 
 
@@ -90,7 +89,9 @@ class _Problems:
                 self._uv = {n: (_orthogonal(n, rng), _orthogonal(n, rng))}  # keep one size
                 self._m = {key: v for key, v in self._m.items() if key[0] == n}
             U, V = self._uv[n]
-            s = SPECTRA[spec](n)
+            # sorted: "noisy"'s floor rises with i, and the optimum is the energy past the k
+            # largest values (unsorted, s[K:] counted the floor's top instead: a 1.0013x looser bar)
+            s = np.sort(SPECTRA[spec](n))[::-1]
             M = (U * s.astype(np.float32)) @ V.T
             opt = float(np.sqrt(np.sum(s[K:] ** 2)))
             self._m[(n, spec)] = (M, opt, float(np.sqrt(np.sum(s ** 2))))

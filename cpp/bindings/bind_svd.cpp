@@ -117,13 +117,15 @@ void bind_svd(py::module_& m) {
   m.def(
       "_rsvd_converged",
       [](const std::vector<double>& prev, const std::vector<double>& cur, i64 k, double normA2,
-         double eps, bool float64, double inc_prev) {
+         double eps, bool float64, double inc_prev, int iteration) {
         if (prev.size() != cur.size()) throw std::invalid_argument("prev and cur differ in length");
-        const bool done = rsvd_auto_converged(prev, cur, k, normA2, eps, float64, &inc_prev);
+        if (iteration < 0) throw std::invalid_argument("iteration must be >= 0");
+        const bool done =
+            rsvd_auto_converged(prev, cur, k, normA2, eps, float64, &inc_prev, iteration);
         return py::make_tuple(done, inc_prev);
       },
       py::arg("prev"), py::arg("cur"), py::arg("k"), py::arg("normA2"), py::arg("eps"),
-      py::arg("float64"), py::arg("inc_prev"),
+      py::arg("float64"), py::arg("inc_prev"), py::arg("iteration") = 0,
       "(converged, inc_prev): the n_iter='auto' rule on Ritz values formed by the caller.");
 
   m.def(

@@ -47,7 +47,9 @@ def rsvd(M: Any, k: int, *, oversample: int = 10, n_iter: int | str = "auto",
         passes over ``M``; the whole call makes ``2 * n_iter + 2`` GEMM passes. ``"auto"``
         (subspace iteration with the "qr" normalizer) iterates until the result meets the
         accuracy contract below (0 iterations when the sketch already does), at most 12
-        times, and may first widen the sketch by up to ``l`` columns (Notes); with
+        times, and may first widen the sketch by up to ``l`` columns (Notes); when
+        ``2 * l >= min(m, n)`` it sketches the whole short side instead (exact, 0 iterations,
+        for any method: one iteration would cost as much); with
         ``method="krylov"`` it means 3 steps, with the "lu"/"none" normalizers 5
         iterations; 0 when ``l`` already spans the short side of ``M``. :func:`rslora._core.rsvd_last_n_iter` tells what a call chose.
     auto_tol : float
@@ -97,37 +99,37 @@ def rsvd(M: Any, k: int, *, oversample: int = 10, n_iter: int | str = "auto",
        what lets the sketch alone suffice (0 iterations) when the ``l`` columns hold all but a
        sliver of ``M`` (a spectrum with a cliff inside the sketch);
     2. (an estimate, from the first iteration on) the gap, extrapolated from how much each
-       ``s_i^2`` grew in the last iteration at the rate subspace iteration converges,
-       ``(s_l / s_i)^4`` per iteration (and never faster than the observed rate of the whole),
-       is below half of what ``auto_tol`` allows, with ``opt^2`` estimated by
-       ``max(below, err^2 - gap)``.
+       ``s_i^2`` grew in the last iteration, ``d_i``: geometrically at the rate subspace
+       iteration converges, ``(s_l / s_i)^4`` per iteration (and never faster than the
+       observed rate of the whole), but never more than ``2 t d_i`` after ``t`` iterations, is
+       below half of what ``auto_tol`` allows, with ``opt^2`` estimated by
+       ``max(below, err^2 - gap)``. The cap is for directions inside a cluster (a flat noise
+       floor across index ``k``): there ``(s_l / s_i)^4 ~ 1`` says the gap is ~20 ``d_i``,
+       but such a direction converges like ``1/t`` (its shortfall ~ ``(t + 1/2) d_t``) and any
+       direction of the cluster is nearly as good for the error.
 
-    When the sketch fails rule 1, its Ritz values may widen it before any iteration, keeping
-    the columns already computed (Gaussian columns made orthogonal to them, 2 passes of their
-    width, at most ``l``: never more than one iteration costs; the wider basis at most an
-    eighth of the short side, above which rule 2 stops too early): (a) on fast decay, by the
-    columns that the decay of ``s_i^2`` over ``[k/2, k)`` predicts bring rule 1 within
-    ``auto_tol``, when that is not below the rounding of the captured energy (float64, or
-    float32 with an optimum well above its rounding); (b) on a flat tail at the edge,
-    ``(s_l / s_k)^4 > 0.7``, by ``l`` columns. The rules above then judge the wider basis,
-    so widening changes the cost, never what "converged" means. Measured (bench/RESULTS.md): float64 exp(-i/8) at 2048, 0 iterations at
-    104 columns where 1 at 74 was needed; noisy low rank, 1 iteration at 148 columns where 4
-    at 74 were (1.1-1.2x faster); float32 "style" and "facts" unchanged (the bound is below
-    float32's rounding there; on a power law the passes saved and spent were even).
+    When the sketch fails rule 1 on fast decay, its Ritz values may widen it before any
+    iteration, keeping the columns already computed (Gaussian columns made orthogonal to them,
+    2 passes of their width, at most ``l``: never more than one iteration costs; the wider
+    basis at most an eighth of the short side): by the columns that the decay of ``s_i^2``
+    over ``[k/2, k)`` predicts bring rule 1 within ``auto_tol``, when that is not below the
+    rounding of the captured energy (float64, or float32 with an optimum well above its
+    rounding). The rules above then judge the wider basis, so widening changes the cost, never
+    what "converged" means (float64 exp(-i/8) at 2048: 0 iterations at 104 columns where 1 at
+    74 was needed).
 
-    Changes of ``s_i^2`` smaller than their rounding are not counted. Rule 2 can be fooled,
-    rarely, by a spectrum whose decay changes beyond index ``l`` (the rate is extrapolated from
-    the first ``l`` values) or by a sketch that stalls for an iteration before converging; on
-    the "style", "facts", flat-then-cliff and noisy low-rank spectra of bench/bench_svd.py it
-    meets 1.001x, with the fewest iterations that do on style (1), facts (5) and cliff (0) at
-    2048 x 2048 (at 4096, facts: 5 where 4 suffice: the estimate keeps a 2x margin). It
-    is conservative on a slowly decaying noise floor across index ``k`` (noisy low rank: 4
-    iterations at ``l`` where 1 meets the contract), where each noise direction converges
-    slowly but has little left to gain. Known miss: when ``l`` is most of the short side
-    (``k = 60``, ``l = 70`` of 80; tests/test_rsvd_widen.py) rule 2 can stop early, up to
-    ~1.0026x on a noisy or Gaussian matrix: its rates come from ``s_l``, far below
-    ``sigma_l`` there. A spectrum flat across index ``k`` converges slowly (the optimum
-    is not unique there) and may stop at the 12-iteration cap above the contract.
+    Changes of ``s_i^2`` smaller than their rounding are not counted. Rule 2 is an estimate:
+    it can be fooled by a spectrum whose decay changes beyond index ``l`` (the rate is
+    extrapolated from the first ``l`` values), by a sketch that stalls for an iteration
+    before converging, or, for small ``k``, by ``s_l`` under-estimating ``sigma_{l+1}`` (a
+    float64 replay over 57 spectra and shapes x 6 seeds, ``k`` from 2 to 64, met 1.001x
+    everywhere but one seed of a 80-column power law with ``k = 2``: 1.0013x). On the
+    "style", "facts", flat-then-cliff and noisy low-rank spectra of bench/bench_svd.py it
+    meets 1.001x with the fewest iterations that do on style (1), cliff (0) and noisy (1,
+    at 2048 and 4096; 5 at 1024 in the replay, where the floor holds half the energy), facts 5 (4 suffice
+    at 4096: the estimate keeps a 2x margin). A spectrum flat across index ``k`` converges
+    slowly (the optimum is not unique there) and may stop at the 12-iteration cap above the
+    contract.
 
     Sign convention: in every column of ``U`` the entry of largest magnitude (the first one
     on ties) is positive; the matching row of ``Vt`` carries the same sign. The work is done on

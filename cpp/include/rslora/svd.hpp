@@ -57,9 +57,9 @@ i64 rsvd_passes(RsvdMethod method, int n_iter);
 // The stopping rule of n_iter = -1 (rsvd_converge.cpp) for callers that form their own Ritz
 // values (rslora.dask: blocked passes): prev/cur the Ritz values (descending) of the last two
 // iterations, normA2 = ||A||_F^2, float64 the working precision; inc_prev carries state between
-// calls (start with 0).
+// calls (start with 0); iter: the iterations made so far (0: not known, a more conservative rule).
 bool rsvd_auto_converged(const std::vector<double>& prev, const std::vector<double>& cur, i64 k,
-                         double normA2, double eps, bool float64, double* inc_prev);
+                         double normA2, double eps, bool float64, double* inc_prev, int iter = 0);
 
 // Rank-k truncated SVD: U (m x k), S (k, descending), Vt (k x n), any writable views.
 // Requires 1 <= k <= min(m, n) (checked: std::invalid_argument).

@@ -250,7 +250,7 @@ i64 subspace_auto(const Sides<T>& sd, i64 l0, i64 k, int max_iters, double eps, 
     sd.mul_t(ws.Q.data(), l, ws.W.data());
     check_interrupt();
     detail::gram_eig(ws.W.data(), q, l, ws.gram);
-    if (detail::rsvd_converged<T>(ws.prev, ws.gram.s, k, normA2, eps, &inc_prev)) break;
+    if (detail::rsvd_converged<T>(ws.prev, ws.gram.s, k, normA2, eps, &inc_prev, it)) break;
     if (it == 0) {
       // Fast decay: a wider sketch (2 b column-passes) may meet the bound where an iteration
       // (2 l) would be needed; the columns already computed are kept.
@@ -259,7 +259,7 @@ i64 subspace_auto(const Sides<T>& sd, i64 l0, i64 k, int max_iters, double eps, 
         widen(sd, l, b, seed, ws);
         l += b;
         detail::gram_eig(ws.W.data(), q, l, ws.gram);
-        if (detail::rsvd_converged<T>(ws.prev, ws.gram.s, k, normA2, eps, &inc_prev)) break;
+        if (detail::rsvd_converged<T>(ws.prev, ws.gram.s, k, normA2, eps, &inc_prev, it)) break;
       }
     }
     if (it == max_iters) break;
@@ -319,8 +319,12 @@ void rsvd(Mat<const T> M, i64 k, const RsvdOptions& opt, Mat<T> U, T* S, Mat<T> 
     throw std::invalid_argument("method='krylov' orthonormalizes its blocks: normalizer must be 'qr'");
   const detail::Rescaled<T> scaled(M, opt.check_finite);
   const Sides<T> sd(scaled.M);
-  const i64 l = opt.oversample >= sd.p - k ? sd.p : k + opt.oversample;  // no k + oversample overflow
+  i64 l = opt.oversample >= sd.p - k ? sd.p : k + opt.oversample;  // no k + oversample overflow
   int iters = opt.n_iter < 0 ? rsvd_auto_iters(opt.method, m, n, k, opt.oversample) : opt.n_iter;
+  // "auto" with a basis of at least half the short side: one iteration (4 l column-passes)
+  // would cost as much as a sketch of all p columns (2 p), and that sketch is exact (it spans
+  // the short side), where an estimate of convergence is least reliable (rsvd_converge.cpp).
+  if (opt.n_iter < 0 && 2 * l >= sd.p) l = sd.p, iters = 0;
   const bool adapt = opt.n_iter < 0 && iters > 0 && opt.method == RsvdMethod::subspace &&
                      opt.normalizer == RsvdNormalizer::qr;
   Workspace<T>& ws = workspace<T>();

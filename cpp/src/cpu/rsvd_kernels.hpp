@@ -147,10 +147,11 @@ namespace rslora::detail {
 // basis whose Ritz values are cur (descending, L of them) is within (1 + eps) x the optimal
 // Frobenius error, ||A||_F^2 = normA2. prev: the previous iteration's Ritz values, empty on the
 // first basis (the sketch). inc_prev carries the last increase of the captured energy between
-// calls (start with 0).
+// calls (start with 0). iter: the iterations that made cur (>= 1 when prev is given; 0: not
+// known, and no direction's shortfall is capped at 2 iter times its last increase).
 template <class T>
 bool rsvd_converged(const std::vector<double>& prev, const std::vector<double>& cur, i64 k,
-                    double normA2, double eps, double* inc_prev);
+                    double normA2, double eps, double* inc_prev, int iter);
 
 // Columns to add to the sketch (0: none) when its bound fails but the decay of its Ritz values
 // s (of L columns) predicts that a wider sketch meets the bound without iterating; at most room
