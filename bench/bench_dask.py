@@ -138,8 +138,8 @@ def test_rslora_auto(benchmark, client, spectrum):
     set_case(benchmark, f"dask-rsvd-{spectrum}-{SIZE}", "rslora")
     out = benchmark.pedantic(lambda: _ours(prob.X), rounds=ROUNDS, iterations=1)
     r = prob.ratio(*out)
-    benchmark.extra_info.update(error_ratio=r, n_iter=_impl._LAST_RUN["n_iter"],
-                                reads=_impl._LAST_RUN["passes"])
+    benchmark.extra_info.update(error_ratio=r, route=_impl._LAST_RUN["route"],
+                                n_iter=_impl._LAST_RUN["n_iter"], reads=_impl._LAST_RUN["passes"])
     assert r <= BAR, r
 
 
