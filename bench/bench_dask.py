@@ -1,4 +1,5 @@
-"""rslora.dask.rsvd vs dask.array.linalg.svd_compressed on a LocalCluster, at equal accuracy.
+"""rslora.dask.rsvd (its defaults) vs dask.array.linalg.svd_compressed on a LocalCluster, at
+equal accuracy.
 
     RSLORA_BENCH_DASK_FULL=1 python -m pytest bench/bench_dask.py --benchmark-json=/tmp/dask.json
     python bench/report.py /tmp/dask.json
@@ -12,8 +13,11 @@ the workers, persisted before timing) and V orthogonal, for a slowly decaying sp
 0.03 (1 + i/n)). The Eckart-Young optimum is computed from the float64 Gram of M as it is
 (eigenvalues), and each entry's relative Frobenius error from the float64 residual, both outside
 the timing; every entry asserts <= 1.001 x the optimum. Roles in each group:
-  rslora         rslora.dask.rsvd(M, k): n_iter="auto" (extra_info: iterations, reads of M)
-  rslora-fewest  rslora.dask.rsvd(M, k, n_iter=fewest fixed count reaching 1.001)
+  rslora         rslora.dask.rsvd(M, k), the defaults (n_iter="auto": the Gram route where its
+                 cost model and certificate allow, else the iteration; extra_info: the route,
+                 iterations, reads of M)
+  rslora-fewest  rslora.dask.rsvd(M, k, n_iter=fewest fixed count reaching 1.001): the
+                 subspace iteration told the count in advance
   dask-qr        svd_compressed(M, k, n_power_iter=fewest reaching 1.001, iterator="QR",
                  n_oversamples=10): 2q + 2 passes over M plus a TSQR per iteration
 The default svd_compressed iterator ("power") is measured for accuracy only (extra_info of the
@@ -59,7 +63,7 @@ ROUNDS = 3 if FULL else 1
 @pytest.fixture(scope="module")
 def client():
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=FULL,
-                                  dashboard_address=None) as cluster, \
+                                  dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as c:
         yield c
 
