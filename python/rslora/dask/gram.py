@@ -18,10 +18,11 @@ depth of each entry's sum: a slice of rows inside BLAS, the slices of a block, t
 blocks, and the product itself; LAPACK's symmetric eigensolvers are backward stable with a
 small multiple of p u ||G||). Then, by Ky Fan and Weyl, the projection M V_k V_k^T has
 err^2 <= opt^2 + 2 k delta and opt^2 >= sum_{i>k} lam_i - (p - k) delta =: lo. The last read
-Y = M V_k S_k^-1 rounds too: in the working precision u its columns carry relative errors up to
-~u sqrt(p) s_1 / s_j, counted as 8 u sqrt(p k) s_1^2 / s_k in the error; where that is too much
-the read is made in float64 (twice the flops, the term then negligible). Rounding the factors to
-the working precision adds 4 u sqrt(k) s_1. The route returns only when
+Y = M V_k S_k^-1 rounds too: the result is Y S_k V_k^T with the computed Y, so Y's rounding
+E enters as E S_k, whose column j is the rounding of M v_j: counted as 4 u sqrt(p k) ||M||_F
+(the sqrt(p) growth of rounding in dot products of length p; where that is too much the read is
+made in float64, at twice the time, the term then negligible). Rounding the factors to the
+working precision adds 4 u sqrt(k) s_1. The route returns only when
     sqrt(lo + 2 k delta) + rounding <= (1 + auto_tol) sqrt(lo);
 it cannot on a tail below ~sqrt(2 k N u64) ||M||_F (float64 data with a deep tail), on rank < k,
 or on a zero M: the subspace iteration runs instead.
@@ -79,7 +80,7 @@ class Spectrum:
         factors, at rank r (see above)."""
         s1 = math.sqrt(max(self.lam[0], 0.0))
         u = U64 if exact else self.u
-        read = 8 * u * math.sqrt(self.p * r) * s1 * s1 / math.sqrt(self.lam[r - 1])
+        read = 4 * u * math.sqrt(self.p * r * max(self.trace, 0.0))
         return read + 4 * self.u * math.sqrt(r) * s1
 
     def resolved(self, r: int) -> bool:

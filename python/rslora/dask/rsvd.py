@@ -259,9 +259,11 @@ def _gram_route(X, k, auto_tol):
 
 
 def gram_finish(parts, rows, G, spec, r, scale, dtype, exact):
-    """The rank-r result from the Gram's top eigenvectors: one read for Y = X V_r S_r^-1 (and
-    Y^T Y; in float64 when ``exact``); X^T Y = G V_r S_r^-1 needs no read; CholeskyQR2 (or
-    TSQR) as the iteration ends."""
+    """The rank-r result X V_r V_r^T from the Gram's top eigenpairs: one read for Y = X V_r
+    S_r^-1 and Y^T Y (in float64 when ``exact``), then CholeskyQR2 (or TSQR) of Y as the
+    iteration ends. The approximation is Y S_r V_r^T with the computed Y: Y's rounding E enters
+    as E S_r, the Gram's bound on it (rslora.dask.gram); with Y = Q R, X^T Q is taken as
+    V_r S_r R^T, which _finish reads from W = V_r S_r Y^T Y."""
     Z = (spec.V[:, :r] / np.sqrt(spec.lam[:r])).astype(np.float64 if exact else dtype)
     Zd = delayed(Z)
     step = gram.slice_rows(Z.shape[0])
@@ -269,7 +271,8 @@ def gram_finish(parts, rows, G, spec, r, scale, dtype, exact):
     done = persist(*[o[0] for o in outs], blocks.tree(o[1] for o in outs))
     Ys, GY = list(done[:-1]), compute(done[-1])[0]
     _LAST_RUN.update(passes=_LAST_RUN.get("passes", 0) + 1, tsqr=False, exact_read=exact)
-    U, S, Vt = _finish(parts, rows, Ys, G @ Z.astype(np.float64), GY, r, scale, dtype)
+    W = (spec.V[:, :r] * np.sqrt(spec.lam[:r])) @ GY
+    U, S, Vt = _finish(parts, rows, Ys, W, GY, r, scale, dtype)
     if scale != 1.0:
         S = _unscale(S, scale, dtype)
     return U, S, Vt
