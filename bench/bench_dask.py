@@ -1,4 +1,5 @@
-"""rslora.dask.rsvd vs dask.array.linalg.svd_compressed on a LocalCluster, at equal accuracy.
+"""rslora.dask.rsvd (its defaults) vs dask.array.linalg.svd_compressed on a LocalCluster, at
+equal accuracy.
 
     RSLORA_BENCH_DASK_FULL=1 python -m pytest bench/bench_dask.py --benchmark-json=/tmp/dask.json
     python bench/report.py /tmp/dask.json
@@ -12,12 +13,16 @@ the workers, persisted before timing) and V orthogonal, for a slowly decaying sp
 0.03 (1 + i/n)). The Eckart-Young optimum is computed from the float64 Gram of M as it is
 (eigenvalues), and each entry's relative Frobenius error from the float64 residual, both outside
 the timing; every entry asserts <= 1.001 x the optimum. Roles in each group:
-  rslora         rslora.dask.rsvd(M, k): n_iter="auto" (extra_info: iterations, reads of M)
-  rslora-fewest  rslora.dask.rsvd(M, k, n_iter=fewest fixed count reaching 1.001)
+  rslora         rslora.dask.rsvd(M, k), the defaults (n_iter="auto": the Gram route where its
+                 cost model and certificate allow, else the iteration; extra_info: the route,
+                 iterations, reads of M)
+  rslora-fewest  rslora.dask.rsvd(M, k, n_iter=fewest fixed count reaching 1.001): the
+                 subspace iteration told the count in advance
   dask-qr        svd_compressed(M, k, n_power_iter=fewest reaching 1.001, iterator="QR",
                  n_oversamples=10): 2q + 2 passes over M plus a TSQR per iteration
 The default svd_compressed iterator ("power") is measured for accuracy only (extra_info of the
-dask-qr entry): it stalls above 1.001 on these spectra.
+dask-qr entry): it stalls above 1.001 on these spectra. extra_info.worker_cpu_s: the workers'
+CPU seconds for one more run of each entry (steadier than wall time on a shared machine).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import resource
 
 import numpy as np
 import pytest
@@ -59,13 +65,14 @@ ROUNDS = 3 if FULL else 1
 @pytest.fixture(scope="module")
 def client():
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=FULL,
-                                  dashboard_address=None) as cluster, \
+                                  dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as c:
         yield c
 
 
 class _Problem:
-    def __init__(self, spectrum: str):
+    def __init__(self, client, spectrum: str):
+        self.client = client
         rng = np.random.default_rng(7)
         V = np.linalg.qr(rng.standard_normal((N, N)))[0]
         SVt = (SPECTRA[spectrum](N)[:, None] * V.T / math.sqrt(M)).astype(np.float32)
@@ -90,7 +97,7 @@ _problems: dict = {}
 
 def _problem(client, spectrum) -> _Problem:
     if spectrum not in _problems:
-        _problems[spectrum] = _Problem(spectrum)
+        _problems[spectrum] = _Problem(client, spectrum)
     return _problems[spectrum]
 
 
@@ -138,9 +145,23 @@ def test_rslora_auto(benchmark, client, spectrum):
     set_case(benchmark, f"dask-rsvd-{spectrum}-{SIZE}", "rslora")
     out = benchmark.pedantic(lambda: _ours(prob.X), rounds=ROUNDS, iterations=1)
     r = prob.ratio(*out)
-    benchmark.extra_info.update(error_ratio=r, n_iter=_impl._LAST_RUN["n_iter"],
-                                reads=_impl._LAST_RUN["passes"])
+    benchmark.extra_info.update(error_ratio=r, worker_cpu_s=_worker_cpu(client, _ours, prob.X),
+                                route=_impl._LAST_RUN["route"],
+                                n_iter=_impl._LAST_RUN["n_iter"], reads=_impl._LAST_RUN["passes"])
     assert r <= BAR, r
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _worker_cpu(client, run, *args) -> float:
+    """CPU seconds the workers spend on one more ``run(*args)``: less disturbed than wall time
+    by other jobs on a shared machine (the client's small work is not counted)."""
+    before = sum(client.run(_cpu_s).values())
+    run(*args)
+    return sum(client.run(_cpu_s).values()) - before
 
 
 def _at_fewest(benchmark, prob, spectrum, who, role, run, count_name):
@@ -149,7 +170,8 @@ def _at_fewest(benchmark, prob, spectrum, who, role, run, count_name):
     set_case(benchmark, f"dask-rsvd-{spectrum}-{SIZE}", role, **{count_name: q})
     out = benchmark.pedantic(lambda: run(prob.X, q), rounds=ROUNDS, iterations=1)
     r = prob.ratio(*out)
-    benchmark.extra_info.update(error_ratio=r)
+    benchmark.extra_info.update(error_ratio=r, worker_cpu_s=_worker_cpu(prob.client, run,
+                                                                        prob.X, q))
     assert r <= BAR, r
     return q
 

@@ -1,4 +1,5 @@
-"""rslora on Dask: randomized SVD of dask arrays too tall for one machine (:func:`rsvd`), and
+"""rslora on Dask: truncated SVD of dask arrays too tall for one machine (:func:`rsvd` at a
+fixed rank, :func:`rsvd_tol` to a tolerance), and
 the cluster the command line's ``--workers`` / ``--scheduler`` open (:mod:`.cluster`).
 
 Importing :mod:`rslora` does not import Dask; ``import rslora.dask`` does (``pip install
@@ -8,5 +9,6 @@ Importing :mod:`rslora` does not import Dask; ``import rslora.dask`` does (``pip
 from __future__ import annotations
 
 from .rsvd import rsvd
+from .rsvd_tol import rsvd_tol
 
-__all__ = ["rsvd"]
+__all__ = ["rsvd", "rsvd_tol"]

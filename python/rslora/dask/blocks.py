@@ -95,3 +95,45 @@ def col_absmax(Ub):
     idx = np.argmax(np.abs(Ub), axis=0)
     val = Ub[idx, np.arange(Ub.shape[1])].astype(np.float64)
     return np.abs(val), val
+
+
+def gram_block(Xb, scale: float, step: int):
+    """X_b^T X_b in float64 (the Gram route's one read), and max |X_b|.
+
+    Rows are widened to float64 ``step`` at a time (no full float64 copy of the block); ``A.T @
+    A`` of one array is a syrk in NumPy (half the flops of a GEMM). For float32 data the products
+    are exact in float64: only the sums round. ``scale`` is a power of 2 (exact)."""
+    Xb = np.asarray(Xb)
+    p = Xb.shape[1]
+    G = np.zeros((p, p))
+    amax = float(np.max(np.abs(Xb))) if Xb.size else 0.0
+    if not np.isfinite(amax):
+        return G, amax
+    with np.errstate(all="ignore"):
+        for i in range(0, Xb.shape[0], step):
+            a = Xb[i:i + step].astype(np.float64)
+            if scale != 1.0:
+                a *= scale
+            G += a.T @ a
+    return G, amax
+
+
+def merge_gram(a, b):
+    """(G, max |X|) of two parts: a NaN max stays NaN."""
+    amax = np.nan if np.isnan(a[1]) or np.isnan(b[1]) else max(a[1], b[1])
+    return add(a[0], b[0]), amax
+
+
+def times_block(Xb, Z, scale: float, step: int):
+    """Y_b = X_b Z and Y_b^T Y_b in float64 (the Gram route's last read: M^T Y is G Z). A
+    float64 ``Z`` makes the product in float64 (``step`` rows at a time), Y in float64."""
+    Xb = np.asarray(Xb)
+    if Z.dtype == Xb.dtype:
+        if scale != 1.0:
+            Xb = Xb * Xb.dtype.type(scale)
+        Y = Xb @ Z
+        return Y, gram(Y)
+    Y = np.empty((Xb.shape[0], Z.shape[1]))
+    for i in range(0, Xb.shape[0], step):
+        Y[i:i + step] = (Xb[i:i + step].astype(np.float64) * scale) @ Z
+    return Y, gram(Y)

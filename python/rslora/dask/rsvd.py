@@ -1,4 +1,9 @@
-"""Rank-k randomized SVD of a dask array chunked along its long side: :func:`rsvd`.
+"""Rank-k truncated SVD of a dask array chunked along its long side: :func:`rsvd`.
+
+Two routes. With a short side small enough (rslora.dask.gram: cost model and certificate),
+``n_iter="auto"`` first forms M^T M in float64 in one read, takes its eigendecomposition on the
+client and makes U in one more read; it returns that only when the eigenvalues prove the
+contract. Otherwise (and for a fixed n_iter), subspace iteration:
 
 Subspace iteration on the short side, one read of M per iteration. With M tall (m x n, row
 blocks M_b) and Z (n x l) on the client, each pass sends Z to the blocks, which return
@@ -26,7 +31,7 @@ import dask.array as da
 import numpy as np
 
 from .. import _core, _validation
-from . import blocks
+from . import blocks, gram
 
 __all__ = ["rsvd"]
 
@@ -38,17 +43,28 @@ _COND_LIMIT = 100.0
 # errors of ~u cond(Y) ||M||, which would read as convergence).
 _COND_RITZ = 16.0
 _delayed = delayed(pure=True)
-# What the last call in this process did (for tests and benchmarks): iterations, reads of M,
-# and whether the TSQR fallback ran.
+# What the last call in this process did (for tests and benchmarks): the route ("gram" or
+# "iterate", and why the Gram route was left when it was), iterations, reads of M, and whether
+# the TSQR fallback ran.
 _LAST_RUN: dict = {}
+# Tests force a route: "gram" (whenever n_iter="auto"; it still falls back when it cannot
+# certify) or "iterate"; None lets the cost model choose (rslora.dask.gram).
+_FORCE_ROUTE: str | None = None
 
 
 def _check_args(M, k, oversample, n_iter, seed, auto_tol):
     """The checks of rslora.rsvd (rslora._validation: the same rules and messages), for a dask
     array. Returns (k, oversample, n_iter, seed key, auto_tol)."""
+    check_array(M, "rslora.rsvd")
+    a = _validation.rsvd_args(M.shape, k, oversample, n_iter, "subspace", "qr", seed, auto_tol)
+    return a.k, a.oversample, a.n_iter, _validation.seed(a.seed), a.auto_tol
+
+
+def check_array(M, twin: str) -> None:
+    """M is a 2-D float32/float64 dask array of known shape (the in-memory ``twin``'s messages)."""
     if not isinstance(M, da.Array):
         raise TypeError(f"M must be a dask array, got {type(M).__name__} "
-                        "(rslora.rsvd takes in-memory arrays)")
+                        f"({twin} takes in-memory arrays)")
     if M.dtype not in (np.float32, np.float64):
         raise TypeError(f"M must be float32 or float64, got {M.dtype}")
     if M.ndim != 2:
@@ -56,12 +72,37 @@ def _check_args(M, k, oversample, n_iter, seed, auto_tol):
     if any(math.isnan(s) for s in M.shape):
         raise ValueError(f"M has unknown chunk sizes (shape {M.shape}): call "
                          "M.compute_chunk_sizes() first")
-    a = _validation.rsvd_args(M.shape, k, oversample, n_iter, "subspace", "qr", seed, auto_tol)
-    return a.k, a.oversample, a.n_iter, _validation.seed(a.seed), a.auto_tol
+
+
+def tall(M):
+    """(X, wide): X = M, or M^T when M is wide, with its short side in one chunk."""
+    wide = M.shape[0] < M.shape[1]
+    X = M.T if wide else M
+    if len(X.chunks[1]) > 1:
+        X = X.rechunk({1: -1})
+    return X, wide
+
+
+def orient(U, S, Vt, M, wide):
+    """The factors of X (tall) as those of M, with rslora.rsvd's sign convention: dask arrays,
+    U chunked like M's rows (Vt like its columns when M is wide)."""
+    dtype = M.dtype
+    k = S.shape[0]
+    if wide:  # M = X^T = Vt^T S U^T
+        U, Vt = Vt.T.copy(), U.T
+        sign = _signs_local(U)
+        U = da.from_array(U * sign.astype(dtype), chunks=(M.chunks[0], k))
+        (Vt,) = persist(Vt * sign.astype(dtype)[:, None])
+    else:
+        sign = _signs_blocks(U) if k else np.ones(0)
+        (U,) = persist(U * sign.astype(dtype))
+        Vt = da.from_array(Vt * sign.astype(dtype)[:, None], chunks=(k, M.chunks[1]))
+    return U, da.from_array(S, chunks=max(k, 1)), Vt
 
 
 def rsvd(M, k, *, oversample=10, n_iter="auto", seed=None, check_finite=True, auto_tol=1e-3):
-    """Rank-``k`` truncated SVD of a dask array by randomized subspace iteration.
+    """Rank-``k`` truncated SVD of a dask array: from its Gram matrix, or by randomized
+    subspace iteration.
 
     The same contract as :func:`rslora.rsvd` (``method="subspace"``, ``normalizer="qr"``) for
     an ``M`` that lives in chunks, possibly on many machines.
@@ -80,21 +121,29 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", seed=None, check_finite=True, au
     n_iter : int or "auto"
         Power (subspace) iterations: the call reads ``M`` ``n_iter + 1`` times (one read per
         iteration: each block computes ``M_b^T (M_b Z)``), against ``2 n_iter + 2`` GEMM passes
-        for :func:`rslora.rsvd`, for the same subspace. ``"auto"`` iterates until the relative
-        Frobenius error is at most ``(1 + auto_tol)`` x the Eckart-Young optimum (the rule of
-        :func:`rslora.rsvd`, from the Ritz values each pass gives), at most 12 times; 0 when
-        ``l`` spans the short side. One more pass is made when the last basis is too
-        ill-conditioned for CholeskyQR2 (TSQR fallback: ``n_iter=0``, rank-deficient ``M``).
+        for :func:`rslora.rsvd`, for the same subspace. One more pass is made when the last
+        basis is too ill-conditioned for CholeskyQR2 (TSQR fallback: ``n_iter=0``,
+        rank-deficient ``M``).
+
+        ``"auto"``: when the short side p is small enough that the float64 Gram ``M^T M`` costs
+        less than the iterations would (p up to ~10 l for float32, ~20 l for float64 data; the
+        cost model is in :mod:`rslora.dask.gram`), two reads: the Gram (eigendecomposed on the
+        client) and ``M V_k S_k^-1``. That result is returned only when the Gram's eigenvalues
+        prove it within ``(1 + auto_tol)`` x the Eckart-Young optimum (relative Frobenius error)
+        given the Gram's rounding; otherwise (a tail below ~``sqrt(m u64)`` of ``s_1`` in
+        float64 data, rank below ``k``, a zero ``M``) and for a larger p, the subspace
+        iteration runs until the rule of :func:`rslora.rsvd` says the same bound is met (from
+        the Ritz values each pass gives), at most 12 times; 0 when ``l`` spans the short side.
 
     Returns
     -------
     U : dask.array.Array, shape (m, k)
-        Orthonormal columns; chunked like ``M``'s rows when ``M`` is tall (computed and held in
-        the cluster's memory, as by ``persist``), one chunk when ``M`` is wide.
+        Orthonormal columns, chunked like ``M``'s rows (computed and held in the cluster's
+        memory, as by ``persist``, when ``M`` is tall).
     S : dask.array.Array, shape (k,)
         Singular values, descending.
     Vt : dask.array.Array, shape (k, n)
-        Orthonormal rows; chunked like ``M``'s columns when ``M`` is wide, else one chunk.
+        Orthonormal rows, chunked like ``M``'s columns.
 
     Same dtype as ``M``; the sign convention of :func:`rslora.rsvd` (the largest-magnitude entry
     of each column of ``U`` is positive). The work runs on the default scheduler (a
@@ -102,26 +151,19 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", seed=None, check_finite=True, au
     """
     k, oversample, n_iter, seed, auto_tol = _check_args(M, k, oversample, n_iter, seed, auto_tol)
     m, n = M.shape
-    wide = m < n
-    X = M.T if wide else M
-    if len(X.chunks[1]) > 1:
-        X = X.rechunk({1: -1})
+    X, wide = tall(M)
     p = X.shape[1]
     l = p if oversample >= p - k else k + oversample
     if n_iter == -1 and _core.rsvd_auto_iters("subspace", m, n, k, oversample) == 0:
         n_iter = 0
-    U, S, Vt = _tall(X, k, l, n_iter, seed, bool(check_finite), auto_tol)
-    dtype = M.dtype
-    if wide:  # M = X^T = Vt^T S U^T
-        U, Vt = Vt.T.copy(), U.T
-        sign = _signs_local(U)
-        U = da.from_array(U * sign.astype(dtype), chunks=U.shape)
-        (Vt,) = persist(Vt * sign.astype(dtype)[:, None])
-    else:
-        sign = _signs_blocks(U)
-        (U,) = persist(U * sign.astype(dtype))
-        Vt = da.from_array(Vt * sign.astype(dtype)[:, None], chunks=(k, M.chunks[1]))
-    return U, da.from_array(S, chunks=k), Vt
+    _LAST_RUN.clear()
+    route = _FORCE_ROUTE or ("gram" if gram.worth_it(p, k, l, M.dtype) else "iterate")
+    out = None
+    if n_iter == -1 and route == "gram":
+        out = _gram_route(X, k, auto_tol)
+    if out is None:
+        out = _tall(X, k, l, n_iter, seed, bool(check_finite), auto_tol)
+    return orient(*out, M, wide)
 
 
 def _tall(X, k, l, n_iter, seed, check_finite, auto_tol):
@@ -166,8 +208,71 @@ def _tall(X, k, l, n_iter, seed, check_finite, auto_tol):
         Z = _next_z(V, s, l, seed, it, dtype)
         Ys, W, G, _ = _pass(parts, Z, scale, stats=False)
         it += 1
-    _LAST_RUN.update(n_iter=it, passes=it + 1 + (scale != 1.0), tsqr=False)
+    passes = _LAST_RUN.get("passes", 0) + it + 1 + (scale != 1.0)
+    _LAST_RUN.update(route="iterate", n_iter=it, passes=passes, tsqr=False)
     U, S, Vt = _finish(parts, rows, Ys, W, G, k, scale, dtype)
+    if scale != 1.0:
+        S = _unscale(S, scale, dtype)
+    return U, S, Vt
+
+
+def gram_pass(X):
+    """The float64 Gram of X (tall) with its scale, in one read (two for float64 data whose
+    entries are far from 1). Returns (parts, rows, G, amax, scale); G is of X * scale."""
+    parts = list(X.to_delayed()[:, 0])
+    dtype = X.dtype
+
+    def one(scale):
+        step = gram.slice_rows(X.shape[1])
+        outs = [_delayed(blocks.gram_block)(b, scale, step) for b in parts]  # (G_b, max |X_b|)
+        return compute(blocks.tree(outs, blocks.merge_gram))[0]
+
+    G, amax = one(1.0)
+    _LAST_RUN["passes"] = 1
+    scale = 1.0
+    if math.isfinite(amax) and amax > 0:
+        scale = _scale_for(amax, X.shape, dtype)
+        if scale != 1.0:
+            if dtype == np.float32:  # float32 squares are exact in float64: scale G itself
+                G = G * (scale * scale)
+            else:
+                G, _ = one(scale)
+                _LAST_RUN["passes"] = 2
+    return parts, X.chunks[0], G, float(amax), scale
+
+
+def _gram_route(X, k, auto_tol):
+    """U, S, Vt from the Gram (rslora.dask.gram), or None when the result cannot be certified
+    (the subspace iteration then runs; this read is lost)."""
+    parts, rows, G, amax, scale = gram_pass(X)
+    if not (math.isfinite(amax) and amax > 0):  # NaN/Inf and zero M: as the iteration does
+        _LAST_RUN["gram"] = "not finite" if not math.isfinite(amax) else "zero"
+        return None
+    spec = gram.Spectrum(G, rows, X.dtype)
+    exact = spec.certifies(k, auto_tol)
+    if exact is None:
+        _LAST_RUN["gram"] = "not certified"
+        return None
+    U, S, Vt = gram_finish(parts, rows, G, spec, k, scale, X.dtype, exact)
+    _LAST_RUN.update(route="gram", n_iter=0, gram="certified")
+    return U, S, Vt
+
+
+def gram_finish(parts, rows, G, spec, r, scale, dtype, exact):
+    """The rank-r result X V_r V_r^T from the Gram's top eigenpairs: one read for Y = X V_r
+    S_r^-1 and Y^T Y (in float64 when ``exact``), then CholeskyQR2 (or TSQR) of Y as the
+    iteration ends. The approximation is Y S_r V_r^T with the computed Y: Y's rounding E enters
+    as E S_r, the Gram's bound on it (rslora.dask.gram); with Y = Q R, X^T Q is taken as
+    V_r S_r R^T, which _finish reads from W = V_r S_r Y^T Y."""
+    Z = (spec.V[:, :r] / np.sqrt(spec.lam[:r])).astype(np.float64 if exact else dtype)
+    Zd = delayed(Z)
+    step = gram.slice_rows(Z.shape[0])
+    outs = [_delayed(blocks.times_block, nout=2)(b, Zd, scale, step) for b in parts]
+    done = persist(*[o[0] for o in outs], blocks.tree(o[1] for o in outs))
+    Ys, GY = list(done[:-1]), compute(done[-1])[0]
+    _LAST_RUN.update(passes=_LAST_RUN.get("passes", 0) + 1, tsqr=False, exact_read=exact)
+    W = (spec.V[:, :r] * np.sqrt(spec.lam[:r])) @ GY
+    U, S, Vt = _finish(parts, rows, Ys, W, GY, r, scale, dtype)
     if scale != 1.0:
         S = _unscale(S, scale, dtype)
     return U, S, Vt
