@@ -1,11 +1,14 @@
 """Running independent tasks (a checkpoint's layers, the study's training runs) on a Dask cluster.
 
 Dask does the scheduling, the retries of tasks whose worker died and the transport; this module
-only opens the client the command line asks for and maps a function over a list of tasks with a
-bounded number in flight, so that the client's memory stays at a few results whatever the count.
+only opens the client the command line asks for and maps a function over a list of items with a
+bounded number of tasks in flight, so that the client's memory stays at a few results whatever
+the count: :func:`map_batched` (consecutive items of about equal weight share a task; the one
+batcher of the adapter tools and the study) on :func:`map_unordered` (one task per item).
 
 - ``cluster(workers=N)`` starts a ``LocalCluster`` of N processes with one thread each (and one
-  BLAS thread: Dask sets ``OPENBLAS_NUM_THREADS=1`` in its workers), stopped on exit;
+  BLAS thread: Dask sets ``OPENBLAS_NUM_THREADS=1`` in its workers), with glibc's own malloc
+  settings and quieter monitors (:data:`LOCAL_CONFIG`), stopped on exit;
 - ``cluster(scheduler="tcp://host:8786")`` connects to a running cluster, left running on exit;
 - ``cluster()`` yields ``None``: the caller runs in this process.
 
@@ -97,18 +100,28 @@ def cluster(workers: int | None = None, scheduler: str | None = None) -> Iterato
         yield client
 
 
-#: Dask settings of the local clusters rslora starts. Dask's nannies start their workers with
-#: ``MALLOC_TRIM_THRESHOLD_=65536`` (to hand freed memory back to the OS); setting that variable
-#: also switches off glibc's dynamic mmap threshold, so every array of 128 KiB or more becomes a
-#: fresh ``mmap``, zero-filled page by page as it is first touched, and unmapped when freed: a
-#: 4 KiB page fault per page of every temporary. rslora's tasks make such temporaries all the
-#: time (a 2048^2 float32 layer is 16 MiB; the study's 256 x 256 runs allocate several per step).
-#: Measured here (2 cores, loaded): 6 study runs at rank 256 took 2.4-2.8x the CPU with the
-#: variable (692,678 minor faults against 7,703, 1.8 s of system time against 0.05 s); the full
-#: study's learning-rate map on 2 workers made 4.0 million faults against 31,000 in the fork pool
-#: it replaced. ``None`` removes the variable (Dask's own way to unset one).
 _MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"
-LOCAL_CONFIG = {f"distributed.nanny.pre-spawn-environ.{_MALLOC_TRIM}": None}
+#: Dask settings of the local clusters rslora starts (its workers keep them, also when a nanny
+#: restarts one).
+#:
+#: - No ``MALLOC_TRIM_THRESHOLD_`` in the workers. Dask's nannies set it to 65536 (to hand freed
+#:   memory back to the OS), and setting it also switches off glibc's dynamic mmap threshold:
+#:   every array of 128 KiB or more then is a fresh ``mmap``, zero-filled page by page as it is
+#:   first touched, and unmapped when freed, a page fault per 4 KiB of every temporary. rslora's
+#:   tasks make such temporaries all the time (a 2048^2 float32 layer is 16 MiB; the study's
+#:   256 x 256 runs several per step). Measured here (2 cores, loaded): 6 study runs at rank 256
+#:   took 2.4-2.8x the CPU with it (692,678 minor faults against 7,703; 1.8 s of system time
+#:   against 0.05 s); the full study's learning-rate map on 2 workers made 4.0 million faults
+#:   against 31,000 in the fork pool it replaced. ``None`` removes it (Dask's way to unset one).
+#: - Quieter monitors: Dask's wake every 10-500 ms in each of its processes (scheduler and
+#:   client, nannies, workers), and its statistical profiler samples each worker every 10 ms.
+#:   Measured on the quick study with 2 workers (loaded 2 cores): 20.8 s of CPU with Dask's
+#:   defaults, 17.8 s with these.
+LOCAL_CONFIG = {f"distributed.nanny.pre-spawn-environ.{_MALLOC_TRIM}": None,
+                "distributed.worker.profile.enabled": False,
+                "distributed.admin.tick.interval": "200ms",
+                "distributed.admin.system-monitor.interval": "2s",
+                "distributed.worker.memory.monitor-interval": "1s"}
 
 
 @contextlib.contextmanager

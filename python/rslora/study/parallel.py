@@ -62,8 +62,7 @@ def open_client(workers: int | None = None, scheduler: str | None = None,
 
     def start() -> None:
         try:
-            with _quiet_local_cluster(scheduler is None):
-                c = stack.enter_context(cluster(workers=workers, scheduler=scheduler))
+            c = stack.enter_context(cluster(workers=workers, scheduler=scheduler))
             _check_workers_import(c)
             box["client"] = c
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread by get()
@@ -83,24 +82,6 @@ def open_client(workers: int | None = None, scheduler: str | None = None,
     finally:
         thread.join()
         stack.close()
-
-
-#: Dask settings of a local cluster the study starts (its workers keep them, also when
-#: restarted). Dask's monitors wake every 10-500 ms in each of its five processes (scheduler and
-#: client, two nannies, two workers); its statistical profiler samples each worker every 10 ms.
-#: Measured here on the quick study with 2 workers (loaded 2 cores): 20.8 s of CPU with Dask's
-#: defaults, 17.8 s with these (15.2 s with the fork pool this replaced).
-QUIET = {"distributed.worker.profile.enabled": False,
-         "distributed.admin.tick.interval": "200ms",
-         "distributed.admin.system-monitor.interval": "2s",
-         "distributed.worker.memory.monitor-interval": "1s"}
-
-
-def _quiet_local_cluster(local: bool):
-    import dask
-    import distributed  # noqa: F401  (before set: on exit, set drops sections that were absent)
-
-    return dask.config.set(QUIET) if local else contextlib.nullcontext()
 
 
 def _import_study() -> str | None:
