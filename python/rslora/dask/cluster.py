@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import UserError
 
-__all__ = ["ClusterError", "cluster", "map_batched", "map_unordered", "worker_threads",
+__all__ = ["ClusterError", "batch_spans", "cluster", "map_batched", "map_unordered", "worker_threads",
            "NO_WORKER_TIMEOUT_S", "TASKS_PER_THREAD", "IN_FLIGHT_PER_THREAD"]
 
 #: How long a run waits with no worker on the cluster before giving up (seconds). Workers that
