@@ -2,8 +2,8 @@
 side by side in one run: 2 workers of 1 thread each vs one process with 1 BLAS thread (parallel
 efficiency) and with 2 BLAS threads; the CPU time of the distributed run (client, scheduler and
 nannies in this process, plus the workers) against the one-thread run's; each worker's peak
-memory (``VmHWM``) over its memory before the run. Cluster start is timed apart and not
-in the extraction's time. Every run must write the same adapter, byte for byte.
+memory (``VmHWM``) over its memory before the run; minor page faults and system time (what
+mmap'd temporaries cost). Cluster start is timed apart and not in the extraction's time. Every run must write the same adapter, byte for byte.
 
 ``test_dask_workers_in_their_own_sessions`` runs the workers as ``setsid dask worker``
 processes (see its docstring: Linux autogroup); it runs only as a benchmark.
@@ -59,6 +59,12 @@ def _cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _faults() -> int:
+    """Minor page faults of this process so far (a fresh page touched: what an mmap'd
+    temporary costs, page by page)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _worker_usage(reset: bool = False) -> dict:
     """On a worker: its CPU seconds, and its peak resident memory (bytes) since the last reset
     (``VmHWM``; ``reset`` restarts it from the current RSS). Not ``ru_maxrss``: a process started
@@ -80,7 +86,8 @@ def _worker_usage(reset: bool = False) -> dict:
             if name in ("VmHWM", "VmRSS"):
                 status[name] = int(value.split()[0]) * 1024
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    return dict(cpu=ru.ru_utime + ru.ru_stime, peak=status["VmHWM"], rss=status["VmRSS"])
+    return dict(cpu=ru.ru_utime + ru.ru_stime, peak=status["VmHWM"], rss=status["VmRSS"],
+                faults=ru.ru_minflt, sys=ru.ru_stime)
 
 
 def _extract(case, out, client=None):
@@ -104,11 +111,12 @@ def _check(case, res, out) -> None:
 def test_one_process(benchmark, case, threads):
     set_case(benchmark, case["group"], f"1 process, {threads} BLAS thread(s)")
     out = case["folder"] / f"one-{threads}"
-    cpu0 = _cpu()
+    cpu0, faults0 = _cpu(), _faults()
     with threadpool_limits(limits=threads):
         res = benchmark.pedantic(lambda: _extract(case, out), rounds=1, iterations=1)
     case["runs"][threads] = dict(cpu=_cpu() - cpu0)
     benchmark.extra_info["cpu_s"] = case["runs"][threads]["cpu"]
+    benchmark.extra_info["minor faults"] = _faults() - faults0
     _check(case, res, out)
 
 
@@ -124,7 +132,9 @@ def test_dask_workers_in_their_own_sessions(benchmark, case, request):
     """The same with ``dask worker`` processes started by ``setsid``: where Linux autogroup is on
     (``/proc/sys/kernel/sched_autogroup_enabled``), all processes of one session share one CPU
     share, so on a busy machine ``--workers`` processes get no more CPU than one process would;
-    workers of their own sessions get a share each, as those of a real cluster do."""
+    workers of their own sessions get a share each, as those of a real cluster do. They run with
+    Dask's default worker environment (``MALLOC_TRIM_THRESHOLD_`` set: see
+    ``rslora.dask.cluster.LOCAL_CONFIG``), the control of what ``--workers`` leaves out."""
     if request.config.getoption("benchmark_disable") and not os.environ.get("RSLORA_BENCH_DASK_SIZE"):
         pytest.skip("a benchmark only (starts a scheduler and workers as separate processes)")
     import cloudpickle
@@ -164,11 +174,15 @@ def _measure(benchmark, case, client, started: float, name: str) -> None:
     cpu_client = _cpu() - cpu0
     after = client.run(_worker_usage)
     cpu_workers = sum(after[w]["cpu"] - before[w]["cpu"] for w in after)
+    loadavg = os.getloadavg()
     layer = 4 * case["d"] * case["d"]  # one float32 weight
     info = benchmark.extra_info
     info["cluster start (s)"] = round(started, 2)
     info["cpu client+scheduler (s)"] = round(cpu_client, 2)
     info["cpu workers (s)"] = round(cpu_workers, 2)
+    info["system cpu workers (s)"] = round(sum(after[w]["sys"] - before[w]["sys"] for w in after), 2)
+    info["minor faults workers"] = sum(after[w]["faults"] - before[w]["faults"] for w in after)
+    info["load average after"] = [round(x, 1) for x in loadavg]
     info["peak memory over start, per worker (MB)"] = [
         round((after[w]["peak"] - before[w]["rss"]) / 1e6, 1) for w in sorted(after)]
     info["one layer (MB)"] = round(layer / 1e6, 1)

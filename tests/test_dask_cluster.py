@@ -14,7 +14,9 @@ pytest.importorskip("distributed")
 import dask  # noqa: E402
 from distributed import LocalCluster  # noqa: E402
 
-from rslora.dask.cluster import ClusterError, cluster, map_unordered  # noqa: E402
+from rslora.dask import cluster as cluster_mod  # noqa: E402
+from rslora.dask.cluster import (ClusterError, batch_spans, cluster, map_batched,  # noqa: E402
+                                 map_unordered)
 from rslora.errors import UserError  # noqa: E402
 
 
@@ -50,6 +52,22 @@ def _kill_once(item):
 
 def _always_kill(_):
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _where(x):
+    """The item, the task that ran it (its Dask key) and the worker process."""
+    from distributed import get_worker
+
+    return x, get_worker().get_current_task(), os.getpid()
+
+
+def _slow_where(x):
+    time.sleep(0.2)
+    return _where(x)
+
+
+def _env():
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +147,96 @@ def test_unreachable_scheduler_is_a_cluster_error():
         with pytest.raises(ClusterError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
             with cluster(scheduler="tcp://127.0.0.1:9"):
                 pass
+
+
+# map_batched: one batcher for the adapters' layers and the study's runs.
+
+def _check_spans(spans, n):
+    assert spans[0][0] == 0 and spans[-1][1] == n  # every item once, in order, no gap
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(s < e for s, e in spans)
+
+
+@pytest.mark.parametrize("n, tasks", [(1, 8), (7, 8), (8, 8), (37, 8), (100, 3), (5, 1)])
+def test_batch_spans_of_equal_weights_are_even(n, tasks):
+    spans = batch_spans([2.5] * n, tasks)
+    _check_spans(spans, n)
+    assert len(spans) == min(n, tasks)  # every task gets items while there are enough
+    sizes = [e - s for s, e in spans]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_batch_spans_by_weight():
+    # A heavy item gets a task of its own; light ones share, cut near multiples of the target.
+    w = [1.0] * 10 + [30.0] + [1.0] * 10
+    spans = batch_spans(w, 5)  # target 10
+    _check_spans(spans, len(w))
+    assert (10, 11) in spans
+    for s, e in spans:
+        assert e - s == 1 or sum(w[s:e]) <= 10 + 1  # at most half an item each side over
+    # max_weight caps a task however few tasks are asked for.
+    spans = batch_spans([3.0] * 12, 1, max_weight=6.0)
+    _check_spans(spans, 12)
+    assert [sum([3.0] * (e - s)) for s, e in spans] == [6.0] * 6
+    assert batch_spans([0.0] * 3, 8) == [(0, 1), (1, 2), (2, 3)]  # no weight: one item each
+    assert batch_spans([], 4) == []
+    with pytest.raises(ValueError, match="tasks must be >= 1"):
+        batch_spans([1.0], 0)
+    with pytest.raises(ValueError, match="max_weight must be > 0"):
+        batch_spans([1.0], 1, max_weight=0)
+
+
+def test_map_batched_gives_each_result_once_in_index_order_within_a_task(client):
+    w = [float(1 + (i % 5)) for i in range(41)]
+    got = list(map_batched(client, _where, range(41), weights=w, key=lambda x: f"x{x}"))
+    assert sorted(i for i, _ in got) == list(range(41))
+    assert all(x == i for i, (x, _, _) in got)
+    tasks: dict = {}
+    for pos, (i, (_, task, _)) in enumerate(got):
+        tasks.setdefault(task, []).append((pos, i))
+    # Tasks are the spans batch_spans cuts for the cluster's 2 threads, each yielded whole and
+    # in index order, named after their first item.
+    spans = batch_spans(w, cluster_mod.TASKS_PER_THREAD * 2)
+    assert sorted((ix[0][1], ix[-1][1] + 1) for ix in tasks.values()) == spans
+    for task, ix in tasks.items():
+        assert [p for p, _ in ix] == list(range(ix[0][0], ix[0][0] + len(ix)))  # together
+        assert [i for _, i in ix] == sorted(i for _, i in ix)
+        assert task.startswith(f"rslora-x{ix[0][1]}" + (f"+{len(ix) - 1}-" if len(ix) > 1 else "-"))
+
+
+def test_map_batched_gives_every_worker_work(client):
+    workers = {pid for _, (_, _, pid) in map_batched(client, _slow_where, range(8))}
+    assert len(workers) == 2  # 8 tasks of one slow item each on 2 workers: both take some
+
+
+def test_map_batched_limits_blas_once_per_task(client):
+    for _, threads in map_batched(client, _blas_threads, range(4)):
+        assert threads in ([1], [])
+    for _, threads in map_batched(client, _blas_threads, range(4), blas_threads=1):
+        assert threads in ([1], [])
+    with pytest.raises(ValueError, match="blas_threads"):
+        list(map_batched(client, _square, range(2), blas_threads=0))
+
+
+def test_map_batched_failures(client, tmp_path):
+    with pytest.raises(ValueError, match="bad item 3"):  # a task's error, as it is
+        list(map_batched(client, _fails, range(9)))
+    items = [(x, str(tmp_path / "killed")) for x in range(6)]
+    assert dict(map_batched(client, _kill_once, items)) == {i: i * 10 for i in range(6)}
+    assert (tmp_path / "killed").exists()  # a worker died once; its task was rerun
+    with pytest.raises(ValueError, match="weights has 2 entries for 3 items"):
+        list(map_batched(client, _square, range(3), weights=[1, 2]))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        list(map_batched(client, _square, range(2), weights=[1, float("nan")]))
+    assert list(map_batched(client, _square, [])) == []
+
+
+def test_local_workers_keep_glibc_malloc_settings(monkeypatch):
+    # Dask's MALLOC_TRIM_THRESHOLD_ turns off glibc's dynamic mmap threshold: page faults on
+    # every temporary (see rslora.dask.cluster.LOCAL_CONFIG). Also when an earlier nanny in this
+    # process left it in the environment, as nannies do.
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    with cluster(workers=1) as c:
+        assert list(c.run(_env).values()) == [None]
+        assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # put back

@@ -62,8 +62,7 @@ def open_client(workers: int | None = None, scheduler: str | None = None,
 
     def start() -> None:
         try:
-            with _quiet_local_cluster(scheduler is None):
-                c = stack.enter_context(cluster(workers=workers, scheduler=scheduler))
+            c = stack.enter_context(cluster(workers=workers, scheduler=scheduler))
             _check_workers_import(c)
             box["client"] = c
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread by get()
@@ -83,23 +82,6 @@ def open_client(workers: int | None = None, scheduler: str | None = None,
     finally:
         thread.join()
         stack.close()
-
-
-#: Dask settings of a local cluster the study starts (its workers keep them, also when
-#: restarted). Dask's monitors wake every 10-500 ms in each of its five processes (scheduler and
-#: client, two nannies, two workers); its statistical profiler samples each worker every 10 ms.
-#: Measured here on the quick study with 2 workers (loaded 2 cores): 20.8 s of CPU with Dask's
-#: defaults, 17.8 s with these (15.2 s with the fork pool this replaced).
-QUIET = {"distributed.worker.profile.enabled": False,
-         "distributed.admin.tick.interval": "200ms",
-         "distributed.admin.system-monitor.interval": "2s",
-         "distributed.worker.memory.monitor-interval": "1s"}
-
-
-def _quiet_local_cluster(local: bool):
-    import dask
-
-    return dask.config.set(QUIET) if local else contextlib.nullcontext()
 
 
 def _import_study() -> str | None:
@@ -155,40 +137,25 @@ def describe(client: Any, workers: int | None = None) -> str:
     return f"on the Dask cluster at {address} ({_threads(client)} worker threads at the start)"
 
 
-#: Tasks per worker thread in one round of runs. A Dask task costs a few ms of scheduling, tens
-#: of ms on a loaded machine, and most runs take tens of ms: so each task is a batch of runs,
-#: about as costly as the others, and a worker's last batch ends close to the others' last.
-BATCHES_PER_THREAD = 4
-
-
-def batches(jobs: list, cost, n: int) -> list:
-    """``jobs``' indices dealt into ``n`` (at most ``len(jobs)``) batches of about equal cost:
-    by decreasing cost, one to each batch in turn."""
-    order = sorted(range(len(jobs)), key=lambda i: -cost(jobs[i]))
-    n = min(n, len(jobs))
-    return [order[k::n] for k in range(n)]
-
-
-class _Runs:
-    """``[fn(cfg, job) for job in jobs]`` with one BLAS thread, picklable for a Dask task. One
-    thread also where a worker runs several tasks at once: the same bits as in this process."""
+class _Run:
+    """``fn(cfg, job)``, picklable for a Dask task."""
 
     def __init__(self, fn, cfg):
         self.fn, self.cfg = fn, cfg
 
-    def __call__(self, jobs):
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(limits=1, user_api="blas"):
-            return [self.fn(self.cfg, job) for job in jobs]
+    def __call__(self, job):
+        return self.fn(self.cfg, job)
 
 
 class Runner:
     """``runner.map(fn, cfg, jobs, cost)``: ``[fn(cfg, job) for job in jobs]``, in that order,
-    here (``client=None``) or as Dask tasks (:func:`batches` of jobs) on ``client``'s cluster.
+    here (``client=None``) or as Dask tasks on ``client``'s cluster
+    (:func:`rslora.dask.cluster.map_batched`: consecutive jobs of about equal total ``cost``
+    share a task, a few tasks per worker thread per round).
 
-    ``cost(job)`` weighs each job for the progress callback ``advance(units)``, called as runs
-    finish.
+    ``cost(job)`` weighs each job for the batches and for the progress callback
+    ``advance(units)``, called as runs finish. Every run has one BLAS thread wherever it runs
+    (also where a worker runs several tasks at once): the same bits as in this process.
     """
 
     def __init__(self, client: Any = None, advance=lambda units: None):
@@ -201,23 +168,17 @@ class Runner:
                 here.append(fn(cfg, job))
                 self.advance(cost(job))
             return here
-        from ..dask.cluster import map_unordered
+        from ..dask.cluster import map_batched
 
-        threads = _threads(self.client)  # each round: a cluster may grow or shrink
-        parts = batches(jobs, cost, BATCHES_PER_THREAD * threads)
         prefix = fn.__module__.rsplit(".", 1)[-1]
 
-        def key(batch) -> str:  # the dashboard's name of a task: its first run's description
-            first = batch[0] if isinstance(batch[0], tuple) else (batch[0],)
-            return "-".join(map(str, (prefix, *first)))
+        def key(job) -> str:  # the dashboard's name of a task: its first run's description
+            return "-".join(map(str, (prefix, *(job if isinstance(job, tuple) else (job,)))))
 
+        costs = [cost(job) for job in jobs]
         out: list = [None] * len(jobs)
-        # Two batches in flight per thread: each worker has its next one at hand.
-        for b, results in map_unordered(self.client, _Runs(fn, cfg),
-                                        [[jobs[i] for i in part] for part in parts],
-                                        max_in_flight=2 * threads,
-                                        key=key):
-            for i, res in zip(parts[b], results):
-                out[i] = res
-            self.advance(sum(cost(jobs[i]) for i in parts[b]))
+        for i, res in map_batched(self.client, _Run(fn, cfg), jobs, weights=costs, key=key,
+                                  blas_threads=1):
+            out[i] = res
+            self.advance(costs[i])
         return out
