@@ -200,7 +200,7 @@ def _tall(X, k, l, n_iter, seed, check_finite, auto_tol):
             done = it == _MAX_AUTO_ITERS
             if it > 0 and prev_ok:
                 conv, inc_prev = _core._rsvd_converged(list(prev), list(s), k, normA2, eps, f64,
-                                                       inc_prev)
+                                                       inc_prev, iteration=it)
                 done = done or conv
         if done:
             break
