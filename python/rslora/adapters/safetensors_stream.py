@@ -91,7 +91,29 @@ def _pread_into(fd: int, buf: np.ndarray, offset: int, what: str) -> None:
         pos += n
 
 
-class TensorFile:
+class _OwnedFile:
+    """A file this object created and holds open (``path``, ``_fd``): closed when collected,
+    removed on request."""
+
+    path: Path
+    _fd: int | None
+
+    def _close_and_remove(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+
+class TensorFile(_OwnedFile):
     """A safetensors file of known tensors, filled in any order (see the module docstring).
 
     Parameters
@@ -188,13 +210,7 @@ class TensorFile:
 
     def discard(self) -> None:
         """Close and remove the file, complete or not."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-        try:
-            os.remove(self.path)
-        except FileNotFoundError:
-            pass
+        self._close_and_remove()
 
     def __enter__(self) -> TensorFile:
         return self
@@ -209,13 +225,8 @@ class TensorFile:
         else:
             self.discard()
 
-    def __del__(self):
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
-            os.close(fd)
 
-
-class Spill:
+class Spill(_OwnedFile):
     """Arrays appended to a temporary file as they arrive and read back in pieces: somewhere to
     keep results whose place in the output is known only when all have arrived.
 
@@ -256,24 +267,13 @@ class Spill:
             yield buf
 
     def remove(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-        try:
-            os.remove(self.path)
-        except FileNotFoundError:
-            pass
+        self._close_and_remove()
 
     def __enter__(self) -> Spill:
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
-
-    def __del__(self):
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
-            os.close(fd)
 
 
 def copy_pieces(path, start: int, end: int, chunk_bytes: int = CHUNK_BYTES):
