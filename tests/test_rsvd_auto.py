@@ -215,3 +215,75 @@ def test_noisy_low_rank_stops_after_the_iteration_that_suffices():
 def ratio_to(M, usv, opt):
     U, S, Vt = usv
     return np.linalg.norm(M.astype(np.float64) - (U.astype(np.float64) * S) @ Vt) / opt
+
+
+# --- Slow decay: "auto" continues the sketch as block Krylov ------------------------------
+# Where the sketch's Ritz values decay slowly and smoothly across index k (power laws, long
+# exponentials, Gaussian matrices, k large enough that subspace iteration would need several
+# iterations), "auto" keeps the sketch as the first Krylov block and stops on the rule of
+# rsvd_converge.cpp applied to the whole Krylov basis. The contract must hold on every such case.
+SLOW = {
+    "power 1/4": lambda p: (1.0 + np.arange(p)) ** -0.25,
+    "power 1/2": lambda p: (1.0 + np.arange(p)) ** -0.5,
+    "power 1": lambda p: (1.0 + np.arange(p)) ** -1.0,
+    "exp(-i/50)": lambda p: np.exp(-np.arange(p) / 50.0),
+    "power 1/2 + floor": lambda p: (1.0 + np.arange(p)) ** -0.5 + 0.05,
+    "power 1/2 to a floor": lambda p: np.maximum((1.0 + np.arange(p)) ** -0.5, 0.08),
+    "gaussian": None,
+}
+SLOW_SHAPES = [(300, 500), (480, 240), (150, 600)]  # wide, tall, small short side
+
+
+def _slow_matrix(name, m, n, dtype, seed):
+    rng = np.random.default_rng(seed)
+    if SLOW[name] is None:
+        return rng.standard_normal((m, n)).astype(dtype)
+    p = min(m, n)
+    U, _ = np.linalg.qr(rng.standard_normal((m, p)))
+    V, _ = np.linalg.qr(rng.standard_normal((n, p)))
+    return ((U * SLOW[name](p)) @ V.T).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(SLOW))
+def test_contract_on_slow_decay(name, dtype):
+    krylov = 0
+    for si, (m, n) in enumerate(SLOW_SHAPES):
+        M = _slow_matrix(name, m, n, dtype, seed=si)
+        M64 = M.astype(np.float64)
+        sig = np.linalg.svd(M64, compute_uv=False)
+        for k in (2, 8, 32, 64):
+            if 2 * (k + 10) >= min(m, n):
+                continue
+            opt = np.sqrt(np.sum(sig[k:] ** 2))
+            for seed in range(2):
+                U, S, Vt = rslora.rsvd(M, k, seed=seed)
+                path = (_core.rsvd_last_krylov(), _core.rsvd_last_n_iter())
+                krylov += path[0]
+                err = np.linalg.norm(M64 - (U.astype(np.float64) * S) @ Vt.astype(np.float64))
+                # (the subspace path's own limits, small k and a few shapes, are its tests')
+                if path[0]:
+                    assert err <= 1.001 * opt, (name, (m, n, k), seed, path, err / opt)
+    assert krylov >= (4 if name not in ("power 1", "exp(-i/50)") else 0), krylov
+
+
+def test_facts_takes_the_krylov_path_and_fewer_passes():
+    # bench_svd.py's "facts" shape of spectrum at k = 64: subspace iteration needs 4-6
+    # iterations (10-14 passes), block Krylov 3 steps (8 passes) for the same contract.
+    rng = np.random.default_rng(3)
+    n, k = 1024, 64
+    s = (1.0 + np.arange(n)) ** -0.5
+    M = ((_dct_orthogonal(n, rng) * s) @ _dct_orthogonal(n, rng).T).astype(np.float32)
+    opt = np.sqrt(np.sum(s[k:] ** 2))
+    for seed in range(3):
+        got = rslora.rsvd(M, k, seed=seed)
+        assert _core.rsvd_last_krylov() and _core.rsvd_last_n_iter() <= 3
+        assert ratio_to(M, got, opt) <= 1.001
+    # fast decay, a cliff or a noise floor keep subspace iteration (fewest passes there)
+    for spec in ("style", "cliff", "noisy low rank"):
+        rslora.rsvd(matrix(spec, np.float32), K, seed=0)
+        assert not _core.rsvd_last_krylov(), spec
+    rslora.rsvd(M, k, seed=0, n_iter=2)
+    assert not _core.rsvd_last_krylov()
+    rslora.rsvd(M, k, seed=0, n_iter=2, method="krylov")
+    assert _core.rsvd_last_krylov()

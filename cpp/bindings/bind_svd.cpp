@@ -87,6 +87,8 @@ void bind_svd(py::module_& m) {
       "(U, S, Vt): rank-k randomized SVD of the 2-D float array M; n_iter = -1 means auto.");
   m.def("rsvd_last_n_iter", &rsvd_last_n_iter,
         "Power iterations the last rsvd call on this thread made (what 'auto' chose).");
+  m.def("rsvd_last_krylov", &rsvd_last_krylov,
+        "Whether the last rsvd call on this thread ran block Krylov (what 'auto' chose).");
 
   m.def(
       "rsvd_tol",

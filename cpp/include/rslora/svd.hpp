@@ -43,6 +43,11 @@ constexpr int kRsvdAutoMaxIters = 12;
 // The power iterations the last rsvd call on this thread made (n_iter, or what "auto" chose).
 int rsvd_last_n_iter();
 
+// Whether the last rsvd call on this thread ran block Krylov (method "krylov", or "auto" that
+// switched to it after the sketch on a slowly decaying spectrum); n_iter then counts its blocks
+// after the first.
+bool rsvd_last_krylov();
+
 // The fixed iteration count "auto" stands for where it does not adapt (method "krylov",
 // normalizers "lu" and "none"), measured on the "style" (s_i = exp(-i/8)) and "facts"
 // (s_i = (1 + i)^-1/2) spectra (see bench/bench_svd.py): the fewest that reach a relative

@@ -4,6 +4,8 @@
 // Pass structure (A is p x q, p <= q; l = k + oversample columns; n_iter = t):
 //   subspace: Y = A Om; t times { Z = A^T norm(Y); Y = A norm(Z) }; Q = orth(Y); W = A^T Q.
 //   krylov:   Q_0 = orth(A Om); for i = 0..t { W_i = A^T Q_i; Q_{i+1} = orth_against(A W_i) }.
+//   auto:     subspace, or, on slow decay seen in the sketch, krylov continued from the sketch
+//             with the stopping rule after each block (krylov_auto).
 // Both make 2t + 2 GEMM passes. W = A^T Q is B^T for B = Q^T A, so the small SVD needs no extra
 // pass; in the Krylov case the W_i of every block are kept, so B of the whole (t+1) l wide
 // Krylov basis costs nothing more than the passes that built it.
@@ -122,9 +124,11 @@ i64 rsvd_passes(RsvdMethod, int n_iter) { return 2 * static_cast<i64>(n_iter) + 
 
 namespace {
 thread_local int last_n_iter = 0;
+thread_local bool last_krylov = false;
 }  // namespace
 
 int rsvd_last_n_iter() { return last_n_iter; }
+bool rsvd_last_krylov() { return last_krylov; }
 
 namespace {
 
@@ -180,12 +184,13 @@ struct Workspace {
   static constexpr size_t kKeepBytes = size_t(64) << 20;
   std::vector<T> Q, W;
   detail::Gram gram;
-  std::vector<double> prev, tmp;
+  std::vector<double> prev, tmp, full;
   detail::SmallSvd<T> sv;
   size_t bytes() const {
     return (Q.capacity() + W.capacity() + sv.s.capacity() + sv.Uw.capacity() + sv.Vwt.capacity()) *
                sizeof(T) +
-           (gram.Wd.capacity() + gram.G.capacity() + tmp.capacity() + sv.Ud.capacity()) * sizeof(double);
+           (gram.Wd.capacity() + gram.G.capacity() + tmp.capacity() + full.capacity() +
+            sv.Ud.capacity()) * sizeof(double);
   }
   void trim() {
     if (bytes() > kKeepBytes) *this = Workspace();
@@ -230,6 +235,58 @@ void widen(const Sides<T>& sd, i64 l, i64 b, std::uint64_t seed, Workspace<T>& w
   check_interrupt();
 }
 
+// Whether the sketch's Ritz values s (l of them) show a slow, smooth decay across index k, where
+// subspace iteration needs several iterations and block Krylov fewer passes: the subspace rate
+// of direction k, (s_l / s_k)^4, is >= 0.3, and s_{k/4} / s_k is in [1.1, 8] (a flat floor across
+// k, where one iteration is enough, or a steep decay is not slow).
+inline bool slow_decay(const std::vector<double>& s, i64 k) {
+  const i64 L = static_cast<i64>(s.size());
+  if (L <= k || k < 2 || !(s[L - 1] > 0)) return false;
+  const double rho = std::pow(s[L - 1] / s[k - 1], 4);
+  const double r = s[k / 4] / s[k - 1];
+  return rho >= 0.3 && r >= 1.1 && r <= 8;
+}
+
+// Block Krylov continued from the sketch (ws.Q: l orthonormal columns, ws.W = A^T Q, ws.gram its
+// Gram): each step appends Q_new = orth_against(A W_last) and W_new = A^T Q_new (2 l column-passes,
+// as a subspace iteration; the orthogonalization against c columns, 4 p c l, and the Gram's new
+// columns, q (c + l) l, cost less than a pass while c is a few l) and judges the whole basis
+// with the rule of rsvd_converge.cpp (its Krylov variant). Returns the width of the basis;
+// ws.gram is left holding the Gram of the final W.
+template <class T>
+i64 krylov_auto(const Sides<T>& sd, i64 l, i64 k, int max_iters, double eps, double normA2,
+                Workspace<T>& ws, int* iters) {
+  const i64 p = sd.p, q = sd.q;
+  const i64 L_max = std::min<i64>(l * (static_cast<i64>(max_iters) + 1), p);
+  ws.Q.reserve(static_cast<size_t>(p * L_max));  // grown a block at a time: no touching of
+  ws.W.reserve(static_cast<size_t>(q * L_max));  // columns a short run never uses
+  std::vector<T> tmp;
+  double inc_prev = 0;
+  ws.prev.clear();
+  ws.full.clear();
+  i64 c0 = 0, w = l;  // last block: columns [c0, c0 + w)
+  for (int it = 1; it <= max_iters; ++it) {
+    const i64 c = c0 + w;
+    const i64 w_next = std::min(w, L_max - c);
+    if (w_next <= 0) break;
+    ws.prev = ws.gram.s;
+    ws.Q.resize(static_cast<size_t>(p * (c + w_next)));
+    ws.W.resize(static_cast<size_t>(q * (c + w_next)));
+    T* Y = ws.Q.data() + c * p;
+    sd.mul(ws.W.data() + c0 * q, w_next, Y);
+    check_interrupt();
+    detail::rescale(Y, p * w_next);
+    detail::orthonormalize_against(ws.Q.data(), p, c, Y, w_next, tmp);
+    sd.mul_t(Y, w_next, ws.W.data() + c * q);
+    check_interrupt();
+    c0 = c, w = w_next;
+    *iters = it;
+    detail::gram_eig_grow(ws.W.data(), q, c, w, ws.gram, ws.full);
+    if (detail::rsvd_converged<T>(ws.prev, ws.gram.s, k, normA2, eps, &inc_prev, it, true)) break;
+  }
+  return c0 + w;
+}
+
 // Subspace iteration that stops when the rank-k result has converged to (1 + eps) x the optimal
 // error (rsvd_converge.cpp), after at most max_iters iterations; the sketch alone may be enough
 // (0 iterations). Each iteration's basis is orthonormalized to working precision, so its
@@ -238,7 +295,8 @@ void widen(const Sides<T>& sd, i64 l, i64 b, std::uint64_t seed, Workspace<T>& w
 // *iters receives the iterations made.
 template <class T>
 i64 subspace_auto(const Sides<T>& sd, i64 l0, i64 k, int max_iters, double eps, double normA2,
-                  std::uint64_t seed, bool check_finite, Workspace<T>& ws, int* iters) {
+                  std::uint64_t seed, bool check_finite, Workspace<T>& ws, int* iters,
+                  bool* went_krylov) {
   const i64 p = sd.p, q = sd.q;
   i64 l = l0;
   sketch(sd, l, seed, check_finite, ws.Q, ws.W);
@@ -261,6 +319,11 @@ i64 subspace_auto(const Sides<T>& sd, i64 l0, i64 k, int max_iters, double eps, 
         detail::gram_eig(ws.W.data(), q, l, ws.gram);
         if (detail::rsvd_converged<T>(ws.prev, ws.gram.s, k, normA2, eps, &inc_prev, it)) break;
       }
+    }
+    if (it == 0 && l == l0 && slow_decay(ws.gram.s, k)) {
+      *iters = 0;
+      *went_krylov = true;
+      return krylov_auto(sd, l, k, max_iters, eps, normA2, ws, iters);
     }
     if (it == max_iters) break;
     ws.prev = ws.gram.s;
@@ -328,12 +391,14 @@ void rsvd(Mat<const T> M, i64 k, const RsvdOptions& opt, Mat<T> U, T* S, Mat<T> 
   const bool adapt = opt.n_iter < 0 && iters > 0 && opt.method == RsvdMethod::subspace &&
                      opt.normalizer == RsvdNormalizer::qr;
   Workspace<T>& ws = workspace<T>();
+  bool went_krylov = opt.method == RsvdMethod::krylov;
   const i64 L = adapt ? subspace_auto(sd, l, k, kRsvdAutoMaxIters, opt.auto_tol, scaled.sumsq,
-                                      opt.seed, opt.check_finite, ws, &iters)
+                                      opt.seed, opt.check_finite, ws, &iters, &went_krylov)
                 : opt.method == RsvdMethod::krylov
                     ? krylov(sd, l, iters, opt.seed, opt.check_finite, ws.Q, ws.W)
                     : subspace(sd, l, iters, opt.normalizer, opt.seed, opt.check_finite, ws.Q, ws.W);
   last_n_iter = iters;
+  last_krylov = went_krylov;
   detail::small_svd(ws.W.data(), sd.q, L, k, ws.sv, adapt ? &ws.gram : nullptr);
   detail::write_factors(sd, ws.Q.data(), ws.sv, k, U, S, Vt);
   scaled.unscale(S, k);

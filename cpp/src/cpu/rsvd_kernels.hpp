@@ -92,6 +92,10 @@ struct Gram {
 };
 template <class T>
 void gram_eig(const T* W, i64 q, i64 L, Gram& g);
+// gram_eig of W's first c + w columns where full holds the Gram of its first c (c x c; else it is
+// computed whole): only the w new columns of W^T W are formed. full <- the new Gram.
+template <class T>
+void gram_eig_grow(const T* W, i64 q, i64 c, i64 w, Gram& g, std::vector<double>& full);
 
 // Thin SVD of the q x L block W = A^T Q (= B^T with B = Q^T A): W = Uw diag(s) Vwt, the first
 // `cols` left vectors only. float32: from the eigen-decomposition of W^T W in float64 (`known`
@@ -148,10 +152,11 @@ namespace rslora::detail {
 // Frobenius error, ||A||_F^2 = normA2. prev: the previous iteration's Ritz values, empty on the
 // first basis (the sketch). inc_prev carries the last increase of the captured energy between
 // calls (start with 0). iter: the iterations that made cur (>= 1 when prev is given; 0: not
-// known, and no direction's shortfall is capped at 2 iter times its last increase).
+// known, and no direction's shortfall is capped at 2 iter times its last increase). krylov: cur
+// is the whole block Krylov basis after `iter` steps (rsvd_converge.cpp: a more cautious estimate).
 template <class T>
 bool rsvd_converged(const std::vector<double>& prev, const std::vector<double>& cur, i64 k,
-                    double normA2, double eps, double* inc_prev, int iter);
+                    double normA2, double eps, double* inc_prev, int iter, bool krylov = false);
 
 // Columns to add to the sketch (0: none) when its bound fails but the decay of its Ritz values
 // s (of L columns) predicts that a wider sketch meets the bound without iterating; at most room
