@@ -149,7 +149,14 @@ def rsvd(M: Any, k: int, *, oversample: int = 10, n_iter: int | str = "auto",
     at 2048 and 4096; 5 at 1024 in the replay, where the floor holds half the energy), facts 3
     Krylov steps (2 fall just short: 1.0013x at 2048, 1.0011x at 4096). A spectrum flat across index ``k`` converges
     slowly (the optimum is not unique there) and may stop at the 12-iteration cap above the
-    contract.
+    contract. Known misses of the subspace path, from a wider sweep (600^2, 300 x 900,
+    150 x 700 and 150 x 600; power laws, noise floors, steps in the decay): ``k = 2`` on power
+    laws and floors, up to 1.003x; a decay that drops 0.3x at or just past index ``k``
+    (``k = 32``), up to 1.0057x, and 1.015x at ``auto_tol=1e-2`` with ``k = 96``; a power law
+    1/2 at 150 x 600 with ``k = 8``, 1.0013x; and ``oversample=0`` or ``auto_tol=1e-4``,
+    which can reach the 12-iteration cap first. Where the contract must hold whatever the
+    spectrum, give a fixed ``n_iter`` and check the error, or use :func:`rsvd_tol`, which
+    measures it.
 
     Sign convention: in every column of ``U`` the entry of largest magnitude (the first one
     on ties) is positive; the matching row of ``Vt`` carries the same sign. The work is done on
