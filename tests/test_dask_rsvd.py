@@ -343,12 +343,16 @@ BAD_ARGS = [
 
 @pytest.mark.parametrize("bad", BAD_ARGS, ids=lambda d: "-".join(f"{k}={v!r}" for k, v in d.items()))
 def test_bad_arguments_as_rslora_rsvd(bad):
-    kwargs = dict(k=3) | bad
-    k = kwargs.pop("k")
+    _same_error(rslora.rsvd, rslora.dask.rsvd, "k", dict(k=3) | bad)
+
+
+def _same_error(in_memory, on_dask, first: str, kwargs: dict) -> None:
+    """``on_dask`` refuses these arguments with the exception and message of ``in_memory``."""
+    lead = kwargs.pop(first)
     with pytest.raises((TypeError, ValueError)) as ref:
-        rslora.rsvd(GOOD, k, **kwargs)
+        in_memory(GOOD, lead, **kwargs)
     with pytest.raises(ref.type) as got:
-        rslora.dask.rsvd(da.from_array(GOOD, chunks=10), k, **kwargs)
+        on_dask(da.from_array(GOOD, chunks=10), lead, **kwargs)
     assert str(got.value) == str(ref.value)
 
 
@@ -471,13 +475,7 @@ TOL_BAD = [
 
 @pytest.mark.parametrize("bad", TOL_BAD, ids=lambda d: "-".join(f"{k}={v!r}" for k, v in d.items()))
 def test_rsvd_tol_bad_arguments_as_rslora_rsvd_tol(bad):
-    kwargs = dict(tol=0.1) | bad
-    tol = kwargs.pop("tol")
-    with pytest.raises((TypeError, ValueError)) as ref:
-        rslora.rsvd_tol(GOOD, tol, **kwargs)
-    with pytest.raises(ref.type) as got:
-        rslora.dask.rsvd_tol(da.from_array(GOOD, chunks=10), tol, **kwargs)
-    assert str(got.value) == str(ref.value)
+    _same_error(rslora.rsvd_tol, rslora.dask.rsvd_tol, "tol", dict(tol=0.1) | bad)
 
 
 @pytest.mark.parametrize("M", [GOOD.astype(np.int64), np.ones((4, 5, 6), np.float32),
