@@ -309,9 +309,9 @@ def test_bad_options(kw, err, msg):
 
 def test_ctrl_c_interrupts_between_passes():
     M = make(300, 300, facts(300), np.float64)
-    # Python's own SIGINT handler for the test: in the full suite an earlier test leaves SIGINT
-    # ignored in this process (not found yet: a library's child-process setup), and an ignored
-    # signal never reaches the core's check.
+    # Python's own SIGINT handler for the test: a pytest started in the background by a
+    # non-interactive shell (`pytest ... &`, as CI scripts and tools do) inherits SIGINT ignored,
+    # Python then keeps it ignored, and an ignored signal never reaches the core's check.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGINT))
     timer.start()
