@@ -106,12 +106,13 @@ def _check_same_model(base, tuned, cb, ct, result):
 
 
 def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: ExtractResult,
-          prefix=None, model_type=None):
+          prefix=None, model_type=None, saved=frozenset()):
     """The modules to extract, checked before any work: names, shapes, dtypes, layouts.
 
     Returns ``[(adapter module name, base key, tuned key, layout)]``. TUNED's keys are matched
     to BASE's by module path (exact, else a unique dotted suffix); the adapter names modules as
     TUNED does, rewritten by ``prefix`` ("OLD=NEW": TUNED's NEW... is the adapter's OLD...).
+    TUNED's keys in ``saved`` (the modules saved whole) are neither extracted nor reported.
     """
     stems_b = {_split(k)[0] for k in base.keys()}
     stems_t = {_split(k)[0] for k in tuned.keys()}
@@ -127,6 +128,8 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
     evidence = layout_evidence(tuned)
     modules = []
     for kt in list(tuned.keys()):
+        if kt in saved:
+            continue
         stem, param = _split(kt)
         kb = key_map.get(kt)
         st = tuned.shape(kt)
@@ -181,7 +184,7 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
                     include: str | None = None, exclude: str | None = None,
                     dtype: str = "float32", on_missing: str = "error", force: bool = False,
                     seed: int | None = 0, progress: bool = False, prefix=None,
-                    biases: bool = False, client=None) -> ExtractResult:
+                    biases: bool = False, modules_to_save=None, client=None) -> ExtractResult:
     """Extract a PEFT LoRA adapter approximating ``tuned - base``.
 
     Parameters
@@ -214,6 +217,12 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
     biases : bool
         Also carry TUNED's biases, whole, as PEFT's ``bias="all"`` does (every tensor whose name
         holds "bias"), so fine-tuned biases are reproduced; default: reported, not carried.
+    modules_to_save : list of str, optional
+        Modules saved whole, as PEFT's ``modules_to_save`` does: every tensor TUNED has under
+        each (a new classification head, a fully trained ``lm_head`` or norm), written as
+        ``base_model.model.<module>.<param>`` and listed in the config; LoRA factors are not
+        extracted inside them. Full names, as in the adapter (PEFT selects them by name
+        suffix, so ``"norm"`` would also select every ``input_layernorm``: refused).
     dtype : {"float32", "float16", "bfloat16"}
         Storage dtype of the factors.
     on_missing : {"error", "skip"}
@@ -269,18 +278,22 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
     parse_prefix(prefix)
     with Checkpoint(base) as cb, Checkpoint(tuned) as ct:
         model_type = _check_same_model(base, tuned, cb, ct, result).get("model_type")
-        modules = _plan(cb, ct, inc, exc, result, prefix, model_type)
-        for side, names in (("BASE", result.only_in_base), ("TUNED", result.only_in_tuned)):
-            if names and on_missing == "error":
-                raise CheckpointError(f"{len(names)} weight(s) only in {side}, e.g. {names[0]!r}; "
-                                      "pass --on-missing skip (on_missing='skip') to leave them out")
+        saved = _saved_keys(ct, modules_to_save, prefix) if modules_to_save is not None else {}
+        modules = _plan(cb, ct, inc, exc, result, prefix, model_type, frozenset(saved.values()))
+        only = [f"{len(names)} weight(s) only in {side}, e.g. {names[0]!r}" for side, names in
+                (("TUNED", result.only_in_tuned), ("BASE", result.only_in_base)) if names]
+        if only and on_missing == "error":
+            raise CheckpointError(
+                "; ".join(only) + ": pass --on-missing skip (on_missing='skip') to leave them out"
+                + (", or save a new module (a head) whole with --modules-to-save (modules_to_save=)"
+                   if result.only_in_tuned else ""))
         if not modules:
             raise CheckpointError("no 2-D weight to extract (is --include/--exclude too narrow?)")
         jobs = _layers(cb, ct, modules, rank, tol, max_rank, seed)
         emb = {j.module for j in jobs if j.layout == "embedding"}
 
-        def bias_keys(kept: set) -> dict:
-            return _bias_keys(ct, kept, prefix) if biases else {}
+        def bias_keys(kept: set) -> dict:  # and the modules saved whole
+            return {**(_bias_keys(ct, kept, prefix) if biases else {}), **saved}
 
         with atomic_output_dir(out, force, inputs=(base, tuned)) as tmp:
             stream = FactorStream(
@@ -307,6 +320,8 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
                                  fan_in_fan_out=any(result.layouts[m] == "conv1d" for m in ranks))
             if biases:
                 config["bias"] = "all"
+            if saved:
+                config["modules_to_save"] = list(dict.fromkeys(modules_to_save))
             if not any(result.layouts[m] == "embedding" for m in ranks):
                 result.notes = [n for n in result.notes if "ties lm_head" not in n]
             write_adapter_config(tmp, config)
@@ -337,6 +352,48 @@ def _bias_keys(ct: Checkpoint, kept: set, prefix) -> dict:
             stem = old + stem[len(new):]
         full[f"{stem}.base_layer.{param}" if stem in kept else f"{stem}.{param}"] = key
     return full
+
+
+def _saved_keys(ct: Checkpoint, names, prefix) -> dict:
+    """TUNED's tensors under the modules saved whole (PEFT's ``modules_to_save``), under the keys
+    PEFT saves them with, ``{<module>.<rest>: TUNED key}`` in the adapter's naming (TUNED's,
+    rewritten by ``prefix``). Every name must hold float tensors in TUNED and, since PEFT picks
+    these modules by name suffix (``str.endswith``), select no other module of the model."""
+    if isinstance(names, str) or not all(isinstance(n, str) and n and n == n.strip(".")
+                                         for n in names):
+        raise ValueError("modules_to_save must be a list of module names (e.g. ['lm_head', "
+                         f"'model.norm']), got {names!r}")
+    rewrite = parse_prefix(prefix)
+    adapter_names = {}  # adapter name -> TUNED key, every TUNED key inside --prefix
+    for key in ct.keys():
+        name = key
+        if rewrite is not None:
+            old, new = rewrite
+            if not key.startswith(new):
+                continue
+            name = old + key[len(new):]
+        adapter_names[name] = key
+    modules = {".".join(parts[:i]) for parts in (n.split(".") for n in adapter_names)
+               for i in range(1, len(parts))}
+    out = {}
+    for n in dict.fromkeys(names):
+        inside = {a: k for a, k in adapter_names.items() if a.startswith(n + ".")}
+        if not inside:
+            near = sorted(m for m in modules if m.endswith("." + n) or n.endswith("." + m))[:3]
+            raise CheckpointError(f"modules_to_save: no module {n!r} in TUNED"
+                                  + (f" (did you mean {', '.join(map(repr, near))}?)" if near else ""))
+        others = sorted(m for m in modules if m != n and m.endswith(n))
+        if others:
+            raise CheckpointError(
+                f"modules_to_save: PEFT selects these modules by name suffix, and {n!r} would also "
+                f"select {others[0]!r}" + (f" and {len(others) - 1} more" if len(others) > 1 else "")
+                + ": give the module's full name")
+        for a, k in inside.items():
+            if ct.dtype(k) not in FLOAT_CODES:
+                raise CheckpointError(f"modules_to_save: {ct.file_of(k)}: tensor {k!r} of {n!r} is "
+                                      f"{ct.dtype(k)}, not a float tensor: it cannot be saved")
+        out.update(inside)
+    return out
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,10 @@ def register(sub) -> None:
                         "bare BertModel); BASE is matched to TUNED by module path either way")
     p.add_argument("--biases", action="store_true",
                    help="carry TUNED's biases whole (PEFT bias='all'), so trained biases are kept")
+    p.add_argument("--modules-to-save", metavar="NAME[,NAME...]",
+                   type=lambda v: [n.strip() for n in v.split(",")],
+                   help="modules saved whole, as PEFT's modules_to_save (a new head, a trained "
+                        "lm_head or norm): their full names, e.g. score or lm_head,model.norm")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default 0)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no table")
@@ -77,7 +81,7 @@ def run(args) -> int:
                 max_rank=args.max_rank, rule=args.rule, alpha=args.alpha, include=args.include,
                 exclude=args.exclude, dtype=args.dtype, on_missing=args.on_missing,
                 force=args.force, seed=args.seed, progress=not args.quiet, prefix=args.prefix,
-                biases=args.biases, client=client)
+                biases=args.biases, modules_to_save=args.modules_to_save, client=client)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise UserError(str(e)) from None
     for side, names in (("BASE", res.only_in_base), ("TUNED", res.only_in_tuned)):
@@ -87,7 +91,8 @@ def run(args) -> int:
     if res.changed_not_extracted:
         names = res.changed_not_extracted
         print(f"rslora extract: note: {len(names)} tensor(s) that are not 2-D weights differ and are "
-              "not in the adapter: " + ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""),
+              "not in the adapter (--biases carries biases, --modules-to-save whole modules): "
+              + ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""),
               file=sys.stderr)
     if res.structure_differs:
         names = res.structure_differs
