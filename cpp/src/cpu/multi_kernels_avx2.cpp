@@ -111,19 +111,40 @@ RSLORA_TARGET RSLORA_INLINE T lane_sum(typename Simd<T>::V v) {
 // rows). The K x Q tile's lane sums live in `acc` between chunks (one load and store per 32
 // FMAs); each dot product is still summed over j in order, lane-wise, so the result does not
 // depend on the chunk size.
+// Groups of up to 4 rows (one tile of rows: A is read once however d is cut) take all of d in
+// one chunk: that streams fewer rows at once.
 constexpr i64 kChunkBytes = 1024;
+
+// Columns of a shrink tile between two steps of its prefetch of the expand's data.
+constexpr i64 kStepCols = 256;
+
+// Bytes ahead in each row of A that a shrink tile prefetches into L1 (past the end of A:
+// harmless, prefetches never fault): for groups of a row or two the shrink streams A from memory
+// faster than the previous expand could bring it to L2 (decode batches, one row per adapter).
+constexpr i64 kAheadBytes = 2048;
+
+template <class T>
+i64 shrink_chunk(i64 c, i64 d) {
+  return c <= 4 ? std::max<i64>(d, 1) : kChunkBytes / static_cast<i64>(sizeof(T));
+}
 
 // acc[(k * r + q0 + q) * L ...] += the lane sums of K rows of x and Q rows of A over [j0, j1).
 template <class T, int K, int Q>
 RSLORA_TARGET RSLORA_INLINE void shrink_chunk_tile(const T* const* x, const T* A, i64 A_rs, i64 r,
-                                                   i64 q0, i64 j0, i64 j1, T* acc) {
+                                                   i64 q0, i64 j0, i64 j1, T* acc,
+                                                   RunPrefetch<T>& pf) {
   using S = Simd<T>;
   constexpr int L = S::L;
+  constexpr i64 ahead = kAheadBytes / static_cast<i64>(sizeof(T));
   typename S::V s[K][Q];
   for (int k = 0; k < K; ++k)
     for (int q = 0; q < Q; ++q) s[k][q] = S::load(acc + (k * r + q0 + q) * L);
   const T* a = A + q0 * A_rs;
   for (i64 j = j0; j < j1; j += L) {
+    if ((j - j0) % kStepCols == 0) pf.step();
+    if (j % (64 / static_cast<i64>(sizeof(T))) == 0)  // each line of the rows of A, ahead
+      for (int q = 0; q < Q; ++q)
+        _mm_prefetch(reinterpret_cast<const char*>(a + q * A_rs + j + ahead), _MM_HINT_T0);
     typename S::V av[Q];
     for (int q = 0; q < Q; ++q) av[q] = S::load(a + q * A_rs + j);
     for (int k = 0; k < K; ++k) {
@@ -141,11 +162,8 @@ template <class T, int K, int Q>
 RSLORA_TARGET RSLORA_INLINE void shrink_chunk_rows(const T* const* x, const T* A, i64 A_rs, i64 r,
                                                    i64 j0, i64 j1, T* acc, RunPrefetch<T>& pf) {
   i64 q = 0;
-  for (; q + Q <= r; q += Q) {
-    pf.step();
-    shrink_chunk_tile<T, K, Q>(x, A, A_rs, r, q, j0, j1, acc);
-  }
-  for (; q < r; ++q) shrink_chunk_tile<T, K, 1>(x, A, A_rs, r, q, j0, j1, acc);
+  for (; q + Q <= r; q += Q) shrink_chunk_tile<T, K, Q>(x, A, A_rs, r, q, j0, j1, acc, pf);
+  for (; q < r; ++q) shrink_chunk_tile<T, K, 1>(x, A, A_rs, r, q, j0, j1, acc, pf);
 }
 
 // xa (c, r) = x_rows A^T: tiles of K = 4 rows (Q = 2: 8 FMA chains), the last 1-3 rows with
@@ -156,8 +174,8 @@ RSLORA_TARGET void shrink_tiled(const T* const* x, i64 c, const T* A, i64 r, i64
                                 T* xa, T* acc, RunPrefetch<T>& pf) {
   using S = Simd<T>;
   constexpr int L = S::L;
-  constexpr i64 chunk = kChunkBytes / static_cast<i64>(sizeof(T));
   const i64 dv = d - d % L;
+  const i64 chunk = shrink_chunk<T>(c, dv);
   for (i64 t = 0; t < c * r * L; t += L) S::store(acc + t, S::zero());
   for (i64 j0 = 0; j0 < dv; j0 += chunk) {
     const i64 j1 = std::min(dv, j0 + chunk);
@@ -285,16 +303,24 @@ RSLORA_TARGET void expand_tiled(const Group<T>& g, Dims dims, const T* xa, T* bt
 
 // --- a group -----------------------------------------------------------------------------------
 
-// Tiles of each phase, for spreading its prefetches (about: the last rows' tiles count as one).
+// Steps of each phase, over which its prefetches spread, as the loops above cut them: rows in
+// tiles of 4, the last 1-3 rows in one tile, of Q = 3, 4, 8 rows of A (then single rows) and a
+// step per kStepCols columns in the shrink, of J = 2, 4, 8 registers of columns in the expand.
 template <class T>
-i64 shrink_tiles(i64 c, Dims dims) {
-  const i64 chunks = (dims.d_in * static_cast<i64>(sizeof(T)) + kChunkBytes - 1) / kChunkBytes;
-  return chunks * ((c + 3) / 4) * std::max<i64>(1, dims.r / 2);
+i64 shrink_steps(i64 c, Dims dims) {
+  constexpr i64 kQ[4] = {0, 8, 4, 3};  // Q of the last tile, by c % 4
+  const i64 r = dims.r, dv = dims.d_in - dims.d_in % Simd<T>::L;
+  const auto tiles = [r](i64 Q) { return r / Q + r % Q; };
+  const i64 chunk = shrink_chunk<T>(c, dv), chunks = (dv + chunk - 1) / chunk;
+  const i64 steps_per_chunk = (std::min(chunk, dv) + kStepCols - 1) / kStepCols;
+  return chunks * steps_per_chunk * ((c / 4) * tiles(2) + (c % 4 ? tiles(kQ[c % 4]) : 0));
 }
 template <class T>
-i64 expand_tiles(i64 c, Dims dims) {
-  constexpr i64 W = kBlockCols<T>;
-  return ((dims.d_out + W - 1) / W) * ((c + 3) / 4) * (W / (2 * Simd<T>::L));
+i64 expand_steps(i64 c, Dims dims) {
+  constexpr i64 W = kBlockCols<T>, L = Simd<T>::L;
+  constexpr i64 kJ[4] = {0, 8, 4, 2};  // J of the last tile, by c % 4
+  const i64 blocks = (dims.d_out + W - 1) / W;
+  return blocks * ((c / 4) * (W / (2 * L)) + (c % 4 ? W / (kJ[c % 4] * L) : 0));
 }
 
 template <class T>
@@ -302,10 +328,10 @@ RSLORA_TARGET void add_group_tiled(const Group<T>& g, Dims dims, T* work) {
   T* xa = work;
   T* rest = xa + kSmallGroup * dims.r;  // the shrink's lane sums, then the expand's block of B^T
   RunPrefetch<T> for_expand(g.B, dims.d_out, g.B_rs, dims.r, g.y, g.c, dims.d_out,
-                            shrink_tiles<T>(g.c, dims));
+                            shrink_steps<T>(g.c, dims));
   shrink_tiled<T>(g.x, g.c, g.A, dims.r, g.A_rs, dims.d_in, xa, rest, for_expand);
   RunPrefetch<T> for_next(g.next_A, dims.r, g.A_rs, dims.d_in, g.next_x, g.next_c, dims.d_in,
-                          expand_tiles<T>(g.c, dims));
+                          expand_steps<T>(g.c, dims));
   expand_tiled<T>(g, dims, xa, rest, for_next);
 }
 

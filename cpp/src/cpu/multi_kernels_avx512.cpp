@@ -261,8 +261,11 @@ template <class T>
 RSLORA_AVX512 void add_group_impl(const Group<T>& g, Dims dims, T* work) {
   constexpr i64 L = Simd<T>::L;
   // The prefetches of each phase spread over its steps (multi_kernels.hpp): a step per
-  // kStepCols columns of a shrink tile (K = 4 rows, Q = 4 of A), a step per expand block.
-  const i64 shrink_steps = ((g.c + 3) / 4) * ((dims.r + 3) / 4) *
+  // kStepCols columns of a shrink tile (tiles as shrink_impl and shrink_rows cut them), a step
+  // per expand block.
+  const i64 r = dims.r, c = g.c;
+  const auto tiles = [r](i64 Q) { return r / Q + (r % Q) / 4 + (r % Q) % 4; };
+  const i64 shrink_steps = ((c / 4) * tiles(4) + (c % 4 == 3 ? tiles(4) : c % 4 ? tiles(8) : 0)) *
                            ((dims.d_in + kStepCols - 1) / kStepCols);
   RunPrefetch<T> for_expand(g.B, dims.d_out, g.B_rs, dims.r, g.y, g.c, dims.d_out, shrink_steps);
   shrink_impl(g.x, g.c, g.A, dims.r, g.A_rs, dims.d_in, work, for_expand);
