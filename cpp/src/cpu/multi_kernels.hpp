@@ -93,15 +93,18 @@ class RunPrefetch {
 
  private:
   static constexpr i64 kLine = 64;
-  static i64 lines_of(i64 len) { return (len * static_cast<i64>(sizeof(T)) + kLine - 1) / kLine + 1; }
+  static i64 lines_of(i64 len) {
+    return (len * static_cast<i64>(sizeof(T)) + kLine - 1) / kLine + 1;
+  }
   // n more lines from the cursor (run run_, byte off_), run after run.
   void issue(i64 n) {
     while (n > 0 && run_ < M_rows_ + c_) {
       const bool adapter = run_ < M_rows_;
-      const char* p = reinterpret_cast<const char*>(adapter ? M_ + run_ * M_rs_ : rows_[run_ - M_rows_]);
+      const T* row = adapter ? M_ + run_ * M_rs_ : rows_[run_ - M_rows_];
+      const char* p = reinterpret_cast<const char*>(row);
       const i64 bytes = (adapter ? len_ : len2_) * static_cast<i64>(sizeof(T));
-      const i64 first = -static_cast<i64>(reinterpret_cast<std::uintptr_t>(p) % kLine);  // p's line
-      if (off_ == 0) off_ = first;
+      // A new run starts at the line holding its first byte (off_ <= 0 only there).
+      if (off_ == 0) off_ = -static_cast<i64>(reinterpret_cast<std::uintptr_t>(p) % kLine);
       for (; n > 0 && off_ < bytes; off_ += kLine, --n) _mm_prefetch(p + off_, _MM_HINT_T1);
       if (off_ >= bytes) ++run_, off_ = 0;
     }

@@ -180,10 +180,12 @@ RSLORA_TARGET void shrink_tiled(const T* const* x, i64 c, const T* A, i64 r, i64
   for (i64 j0 = 0; j0 < dv; j0 += chunk) {
     const i64 j1 = std::min(dv, j0 + chunk);
     i64 k = 0;
-    for (; k + 4 <= c; k += 4) shrink_chunk_rows<T, 4, 2>(x + k, A, A_rs, r, j0, j1, acc + k * r * L, pf);
-    if (c - k == 3) shrink_chunk_rows<T, 3, 3>(x + k, A, A_rs, r, j0, j1, acc + k * r * L, pf);
-    if (c - k == 2) shrink_chunk_rows<T, 2, 4>(x + k, A, A_rs, r, j0, j1, acc + k * r * L, pf);
-    if (c - k == 1) shrink_chunk_rows<T, 1, 8>(x + k, A, A_rs, r, j0, j1, acc + k * r * L, pf);
+    for (; k + 4 <= c; k += 4)
+      shrink_chunk_rows<T, 4, 2>(x + k, A, A_rs, r, j0, j1, acc + k * r * L, pf);
+    T* last = acc + k * r * L;  // the lane sums of the last 1-3 rows
+    if (c - k == 3) shrink_chunk_rows<T, 3, 3>(x + k, A, A_rs, r, j0, j1, last, pf);
+    if (c - k == 2) shrink_chunk_rows<T, 2, 4>(x + k, A, A_rs, r, j0, j1, last, pf);
+    if (c - k == 1) shrink_chunk_rows<T, 1, 8>(x + k, A, A_rs, r, j0, j1, last, pf);
   }
   pf.finish();
   for (i64 k = 0; k < c; ++k)
