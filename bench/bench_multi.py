@@ -15,9 +15,16 @@ float32, d_in = d_out = 4096, r = 16, 64 adapters (A_all and B_all: 34 MB togeth
   the best path here, named in the row ("default kernel: ...") and in the entry's extra_info.
 - "base x @ W.T" and "lora_linear": the whole op against the base GEMM alone, and against the
   single-adapter fused forward when every row is on one adapter.
+- "other build, <path> forced": with RSLORA_BENCH_OTHER=<site dir> (a folder holding another
+  build's ``rslora`` package, e.g. ``pip install --target DIR`` of main), that build's op in the
+  same run, loaded beside this one as ``rslora_other``: A/B of two builds side by side.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -83,6 +90,23 @@ def numpy_einsum(y, x, A_all, B_all, ids, scales):
     return y
 
 
+def other_build():
+    """The rslora package under RSLORA_BENCH_OTHER (a site folder), imported as rslora_other."""
+    site = os.environ.get("RSLORA_BENCH_OTHER")
+    if not site:
+        return None
+    if "rslora_other" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "rslora_other", os.path.join(site, "rslora", "__init__.py"),
+            submodule_search_locations=[os.path.join(site, "rslora")])
+        if spec is None or spec.loader is None:
+            raise ValueError(f"RSLORA_BENCH_OTHER={site!r}: no rslora package there")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["rslora_other"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["rslora_other"]
+
+
 ADD_KINDS = ["n=512 random ids", "n=512 sorted ids", "decode n=64, one adapter each"]
 PEERS = {"numpy masks": numpy_masks, "numpy einsum gather": numpy_einsum}
 
@@ -121,6 +145,25 @@ def test_add_rslora_forced_path(benchmark, data, kind, path):
         assert_close(y, reference_add(y0, x, data, ids))
         run(benchmark, lambda: rslora.lora_add_multi(y, x, data["A"], data["B"], ids,
                                                      scales=data["scales"]), rounds=20)
+
+
+@pytest.mark.parametrize("kind", ADD_KINDS)
+@pytest.mark.parametrize("path", ["avx512", "avx2", "baseline"])
+def test_add_other_build_forced_path(benchmark, data, kind, path):
+    other = other_build()
+    if other is None:
+        pytest.skip("RSLORA_BENCH_OTHER is not set: no other build to compare with")
+    why = other.kernel_paths()[path]
+    if why:
+        pytest.skip(f"{path}: {why}")
+    x, y0, ids = batch(data, kind)
+    set_case(benchmark, row_name(kind), f"other build, {path} forced", kernel_path=path)
+    with other.use_kernel_path(path):
+        y = y0.copy()
+        other.lora_add_multi(y, x, data["A"], data["B"], ids, scales=data["scales"])
+        assert_close(y, reference_add(y0, x, data, ids))
+        run(benchmark, lambda: other.lora_add_multi(y, x, data["A"], data["B"], ids,
+                                                    scales=data["scales"]), rounds=20)
 
 
 @pytest.mark.parametrize("kind", ADD_KINDS)

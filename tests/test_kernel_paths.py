@@ -123,6 +123,96 @@ def test_add_multi_adapter_layouts_in_the_kernels(path, dtype, stack):
     assert np.all(np.abs(got - want) <= bound(dtype, d_in, r, mag)), (path, stack)
 
 
+def check_add(x, A, B, ids, scales, y0, d_in, r, what):
+    """lora_add_multi on y0's values (in y0's own layout) against the float64 reference."""
+    dtype = y0.dtype
+    y = y0.copy() if y0.flags.c_contiguous else y0
+    want = y0.astype(np.float64) + lora_part(x, A, B, ids, scales)
+    mag = np.abs(y0.astype(np.float64)) + lora_part(x, A, B, ids, scales, absolute=True)
+    got = rslora.lora_add_multi(y, x, A, B, ids, scales=scales)
+    assert got is y
+    err = np.abs(got - want)
+    assert np.all(err <= bound(dtype, d_in, r, mag)), (what, float((err / mag).max()))
+
+
+def at_offset(a, offset):
+    """A copy of a whose data starts `offset` elements after a 64-byte boundary."""
+    item = a.dtype.itemsize
+    raw = np.zeros(a.size + 64 // item + offset, a.dtype)
+    start = (-raw.ctypes.data % 64) // item + offset
+    out = raw[start:start + a.size].reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_add_multi_any_alignment_of_rows(path, dtype):
+    """x, A and y each start 0..7 elements past a 64-byte boundary (NumPy's large arrays start
+    16 bytes into a page), with rows a multiple of 32 bytes long or not (every row at another
+    offset), and d shorter than one SIMD register."""
+    rng = np.random.default_rng(3)
+    sizes = [1, 2, 3, 5, 8, 13, 32]
+    ids = group_ids(rng, sizes)
+    n, na = len(ids), len(sizes)
+    for d_in, d_out, r, offs in [(128, 64, 16, (4, 4, 4)), (128, 64, 16, (1, 3, 5)),
+                                 (131, 70, 7, (2, 2, 6)), (3, 2, 4, (5, 5, 5)),
+                                 (256, 96, 8, (0, 0, 7))]:
+        x, _, A, B, scales = make(rng, n, d_in, d_out, r, na, dtype)
+        y0 = rng.standard_normal((n, d_out)).astype(dtype)
+        xo, Ao, yo = at_offset(x, offs[0]), at_offset(A, offs[1]), at_offset(y0, offs[2])
+        check_add(xo, Ao, B, ids, scales, yo, d_in, r, (path, d_in, d_out, r, offs))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_add_multi_edge_batches(path, dtype):
+    """One row; every row on one adapter (a kernel-sized group, then a BLAS-sized one); only
+    base rows (-1) but one; rows of x and y with padded row strides (not contiguous)."""
+    rng = np.random.default_rng(4)
+    d_in, d_out, r, na = 203, 150, 16, 5
+    _, _, A, B, scales = make(rng, 1, d_in, d_out, r, na, dtype)
+    cases = {
+        "n = 1": np.array([3]),
+        "all on one adapter, 32 rows": np.full(32, 2),
+        "all on one adapter, 70 rows": np.full(70, 4),
+        "all base but one": np.array([-1] * 9 + [0] + [-1] * 9),
+    }
+    for what, ids in cases.items():
+        n = len(ids)
+        x = rng.standard_normal((n, d_in)).astype(dtype)
+        y0 = rng.standard_normal((n, d_out)).astype(dtype)
+        check_add(x, A, B, ids, scales, y0, d_in, r, what)
+        xp = np.zeros((n, d_in + 9), dtype)[:, 3:3 + d_in]
+        xp[...] = x
+        yp = np.zeros((n, d_out + 5), dtype)[:, 1:1 + d_out]
+        yp[...] = y0
+        check_add(xp, A, B, ids, scales, yp, d_in, r, what + ", padded rows")
+        base = ids < 0
+        if base.any():  # rows with id -1 are left exactly as they were
+            np.testing.assert_array_equal(yp[base], y0[base])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_add_multi_row_order_does_not_change_a_bit(path, dtype):
+    """Random and sorted ids run the same arithmetic per row: each row's result is the same bits
+    wherever it sits in the batch, whichever rows share its tile, and wherever in memory the
+    arrays lie (the permuted copies are new arrays: the summation order never follows the
+    address, so two runs of one program give the same bits)."""
+    rng = np.random.default_rng(6)
+    d_in, d_out, r, na = 300, 200, 16, 12
+    ids = rng.integers(-1, na, 150)
+    x, _, A, B, scales = make(rng, len(ids), d_in, d_out, r, na, dtype)
+    y0 = rng.standard_normal((len(ids), d_out)).astype(dtype)
+    got = rslora.lora_add_multi(y0.copy(), x, A, B, ids, scales=scales)
+    order = np.argsort(ids, kind="stable")
+    for perm in (order, rng.permutation(len(ids)), order[::-1]):
+        moved = rslora.lora_add_multi(y0[perm].copy(), x[perm], A, B, ids[perm], scales=scales)
+        np.testing.assert_array_equal(moved, got[perm])
+    for off in (1, 2, 3):  # the same values at other addresses
+        y = at_offset(y0, off)
+        rslora.lora_add_multi(y, at_offset(x, off), at_offset(A, 3 - off), B, ids, scales=scales)
+        np.testing.assert_array_equal(y, got)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_linear_multi_within_derived_bound(path, dtype):
     rng = np.random.default_rng(5)

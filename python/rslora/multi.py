@@ -49,8 +49,12 @@ def lora_linear_multi(x: Any, W: Any, A_all: Any, B_all: Any, adapter_ids: Any, 
     Notes
     -----
     The base GEMM runs once for the whole batch; rows are then grouped by adapter inside the
-    core (a counting sort, no Python loop) and each adapter is applied with one shrink and one
-    expand GEMM over its rows (gemv for groups of one or two rows, as in a decode batch).
+    core (a counting sort, no Python loop, so random and sorted ids do the same work). Groups of
+    up to 32 rows run through SIMD kernels (AVX-512, AVX2+FMA or the baseline, chosen at run
+    time: :func:`rslora.kernel_path`) that read each adapter once, on the BLAS thread count
+    split by work; bigger groups run one shrink and one expand GEMM. In the kernels' groups a
+    row's result is the same bits wherever it sits in the batch and wherever the arrays lie in
+    memory.
     See :func:`lora_add_multi` for the adapter part alone. GPU arrays (DLPack: torch, CuPy)
     run on the GPU through :mod:`rslora.cuda`.
     """

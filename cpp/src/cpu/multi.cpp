@@ -1,6 +1,7 @@
 #include "rslora/multi.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -160,7 +161,11 @@ void add_small_groups(Mat<T> y, Mat<const T> x, Stack<const T> A, Stack<const T>
     return grp;
   };
   run_parts(nt, [&](int t) {
-    std::vector<T> scratch(static_cast<size_t>(detail::group_scratch(dims.r)));
+    // Scratch on a cache-line boundary: the kernels' vector loads of it never split a line.
+    constexpr size_t kLineElems = 64 / sizeof(T);
+    std::vector<T> buf(static_cast<size_t>(detail::group_scratch(dims.r)) + kLineElems);
+    T* scratch = buf.data();
+    while (reinterpret_cast<std::uintptr_t>(scratch) % 64 != 0) ++scratch;
     const size_t g0 = cut[static_cast<size_t>(t)], g1 = cut[static_cast<size_t>(t) + 1];
     for (size_t g = g0; g < g1; ++g) {
       detail::Group<T> grp = group(g);
@@ -168,7 +173,7 @@ void add_small_groups(Mat<T> y, Mat<const T> x, Stack<const T> A, Stack<const T>
         const detail::Group<T> next = group(g + 1);
         grp.next_A = next.A, grp.next_x = next.x, grp.next_c = next.c;
       }
-      detail::add_group(grp, dims, scratch.data());
+      detail::add_group(grp, dims, scratch);
     }
   });
 }

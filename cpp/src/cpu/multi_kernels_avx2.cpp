@@ -79,14 +79,15 @@ struct Simd<double> {
 
 // One group = c <= kSmallGroup rows of x and y on one adapter (A: r x d_in, B: d_out x r).
 // - shrink (xa = x_rows A^T): K x Q register tiles of dot products (K rows of x against Q rows
-//   of A, over all of d_in), so each load feeds several FMAs and >= 8 FMA chains run where c
-//   allows; the K rows of x stay in L2 while the rows of A stream past them once per tile row.
-//   Each dot product is summed over j lane-wise, then horizontally in lane order, then the tail.
+//   of A), so each load feeds several FMAs and >= 8 FMA chains run where c allows, over chunks
+//   of d_in that stay in L1 for every tile. Each dot product is summed over j lane-wise, then
+//   horizontally in lane order, then the tail.
 // - expand (y_rows += s xa B^T): d_out is cut into blocks of kBlockCols columns; each block of B
 //   (kBlockCols rows of r) is transposed in L x L register blocks into `bt` (L1), then K rows of
 //   y x J registers of columns are accumulated over q in order, y += s * sum (one FMA).
-// A and B stream from memory and are prefetched ahead, the next group's A and x rows during
-// this group's expand; the y rows, a few sequential streams, are left to the hardware prefetcher.
+// Each phase prefetches into L2 what the next one reads, row after whole row (RunPrefetch in
+// multi_kernels.hpp): the shrink this group's B and y rows, the expand the next group's A and x
+// rows; the expand also prefetches B's next block into L1 as it transposes this one.
 
 // Columns of y per expand block: J = 8 registers for a single row.
 template <class T>
@@ -105,25 +106,43 @@ RSLORA_TARGET RSLORA_INLINE T lane_sum(typename Simd<T>::V v) {
 
 // --- shrink ------------------------------------------------------------------------------------
 
-// Elements of a row of A ahead to prefetch: A streams from memory in Q rows at once, more
-// streams than the hardware prefetcher follows well (measured on Zen 4: ~20% off the shrink).
-// Prefetches past the end of A are harmless (they never fault).
+// The shrink in chunks of d: each chunk of kChunkBytes of every row of A and x is used for all
+// c rows while it is in L1 (A and x are read from L2 once per group, not once per tile of
+// rows). The K x Q tile's lane sums live in `acc` between chunks (one load and store per 32
+// FMAs); each dot product is still summed over j in order, lane-wise, so the result does not
+// depend on the chunk size.
+// Groups of up to 4 rows (one tile of rows: A is read once however d is cut) take all of d in
+// one chunk: that streams fewer rows at once.
+constexpr i64 kChunkBytes = 1024;
+
+// Columns of a shrink tile between two steps of its prefetch of the expand's data.
+constexpr i64 kStepCols = 256;
+
+// Bytes ahead in each row of A that a shrink tile prefetches into L1 (past the end of A:
+// harmless, prefetches never fault): for groups of a row or two the shrink streams A from memory
+// faster than the previous expand could bring it to L2 (decode batches, one row per adapter).
 constexpr i64 kAheadBytes = 2048;
 
-// xa[k * r + q0 + q] for K rows of x and Q rows of A from q0 on, over all of d.
+template <class T>
+i64 shrink_chunk(i64 c, i64 d) {
+  return c <= 4 ? std::max<i64>(d, 1) : kChunkBytes / static_cast<i64>(sizeof(T));
+}
+
+// acc[(k * r + q0 + q) * L ...] += the lane sums of K rows of x and Q rows of A over [j0, j1).
 template <class T, int K, int Q>
-RSLORA_TARGET RSLORA_INLINE void shrink_tile(const T* const* x, const T* A, i64 A_rs, i64 d, i64 r,
-                                             i64 q0, T* xa) {
+RSLORA_TARGET RSLORA_INLINE void shrink_chunk_tile(const T* const* x, const T* A, i64 A_rs, i64 r,
+                                                   i64 q0, i64 j0, i64 j1, T* acc,
+                                                   RunPrefetch<T>& pf) {
   using S = Simd<T>;
   constexpr int L = S::L;
   constexpr i64 ahead = kAheadBytes / static_cast<i64>(sizeof(T));
-  const i64 dv = d - d % L;
-  typename S::V acc[K][Q];
+  typename S::V s[K][Q];
   for (int k = 0; k < K; ++k)
-    for (int q = 0; q < Q; ++q) acc[k][q] = S::zero();
+    for (int q = 0; q < Q; ++q) s[k][q] = S::load(acc + (k * r + q0 + q) * L);
   const T* a = A + q0 * A_rs;
-  for (i64 j = 0; j < dv; j += L) {
-    if (j % (64 / sizeof(T)) == 0)  // one prefetch per cache line of each row of A
+  for (i64 j = j0; j < j1; j += L) {
+    if ((j - j0) % kStepCols == 0) pf.step();
+    if (j % (64 / static_cast<i64>(sizeof(T))) == 0)  // each line of the rows of A, ahead
       for (int q = 0; q < Q; ++q)
         _mm_prefetch(reinterpret_cast<const char*>(a + q * A_rs + j + ahead), _MM_HINT_T0);
     typename S::V av[Q];
@@ -131,36 +150,51 @@ RSLORA_TARGET RSLORA_INLINE void shrink_tile(const T* const* x, const T* A, i64 
     for (int k = 0; k < K; ++k) {
       typename S::V xv = S::load(x[k] + j);
       asm("" : "+v"(xv));  // one load of x per row: keep GCC from folding it into each FMA
-      for (int q = 0; q < Q; ++q) acc[k][q] = S::fma(xv, av[q], acc[k][q]);
+      for (int q = 0; q < Q; ++q) s[k][q] = S::fma(xv, av[q], s[k][q]);
     }
   }
   for (int k = 0; k < K; ++k)
-    for (int q = 0; q < Q; ++q) {
-      T sum = lane_sum<T>(acc[k][q]);
-      for (i64 j = dv; j < d; ++j) sum += x[k][j] * a[q * A_rs + j];
-      xa[k * r + q0 + q] = sum;
-    }
+    for (int q = 0; q < Q; ++q) S::store(acc + (k * r + q0 + q) * L, s[k][q]);
 }
 
-// All r rows of A for K rows of x: Q rows at a time (K * Q + Q + 1 <= 16 registers), then one.
+// One chunk for K rows of x: all r rows of A, Q at a time (K * Q + Q + 1 <= 16 registers).
 template <class T, int K, int Q>
-RSLORA_TARGET RSLORA_INLINE void shrink_rows(const T* const* x, const T* A, i64 A_rs, i64 d, i64 r,
-                                             T* xa) {
+RSLORA_TARGET RSLORA_INLINE void shrink_chunk_rows(const T* const* x, const T* A, i64 A_rs, i64 r,
+                                                   i64 j0, i64 j1, T* acc, RunPrefetch<T>& pf) {
   i64 q = 0;
-  for (; q + Q <= r; q += Q) shrink_tile<T, K, Q>(x, A, A_rs, d, r, q, xa);
-  for (; q < r; ++q) shrink_tile<T, K, 1>(x, A, A_rs, d, r, q, xa);
+  for (; q + Q <= r; q += Q) shrink_chunk_tile<T, K, Q>(x, A, A_rs, r, q, j0, j1, acc, pf);
+  for (; q < r; ++q) shrink_chunk_tile<T, K, 1>(x, A, A_rs, r, q, j0, j1, acc, pf);
 }
 
 // xa (c, r) = x_rows A^T: tiles of K = 4 rows (Q = 2: 8 FMA chains), the last 1-3 rows with
-// wider Q. The x rows of a tile stay in L2 while Q rows of A at a time stream past them.
+// wider Q, chunk by chunk of d; acc: c * r * L elements of lane sums. pf: what the expand reads
+// next, one step per tile.
 template <class T>
 RSLORA_TARGET void shrink_tiled(const T* const* x, i64 c, const T* A, i64 r, i64 A_rs, i64 d,
-                                T* xa) {
-  i64 k = 0;
-  for (; k + 4 <= c; k += 4) shrink_rows<T, 4, 2>(x + k, A, A_rs, d, r, xa + k * r);
-  if (c - k == 3) shrink_rows<T, 3, 3>(x + k, A, A_rs, d, r, xa + k * r);
-  if (c - k == 2) shrink_rows<T, 2, 4>(x + k, A, A_rs, d, r, xa + k * r);
-  if (c - k == 1) shrink_rows<T, 1, 8>(x + k, A, A_rs, d, r, xa + k * r);
+                                T* xa, T* acc, RunPrefetch<T>& pf) {
+  using S = Simd<T>;
+  constexpr int L = S::L;
+  const i64 dv = d - d % L;
+  const i64 chunk = shrink_chunk<T>(c, dv);
+  for (i64 t = 0; t < c * r * L; t += L) S::store(acc + t, S::zero());
+  for (i64 j0 = 0; j0 < dv; j0 += chunk) {
+    const i64 j1 = std::min(dv, j0 + chunk);
+    i64 k = 0;
+    for (; k + 4 <= c; k += 4)
+      shrink_chunk_rows<T, 4, 2>(x + k, A, A_rs, r, j0, j1, acc + k * r * L, pf);
+    T* last = acc + k * r * L;  // the lane sums of the last 1-3 rows
+    if (c - k == 3) shrink_chunk_rows<T, 3, 3>(x + k, A, A_rs, r, j0, j1, last, pf);
+    if (c - k == 2) shrink_chunk_rows<T, 2, 4>(x + k, A, A_rs, r, j0, j1, last, pf);
+    if (c - k == 1) shrink_chunk_rows<T, 1, 8>(x + k, A, A_rs, r, j0, j1, last, pf);
+  }
+  pf.finish();
+  for (i64 k = 0; k < c; ++k)
+    for (i64 q = 0; q < r; ++q) {
+      typename S::V v = S::load(acc + (k * r + q) * L);
+      T sum = lane_sum<T>(v);
+      for (i64 j = dv; j < d; ++j) sum += x[k][j] * A[q * A_rs + j];
+      xa[k * r + q] = sum;
+    }
 }
 
 // --- expand ------------------------------------------------------------------------------------
@@ -211,9 +245,12 @@ RSLORA_TARGET RSLORA_INLINE void expand_tile(T* const* y, i64 j0, i64 jj0, i64 j
 // All columns of the block for K rows, J registers at a time.
 template <class T, int K, int J>
 RSLORA_TARGET RSLORA_INLINE void expand_rows(T* const* y, i64 j0, i64 jb, const T* bt, i64 r,
-                                             const T* xa, T s) {
+                                             const T* xa, T s, RunPrefetch<T>& pf) {
   constexpr i64 step = J * Simd<T>::L;
-  for (i64 jj0 = 0; jj0 < jb; jj0 += step) expand_tile<T, K, J>(y, j0, jj0, jb, bt, r, xa, s);
+  for (i64 jj0 = 0; jj0 < jb; jj0 += step) {
+    pf.step();
+    expand_tile<T, K, J>(y, j0, jj0, jb, bt, r, xa, s);
+  }
 }
 
 // bt (r, W) = B[j0 .. j0 + jb, 0 .. r) transposed, zero-padded to W columns; L x L register
@@ -246,33 +283,58 @@ RSLORA_TARGET RSLORA_INLINE void transpose_block(const T* B, i64 B_rs, i64 r, i6
   }
 }
 
-// Rows in tiles of K = 4 (J = 2: 8 chains), the last 1-3 rows with wider J.
+// Rows in tiles of K = 4 (J = 2: 8 chains), the last 1-3 rows with wider J. pf: what the next
+// group's shrink reads, one step per tile.
 template <class T>
-RSLORA_TARGET void expand_tiled(const Group<T>& g, Dims dims, const T* xa, T* bt) {
+RSLORA_TARGET void expand_tiled(const Group<T>& g, Dims dims, const T* xa, T* bt,
+                                RunPrefetch<T>& pf) {
   constexpr i64 W = kBlockCols<T>;
   const i64 c = g.c, r = dims.r, d_out = dims.d_out;
-  const NextGroupPrefetch<T> next(g, dims, (d_out + W - 1) / W);  // multi_kernels.hpp
   for (i64 j0 = 0; j0 < d_out; j0 += W) {
-    next.block(j0 / W);
     const i64 jb = std::min(W, d_out - j0);
     transpose_block<T>(g.B, g.B_rs, r, j0, jb, bt);
     T* const* y = g.y;
     i64 k = 0;
-    for (; k + 4 <= c; k += 4) expand_rows<T, 4, 2>(y + k, j0, jb, bt, r, xa + k * r, g.s);
-    if (c - k == 3) expand_rows<T, 3, 2>(y + k, j0, jb, bt, r, xa + k * r, g.s);
-    if (c - k == 2) expand_rows<T, 2, 4>(y + k, j0, jb, bt, r, xa + k * r, g.s);
-    if (c - k == 1) expand_rows<T, 1, 8>(y + k, j0, jb, bt, r, xa + k * r, g.s);
+    for (; k + 4 <= c; k += 4) expand_rows<T, 4, 2>(y + k, j0, jb, bt, r, xa + k * r, g.s, pf);
+    if (c - k == 3) expand_rows<T, 3, 2>(y + k, j0, jb, bt, r, xa + k * r, g.s, pf);
+    if (c - k == 2) expand_rows<T, 2, 4>(y + k, j0, jb, bt, r, xa + k * r, g.s, pf);
+    if (c - k == 1) expand_rows<T, 1, 8>(y + k, j0, jb, bt, r, xa + k * r, g.s, pf);
   }
+  pf.finish();
 }
 
 // --- a group -----------------------------------------------------------------------------------
 
+// Steps of each phase, over which its prefetches spread, as the loops above cut them: rows in
+// tiles of 4, the last 1-3 rows in one tile, of Q = 3, 4, 8 rows of A (then single rows) and a
+// step per kStepCols columns in the shrink, of J = 2, 4, 8 registers of columns in the expand.
+template <class T>
+i64 shrink_steps(i64 c, Dims dims) {
+  constexpr i64 kQ[4] = {0, 8, 4, 3};  // Q of the last tile, by c % 4
+  const i64 r = dims.r, dv = dims.d_in - dims.d_in % Simd<T>::L;
+  const auto tiles = [r](i64 Q) { return r / Q + r % Q; };
+  const i64 chunk = shrink_chunk<T>(c, dv), chunks = (dv + chunk - 1) / chunk;
+  const i64 steps_per_chunk = (std::min(chunk, dv) + kStepCols - 1) / kStepCols;
+  return chunks * steps_per_chunk * ((c / 4) * tiles(2) + (c % 4 ? tiles(kQ[c % 4]) : 0));
+}
+template <class T>
+i64 expand_steps(i64 c, Dims dims) {
+  constexpr i64 W = kBlockCols<T>, L = Simd<T>::L;
+  constexpr i64 kJ[4] = {0, 8, 4, 2};  // J of the last tile, by c % 4
+  const i64 blocks = (dims.d_out + W - 1) / W;
+  return blocks * ((c / 4) * (W / (2 * L)) + (c % 4 ? W / (kJ[c % 4] * L) : 0));
+}
+
 template <class T>
 RSLORA_TARGET void add_group_tiled(const Group<T>& g, Dims dims, T* work) {
   T* xa = work;
-  T* bt = xa + kSmallGroup * dims.r;
-  shrink_tiled<T>(g.x, g.c, g.A, dims.r, g.A_rs, dims.d_in, xa);
-  expand_tiled<T>(g, dims, xa, bt);
+  T* rest = xa + kSmallGroup * dims.r;  // the shrink's lane sums, then the expand's block of B^T
+  RunPrefetch<T> for_expand(g.B, dims.d_out, g.B_rs, dims.r, g.y, g.c, dims.d_out,
+                            shrink_steps<T>(g.c, dims));
+  shrink_tiled<T>(g.x, g.c, g.A, dims.r, g.A_rs, dims.d_in, xa, rest, for_expand);
+  RunPrefetch<T> for_next(g.next_A, dims.r, g.A_rs, dims.d_in, g.next_x, g.next_c, dims.d_in,
+                          expand_steps<T>(g.c, dims));
+  expand_tiled<T>(g, dims, xa, rest, for_next);
 }
 
 }  // namespace

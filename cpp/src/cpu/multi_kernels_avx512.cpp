@@ -72,10 +72,13 @@ RSLORA_AVX512 RSLORA_INLINE T lane_sum(typename Simd<T>::V v) {
   return s;
 }
 
+// Columns of a shrink tile between two steps of its prefetch of the expand's data.
+constexpr i64 kStepCols = 256;
+
 // xa[k * r + q0 + q] for K rows of x and Q rows of A from q0 on.
 template <class T, int K, int Q>
 RSLORA_AVX512 RSLORA_INLINE void shrink_tile(const T* const* x, const T* A, i64 A_rs, i64 d, i64 r,
-                                             i64 q0, T* xa) {
+                                             i64 q0, T* xa, RunPrefetch<T>& pf) {
   using S = Simd<T>;
   constexpr int L = S::L;
   const i64 dv = d - d % L;
@@ -84,6 +87,7 @@ RSLORA_AVX512 RSLORA_INLINE void shrink_tile(const T* const* x, const T* A, i64 
     for (int q = 0; q < Q; ++q) acc[k][q] = S::zero();
   const T* a = A + q0 * A_rs;
   for (i64 j = 0; j < dv; j += L) {
+    if (j % kStepCols == 0) pf.step();
     typename S::V av[Q];
     for (int q = 0; q < Q; ++q) av[q] = S::load(a + q * A_rs + j);
     for (int k = 0; k < K; ++k) {
@@ -102,21 +106,22 @@ RSLORA_AVX512 RSLORA_INLINE void shrink_tile(const T* const* x, const T* A, i64 
 // All r rows of A for K rows of x: Q rows of A at a time, Q * K <= 16 accumulators.
 template <class T, int K, int Q>
 RSLORA_AVX512 RSLORA_INLINE void shrink_rows(const T* const* x, const T* A, i64 A_rs, i64 d, i64 r,
-                                             T* xa) {
+                                             T* xa, RunPrefetch<T>& pf) {
   i64 q = 0;
-  for (; q + Q <= r; q += Q) shrink_tile<T, K, Q>(x, A, A_rs, d, r, q, xa);
-  for (; q + 4 <= r; q += 4) shrink_tile<T, K, 4>(x, A, A_rs, d, r, q, xa);
-  for (; q < r; ++q) shrink_tile<T, K, 1>(x, A, A_rs, d, r, q, xa);
+  for (; q + Q <= r; q += Q) shrink_tile<T, K, Q>(x, A, A_rs, d, r, q, xa, pf);
+  for (; q + 4 <= r; q += 4) shrink_tile<T, K, 4>(x, A, A_rs, d, r, q, xa, pf);
+  for (; q < r; ++q) shrink_tile<T, K, 1>(x, A, A_rs, d, r, q, xa, pf);
 }
 
 template <class T>
 RSLORA_AVX512 void shrink_impl(const T* const* x, i64 c, const T* A, i64 r, i64 A_rs, i64 d,
-                               T* xa) {
+                               T* xa, RunPrefetch<T>& pf) {
   i64 k = 0;
-  for (; k + 4 <= c; k += 4) shrink_rows<T, 4, 4>(x + k, A, A_rs, d, r, xa + k * r);
-  if (c - k == 3) shrink_rows<T, 3, 4>(x + k, A, A_rs, d, r, xa + k * r);
-  if (c - k == 2) shrink_rows<T, 2, 8>(x + k, A, A_rs, d, r, xa + k * r);
-  if (c - k == 1) shrink_rows<T, 1, 8>(x + k, A, A_rs, d, r, xa + k * r);
+  for (; k + 4 <= c; k += 4) shrink_rows<T, 4, 4>(x + k, A, A_rs, d, r, xa + k * r, pf);
+  if (c - k == 3) shrink_rows<T, 3, 4>(x + k, A, A_rs, d, r, xa + k * r, pf);
+  if (c - k == 2) shrink_rows<T, 2, 8>(x + k, A, A_rs, d, r, xa + k * r, pf);
+  if (c - k == 1) shrink_rows<T, 1, 8>(x + k, A, A_rs, d, r, xa + k * r, pf);
+  pf.finish();
 }
 
 // The permutes of an L x L transpose: stage h swaps the off-diagonal h x h blocks of each
@@ -220,13 +225,13 @@ RSLORA_AVX512 RSLORA_INLINE void load_block(typename Simd<T>::V* v, const T* B, 
 
 template <class T>
 RSLORA_AVX512 void expand_impl(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, i64 d_out,
-                               const T* xa, T s, T* bt, const NextGroupPrefetch<T>& next) {
+                               const T* xa, T s, T* bt, RunPrefetch<T>& pf) {
   using S = Simd<T>;
   constexpr int L = S::L;
   const Transposer<T> transpose;
   typename S::V v[L];
   for (i64 j0 = 0; j0 < d_out; j0 += L) {
-    next.block(j0 / L);
+    pf.step();
     const i64 jb = std::min<i64>(L, d_out - j0);
     if (r == L && jb == L) {  // the common case: the transposed block stays in registers
       load_block<T>(v, B, B_rs, d_out, j0, jb, 0, L);
@@ -249,15 +254,25 @@ RSLORA_AVX512 void expand_impl(T* const* y, i64 c, const T* B, i64 r, i64 B_rs, 
     for (; k + 4 <= c; k += 4) expand_rows<T, 4>(y + k, j0, jb, bt, r, xa + k * r, s);
     for (; k < c; ++k) expand_rows<T, 1>(y + k, j0, jb, bt, r, xa + k * r, s);
   }
+  pf.finish();
 }
 
 template <class T>
 RSLORA_AVX512 void add_group_impl(const Group<T>& g, Dims dims, T* work) {
   constexpr i64 L = Simd<T>::L;
-  const NextGroupPrefetch<T> next(g, dims, (dims.d_out + L - 1) / L);
-  shrink_impl(g.x, g.c, g.A, dims.r, g.A_rs, dims.d_in, work);
+  // The prefetches of each phase spread over its steps (multi_kernels.hpp): a step per
+  // kStepCols columns of a shrink tile (tiles as shrink_impl and shrink_rows cut them), a step
+  // per expand block.
+  const i64 r = dims.r, c = g.c;
+  const auto tiles = [r](i64 Q) { return r / Q + (r % Q) / 4 + (r % Q) % 4; };
+  const i64 shrink_steps = ((c / 4) * tiles(4) + (c % 4 == 3 ? tiles(4) : c % 4 ? tiles(8) : 0)) *
+                           ((dims.d_in + kStepCols - 1) / kStepCols);
+  RunPrefetch<T> for_expand(g.B, dims.d_out, g.B_rs, dims.r, g.y, g.c, dims.d_out, shrink_steps);
+  shrink_impl(g.x, g.c, g.A, dims.r, g.A_rs, dims.d_in, work, for_expand);
+  RunPrefetch<T> for_next(g.next_A, dims.r, g.A_rs, dims.d_in, g.next_x, g.next_c, dims.d_in,
+                          (dims.d_out + L - 1) / L);
   expand_impl(g.y, g.c, g.B, dims.r, g.B_rs, dims.d_out, work, g.s, work + kSmallGroup * dims.r,
-              next);
+              for_next);
 }
 
 }  // namespace
