@@ -24,6 +24,8 @@ void bind_blas(py::module_& m) {
         "Whether small calls inside rsvd/rsvd_tol can run on one thread (openblas_set_num_threads_local).");
   m.def("_blas_single_thread_scopes", &blas::set_single_thread_scopes, py::arg("enabled"),
         "Test hook: enable/disable the one-thread scopes around small calls; returns the previous setting.");
+  m.def("_blas_split_passes", &blas::set_split_passes, py::arg("enabled"),
+        "Test hook: enable/disable the row-block split of rsvd's passes over M; returns the previous setting.");
 }
 
 }  // namespace rslora::bind

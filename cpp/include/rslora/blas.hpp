@@ -54,6 +54,25 @@ class SingleThreadScope {
 };
 // Whether the bound library has the thread-local setter (what SingleThreadScope needs).
 bool has_local_thread_setter();
+// For split passes (gemm_split): one BLAS thread for the process while it lives, as a scope
+// sets, whatever the work and the scopes hook; threads() is the count the caller may use (the
+// count NumPy/threadpoolctl set, from before the first open scope), 0 without the setter (then
+// nothing is changed and gemm_split does not split).
+class PassThreads {
+ public:
+  PassThreads();
+  ~PassThreads();
+  PassThreads(const PassThreads&) = delete;
+  PassThreads& operator=(const PassThreads&) = delete;
+  int threads() const { return threads_; }
+
+ private:
+  int threads_ = 0;
+};
+// On a helper thread of a split pass: its BLAS calls must run on one thread. In pthreads builds of
+// OpenBLAS the setter is process-wide and PassThreads has already set 1; where it really is
+// thread-local (OpenMP builds) the helper sets its own (helpers only ever run one-thread blocks).
+void one_thread_on_this_thread();
 // Test hook: scopes opened while disabled do nothing (to compare results with and without).
 // Returns the previous setting.
 bool set_single_thread_scopes(bool enabled);
@@ -68,6 +87,18 @@ void check_fits(std::initializer_list<i64> values);
 // k == 0 gives C = beta * C (beta == 0 writes zeros, never reads C).
 template <class T>
 void gemm(T alpha, Mat<const T> A, bool ta, Mat<const T> B, bool tb, T beta, Mat<T> C);
+
+// gemm for a big pass (rsvd's products with M): the rows of C are cut into blocks fixed by the
+// shapes alone (the first a quarter of C, then a quarter of what is left, down to 64 rows), and the
+// blocks run as one-thread GEMMs on up to BLAS-thread-count threads that take them in turn
+// (block_pool.hpp): a core that something else holds takes fewer blocks, OpenBLAS's spinning pool
+// is never woken, nothing spins. Each block's GEMM is the same call whichever thread runs it, so
+// results never depend on timing or on the thread count. Small products, one BLAS thread, no
+// thread-local setter (MKL, OpenBLAS < 0.3.27) or the hook off: plain gemm.
+template <class T>
+void gemm_split(T alpha, Mat<const T> A, bool ta, Mat<const T> B, bool tb, T beta, Mat<T> C);
+// Test/bench hook: gemm_split is plain gemm while disabled. Returns the previous setting.
+bool set_split_passes(bool enabled);
 
 // y = alpha op(A) x + beta y, op = transpose when ta; x and y strided vectors (any strides:
 // reversed ones go through a unit-stride copy).

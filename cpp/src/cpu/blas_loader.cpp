@@ -1,6 +1,7 @@
 // Finds CBLAS/LAPACK symbols in the library the Python layer chose (see blas.hpp).
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <atomic>
 #include <mutex>
 #include <stdexcept>
@@ -130,6 +131,26 @@ SingleThreadScope::~SingleThreadScope() {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.scope_mu);
   if (--s.scope_depth == 0) s.set_local(s.saved_threads);
+}
+
+PassThreads::PassThreads() {
+  State& s = state();
+  if (!s.set_local) return;
+  std::lock_guard<std::mutex> lock(s.scope_mu);
+  if (s.scope_depth++ == 0) s.saved_threads = s.set_local(1);
+  threads_ = std::max(1, s.saved_threads);
+}
+
+PassThreads::~PassThreads() {
+  if (threads_ == 0) return;
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.scope_mu);
+  if (--s.scope_depth == 0) s.set_local(s.saved_threads);
+}
+
+void one_thread_on_this_thread() {
+  State& s = state();
+  if (s.set_local && num_threads() != 1) s.set_local(1);
 }
 
 int num_threads() {

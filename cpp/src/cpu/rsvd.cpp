@@ -27,12 +27,12 @@ namespace detail {
 
 template <class T>
 void Sides<T>::mul(const T* X, i64 c, T* Y) const {
-  blas::gemm<T>(T(1), A, false, ccolmajor(X, q, c, q), false, T(0), colmajor(Y, p, c, p));
+  blas::gemm_split<T>(T(1), A, false, ccolmajor(X, q, c, q), false, T(0), colmajor(Y, p, c, p));
 }
 
 template <class T>
 void Sides<T>::mul_t(const T* Y, i64 c, T* Z) const {
-  blas::gemm<T>(T(1), A, true, ccolmajor(Y, p, c, p), false, T(0), colmajor(Z, q, c, q));
+  blas::gemm_split<T>(T(1), A, true, ccolmajor(Y, p, c, p), false, T(0), colmajor(Z, q, c, q));
 }
 
 namespace {
