@@ -34,9 +34,6 @@ constexpr int kLanes = 32;
 __attribute__((always_inline))
 #endif
 inline void scan_line(const float* x, i64 n, float& mx, double& ss) {
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#endif
   float m[kLanes] = {};
   double s[kLanes] = {};
   i64 i = 0;
