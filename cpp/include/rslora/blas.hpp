@@ -115,6 +115,10 @@ void syrk(bool upper, bool trans, i64 n, i64 k, T alpha, const T* a, i64 lda, T 
 template <class T>
 void trsm(bool left, bool upper, bool trans, bool unit_diag, i64 m, i64 n, T alpha, const T* a,
           i64 lda, T* b, i64 ldb);
+// B (m x n) = alpha op(A) B (left) or alpha B op(A) (right), A triangular (in place).
+template <class T>
+void trmm(bool left, bool upper, bool trans, bool unit_diag, i64 m, i64 n, T alpha, const T* a,
+          i64 lda, T* b, i64 ldb);
 
 // --- LAPACK, column-major buffers; info != 0 becomes std::runtime_error -------------------------
 // QR: A (m x n, lda) is overwritten by the Householder form; tau has min(m, n) entries.

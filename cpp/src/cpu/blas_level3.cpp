@@ -1,4 +1,4 @@
-// syrk and trsm through CBLAS (column-major), for CholeskyQR in the randomized SVD.
+// syrk, trsm and trmm through CBLAS (column-major), for CholeskyQR in the randomized SVD.
 #include <climits>
 #include <stdexcept>
 #include <string>
@@ -46,6 +46,15 @@ void trsm_i(bool left, bool upper, bool trans, bool unit, i64 m, i64 n, T alpha,
     unit ? kUnit : kNonUnit, narrow<I>(m), narrow<I>(n), alpha, a, narrow<I>(lda), b, narrow<I>(ldb));
 }
 
+template <class T, class I>
+void trmm_i(bool left, bool upper, bool trans, bool unit, i64 m, i64 n, T alpha, const T* a, i64 lda,
+            T* b, i64 ldb) {
+  using fn = void (*)(int, int, int, int, int, I, I, T, const T*, I, T*, I);
+  auto f = cblas<fn>("cblas_" + pre<T>() + "trmm");
+  f(kColMajor, left ? kLeft : kRight, upper ? kUpper : kLower, trans ? kTrans : kNoTrans,
+    unit ? kUnit : kNonUnit, narrow<I>(m), narrow<I>(n), alpha, a, narrow<I>(lda), b, narrow<I>(ldb));
+}
+
 }  // namespace
 
 template <class T>
@@ -67,9 +76,21 @@ void trsm(bool left, bool upper, bool trans, bool unit_diag, i64 m, i64 n, T alp
     trsm_i<T, int>(left, upper, trans, unit_diag, m, n, alpha, a, lda, b, ldb);
 }
 
+template <class T>
+void trmm(bool left, bool upper, bool trans, bool unit_diag, i64 m, i64 n, T alpha, const T* a,
+          i64 lda, T* b, i64 ldb) {
+  if (m == 0 || n == 0) return;
+  if (info().int64)
+    trmm_i<T, long long>(left, upper, trans, unit_diag, m, n, alpha, a, lda, b, ldb);
+  else
+    trmm_i<T, int>(left, upper, trans, unit_diag, m, n, alpha, a, lda, b, ldb);
+}
+
 template void syrk<float>(bool, bool, i64, i64, float, const float*, i64, float, float*, i64);
 template void syrk<double>(bool, bool, i64, i64, double, const double*, i64, double, double*, i64);
 template void trsm<float>(bool, bool, bool, bool, i64, i64, float, const float*, i64, float*, i64);
 template void trsm<double>(bool, bool, bool, bool, i64, i64, double, const double*, i64, double*, i64);
+template void trmm<float>(bool, bool, bool, bool, i64, i64, float, const float*, i64, float*, i64);
+template void trmm<double>(bool, bool, bool, bool, i64, i64, double, const double*, i64, double*, i64);
 
 }  // namespace rslora::blas

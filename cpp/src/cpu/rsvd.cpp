@@ -48,8 +48,8 @@ void small_svd_gram(const Gram& g, i64 cols, SmallSvd<float>& sv) {
     sv.s[j] = static_cast<float>(g.s[j]);
     for (i64 i = 0; i < L; ++i) sv.Vwt[j + i * L] = static_cast<float>(g.G[i + src * L]);
   }
-  g.scaled_vectors(cols, sv.Ud);
-  std::copy(sv.Ud.begin(), sv.Ud.end(), sv.Uw.begin());
+  g.scaled_vectors(cols, sv.Ud);  // write_factors reads Uw from here (no float32 copy between)
+  sv.uw_in_ud = true;
 }
 
 }  // namespace
@@ -57,14 +57,15 @@ void small_svd_gram(const Gram& g, i64 cols, SmallSvd<float>& sv) {
 template <class T>
 void small_svd(const T* W, i64 q, i64 L, i64 cols, SmallSvd<T>& sv, const Gram* known) {
   sv.q = q, sv.L = L;
+  sv.uw_in_ud = false;
   sv.s.resize(static_cast<size_t>(L));
-  sv.Uw.resize(static_cast<size_t>(q * cols));
   sv.Vwt.resize(static_cast<size_t>(L * L));
   if (L == 0) return;
   const blas::SingleThreadScope one_thread(double(q) * L * L);  // small: blas.hpp
-  if (!std::all_of(W, W + q * L, [](T x) { return std::isfinite(x); })) {
+  if (!all_finite(W, q * L)) {
     // NaN/Inf in M (check_finite=False): NaN out, as LAPACK would refuse the input
     const T nan = std::numeric_limits<T>::quiet_NaN();
+    sv.Uw.resize(static_cast<size_t>(q * cols));
     std::fill(sv.s.begin(), sv.s.end(), nan);
     std::fill(sv.Uw.begin(), sv.Uw.end(), nan);
     std::fill(sv.Vwt.begin(), sv.Vwt.end(), nan);
@@ -78,6 +79,7 @@ void small_svd(const T* W, i64 q, i64 L, i64 cols, SmallSvd<T>& sv, const Gram* 
   }
   // W = Qw R (CholeskyQR, BLAS-3), then gesdd of the L x L R: LAPACK's own tall SVD spends its
   // time in threaded BLAS-2 calls that crawl on a busy machine.
+  sv.Uw.resize(static_cast<size_t>(q * cols));
   std::vector<T> Qw(W, W + q * L), R(static_cast<size_t>(L * L)), Ur(static_cast<size_t>(L * L));
   orthonormalize(Qw.data(), q, L);
   auto Qv = ccolmajor(Qw.data(), q, L, q);
@@ -89,7 +91,7 @@ void small_svd(const T* W, i64 q, i64 L, i64 cols, SmallSvd<T>& sv, const Gram* 
 
 template <class T>
 void check_sketch_finite(const Sides<T>& sd, const T* Y, i64 count) {
-  if (std::all_of(Y, Y + count, [](T x) { return std::isfinite(x); })) return;
+  if (all_finite(Y, count)) return;
   for (i64 i = 0; i < sd.p; ++i)
     for (i64 j = 0; j < sd.q; ++j)
       if (!std::isfinite(sd.A(i, j)))
@@ -106,8 +108,12 @@ void write_factors(const Sides<T>& sd, const T* Q, const SmallSvd<T>& sv, i64 k,
   Mat<T> right = sd.transposed ? U : Vt.t();  // q x k
   auto Vk = ccolmajor(sv.Vwt.data(), k, sv.L, sv.L);
   blas::gemm<T>(T(1), ccolmajor(Q, sd.p, sv.L, sd.p), false, Vk, true, T(0), left);
-  for (i64 j = 0; j < k; ++j)
-    for (i64 i = 0; i < sd.q; ++i) right(i, j) = sv.Uw[i + j * sd.q];
+  if (sv.uw_in_ud)
+    for (i64 j = 0; j < k; ++j)
+      for (i64 i = 0; i < sd.q; ++i) right(i, j) = static_cast<T>(sv.Ud[i + j * sd.q]);
+  else
+    for (i64 j = 0; j < k; ++j)
+      for (i64 i = 0; i < sd.q; ++i) right(i, j) = sv.Uw[i + j * sd.q];
   for (i64 j = 0; j < k; ++j) S[j] = sv.s[j];
   fix_signs(U, Vt);
 }

@@ -16,6 +16,26 @@ Mat<const T> ccolmajor(const T* p, i64 rows, i64 cols, i64 ld) {
   return {p, rows, cols, 1, ld};
 }
 
+// Whether every x[i] is finite: x - x is 0 for a finite x and NaN otherwise, and a NaN stays in
+// a sum, so 16 lane sums of it (a loop the compiler vectorizes) say it, a block at a time;
+// std::all_of with std::isfinite tests an entry a branch.
+template <class T>
+bool all_finite(const T* x, i64 count) {
+  constexpr int kLanes = 16;
+  constexpr i64 kBlock = 4096;
+  for (i64 b = 0; b < count; b += kBlock) {
+    const i64 e = b + kBlock < count ? b + kBlock : count;
+    T acc[kLanes] = {};
+    i64 i = b;
+    for (; i + kLanes <= e; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j] - x[i + j];
+    for (; i < e; ++i) acc[0] += x[i] - x[i];
+    for (int j = 0; j < kLanes; ++j)
+      if (!(acc[j] == T(0))) return false;
+  }
+  return true;
+}
+
 // Y (p x l, column-major, ld p) <- an orthonormal basis of its range, l <= p. Never NaN: a zero
 // or rank-deficient Y still gives orthonormal columns (Householder fills the missing directions).
 template <class T>
@@ -106,8 +126,9 @@ void gram_eig_grow(const T* W, i64 q, i64 c, i64 w, Gram& g, std::vector<double>
 template <class T>
 struct SmallSvd {
   std::vector<T> s, Uw, Vwt;  // L; q x cols column-major; L x L column-major
-  std::vector<double> Ud;     // scratch
+  std::vector<double> Ud;     // scratch; Uw itself (in float64) when uw_in_ud (the Gram route)
   i64 q = 0, L = 0;
+  bool uw_in_ud = false;
 };
 template <class T>
 void small_svd(const T* W, i64 q, i64 L, i64 cols, SmallSvd<T>& sv, const Gram* known = nullptr);

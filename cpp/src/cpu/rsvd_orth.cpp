@@ -15,6 +15,7 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <type_traits>
 
 #include "rslora/blas.hpp"
 #include "rsvd_kernels.hpp"
@@ -29,21 +30,27 @@ void householder(T* Y, i64 p, i64 l) {
   blas::orgqr<T>(p, l, l, Y, p, tau.data());
 }
 
-// Y (p x l) <- Y R^-1, R upper triangular (the upper triangle of R, ld l). As GEMMs with R^-1
-// (inverted in float64, O(l^3) against the p l^2 of the product): OpenBLAS's trsm ran at a third
-// of its GEMM speed on 2048 x 74 blocks (1.4 ms of a 24 ms rsvd). The rounding error is of the
-// order of trsm's, u cond(R): CholeskyQR's last pass, the one that makes Q orthonormal, has
-// cond(R) ~ 1, and the first only needs cond(Y R^-1) = O(1). work is scratch. False (Y untouched)
-// when R^-1 does not fit T.
+// Y (p x l) <- Y R^-1, R upper triangular (the upper triangle of R, ld l), by products with
+// R^-1 (inverted in float64, O(l^3) against the p l^2 of the product): OpenBLAS's trsm ran at a
+// third of its GEMM speed on 2048 x 74 blocks (1.4 ms of a 24 ms rsvd). The rounding error is of
+// the order of trsm's, u cond(R): CholeskyQR's last pass, the one that makes Q orthonormal, has
+// cond(R) ~ 1, and the first only needs cond(Y R^-1) = O(1). work is scratch. False (Y
+// untouched) when R^-1 does not fit T.
+//   float32: one in-place triangular multiply (strmm): half the multiply-adds of a GEMM by the
+//            full square and no copy back, 0.18 ms against 0.31 ms at 2048 x 74 (one thread).
+//   float64: row blocks of GEMMs by the full square, copied back. OpenBLAS's dtrmm rounds
+//            differently at 1 and 2 threads (its edge kernels; measured on scipy-openblas64
+//            0.3.31: 1e-14 apart at 5000 x 100), which would make the result depend on whether
+//            the one-thread scopes are active; its strmm gave the same bits in 76 shapes tried
+//            (p from 7 to 9000, l from 1 to 256), as GEMM does (tests/test_single_thread.py).
 // Above this width trsm is used (its speed grows with l; the inverse's scalar O(l^3) too).
 constexpr i64 kInverseMaxCols = 256;
 template <class T>
 bool right_multiply_by_inverse(T* Y, i64 p, i64 l, const std::vector<T>& R, std::vector<T>& work) {
-  constexpr i64 kRows = 256;  // a block of rows of Y and its product stay in L2
-  const i64 rows = std::min(p, kRows);
+  constexpr i64 kRows = 256;  // float64: a block of rows of Y and its product stay in L2
+  const i64 rows = std::is_same_v<T, float> ? 0 : std::min(p, kRows);
   work.assign(static_cast<size_t>(l * l + rows * l), T(0));
   T* X = work.data();  // R^-1, upper triangular, column-major
-  T* tmp = X + l * l;
   std::vector<double> col(static_cast<size_t>(l));
   for (i64 j = 0; j < l; ++j) {  // column j of R^-1: back substitution R x = e_j, by columns of R
     std::fill(col.begin(), col.begin() + j + 1, 0.0);
@@ -56,11 +63,16 @@ bool right_multiply_by_inverse(T* Y, i64 p, i64 l, const std::vector<T>& R, std:
     for (i64 i = 0; i <= j; ++i) X[i + j * l] = static_cast<T>(col[i]);
   }
   if (!std::all_of(X, X + l * l, [](T x) { return std::isfinite(x); })) return false;
-  auto Xv = ccolmajor(X, l, l, l);
-  for (i64 r0 = 0; r0 < p; r0 += rows) {
-    const i64 b = std::min(rows, p - r0);
-    blas::gemm<T>(T(1), ccolmajor(Y + r0, b, l, p), false, Xv, false, T(0), colmajor(tmp, b, l, b));
-    for (i64 j = 0; j < l; ++j) std::copy(tmp + j * b, tmp + (j + 1) * b, Y + r0 + j * p);
+  if constexpr (std::is_same_v<T, float>) {
+    blas::trmm<T>(false, true, false, false, p, l, T(1), X, l, Y, p);
+  } else {
+    T* tmp = X + l * l;
+    auto Xv = ccolmajor(X, l, l, l);
+    for (i64 r0 = 0; r0 < p; r0 += rows) {
+      const i64 b = std::min(rows, p - r0);
+      blas::gemm<T>(T(1), ccolmajor(Y + r0, b, l, p), false, Xv, false, T(0), colmajor(tmp, b, l, b));
+      for (i64 j = 0; j < l; ++j) std::copy(tmp + j * b, tmp + (j + 1) * b, Y + r0 + j * p);
+    }
   }
   return true;
 }
@@ -209,20 +221,50 @@ void orthonormalize_against(const T* Q, i64 p, i64 c, T* Y, i64 l, std::vector<T
   std::copy(F.begin() + p * c, F.end(), Y);
 }
 
+namespace {
+
+// The sweeps of fix_signs over one row of U (entries x[j * cs]): the running column maxima of
+// |U| and the signed entries where they were found; the sign flips (neg[j]: column j flips).
+// cs == 1 is the case rsvd's row-major U takes, written apart so that it vectorizes.
+template <class T>
+void max_row(const T* x, i64 cs, i64 k, T* big, T* val) {
+  auto step = [&](i64 j, T v) {
+    const T a = std::abs(v);
+    const bool gt = a > big[j];  // strictly: the first row keeps a tie; a NaN never wins
+    big[j] = gt ? a : big[j];
+    val[j] = gt ? v : val[j];
+  };
+  if (cs == 1)
+    for (i64 j = 0; j < k; ++j) step(j, x[j]);
+  else
+    for (i64 j = 0; j < k; ++j) step(j, x[j * cs]);
+}
+
+template <class T>
+void flip_row(T* x, i64 cs, i64 k, const unsigned char* neg) {
+  if (cs == 1)
+    for (i64 j = 0; j < k; ++j) x[j] = neg[j] ? -x[j] : x[j];
+  else
+    for (i64 j = 0; j < k; ++j) x[j * cs] = neg[j] ? -x[j * cs] : x[j * cs];
+}
+
+}  // namespace
+
 template <class T>
 void fix_signs(Mat<T> U, Mat<T> Vt) {
-  for (i64 j = 0; j < U.cols; ++j) {
-    i64 best = 0;
-    T big = -1;
-    for (i64 i = 0; i < U.rows; ++i) {
-      const T a = std::abs(U(i, j));
-      if (a > big) big = a, best = i;
-    }
-    if (U.rows && U(best, j) < T(0)) {
-      for (i64 i = 0; i < U.rows; ++i) U(i, j) = -U(i, j);
+  const i64 k = U.cols;
+  if (U.rows == 0 || k == 0) return;
+  // Row by row (rsvd's U is row-major: a walk down a column touches a cache line per entry).
+  std::vector<T> big(static_cast<size_t>(k), T(-1)), val(static_cast<size_t>(k), T(0));
+  for (i64 i = 0; i < U.rows; ++i) max_row(&U(i, 0), U.cs, k, big.data(), val.data());
+  std::vector<unsigned char> neg(static_cast<size_t>(k), 0);
+  bool any = false;
+  for (i64 j = 0; j < k; ++j) any |= (neg[j] = val[j] < T(0)) != 0;
+  if (!any) return;
+  for (i64 i = 0; i < U.rows; ++i) flip_row(&U(i, 0), U.cs, k, neg.data());
+  for (i64 j = 0; j < k; ++j)
+    if (neg[j])
       for (i64 i = 0; i < Vt.cols; ++i) Vt(j, i) = -Vt(j, i);
-    }
-  }
 }
 
 #define RSLORA_INSTANTIATE(T)                                              \

@@ -11,78 +11,104 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
+#include <type_traits>
 
+#include "multi_kernels.hpp"  // RSLORA_HAVE_X86_KERNELS
 #include "rsvd_kernels.hpp"
+#include "rslora/kernel_path.hpp"
 #include "rslora/sizes.hpp"
 
 namespace rslora::detail {
 namespace {
 
 // One read of M: max|M| and ||M||_F^2 (float64 sums). NaN/Inf need no test of their own: they
-// make the sum of squares NaN/Inf. The contiguous case uses SSE2 (part of every x86-64 CPU;
-// the compiler does not vectorise these reductions by itself: ~9 instructions an element).
-template <class T>
-void scan_row_scalar(const T* x, i64 n, T& mx, double& ss) {
-  for (i64 i = 0; i < n; ++i) {
-    const T a = std::abs(x[i]);
+// make the sum of squares NaN/Inf. A contiguous line is read kLanes entries at a time into as
+// many float64 sums and maxima (entry i to lane i % kLanes), folded by the same tree at its end:
+// plain loops that GCC vectorizes (4 AVX-512 / 8 AVX2 registers of sums, enough independent
+// chains to keep up with the memory stream), compiled once per kernel path, and every path adds
+// the same numbers in the same order: the same bits everywhere (a float32 entry's square is exact
+// in float64, so an FMA the AVX-512 copy may contract it into rounds as the add alone).
+constexpr int kLanes = 32;
+
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
+inline void scan_line(const float* x, i64 n, float& mx, double& ss) {
+  float m[kLanes] = {};
+  double s[kLanes] = {};
+  i64 i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const float a = std::fabs(x[i + j]);
+      m[j] = a > m[j] ? a : m[j];  // a NaN lane keeps m (the sum flags it)
+      const double d = double(x[i + j]);
+      s[j] += d * d;
+    }
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) {
+      s[j] += s[j + w];
+      m[j] = m[j + w] > m[j] ? m[j + w] : m[j];
+    }
+  mx = m[0] > mx ? m[0] : mx;
+  ss += s[0];
+  for (; i < n; ++i) {
+    const float a = std::fabs(x[i]);
     mx = a > mx ? a : mx;
     ss += double(x[i]) * double(x[i]);
   }
 }
 
-#if defined(__SSE2__)
-void scan_row(const float* x, i64 n, float& mx, double& ss) {
-  const __m128 sign = _mm_set1_ps(-0.0f);
-  __m128 m0 = _mm_setzero_ps(), m1 = _mm_setzero_ps();
-  __m128d s0 = _mm_setzero_pd(), s1 = _mm_setzero_pd(), s2 = _mm_setzero_pd(), s3 = _mm_setzero_pd();
-  i64 i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128 a = _mm_loadu_ps(x + i), b = _mm_loadu_ps(x + i + 4);
-    m0 = _mm_max_ps(_mm_andnot_ps(sign, a), m0);  // NaN lanes keep m (the sum flags them)
-    m1 = _mm_max_ps(_mm_andnot_ps(sign, b), m1);
-    const __m128d a0 = _mm_cvtps_pd(a), a1 = _mm_cvtps_pd(_mm_movehl_ps(a, a));
-    const __m128d b0 = _mm_cvtps_pd(b), b1 = _mm_cvtps_pd(_mm_movehl_ps(b, b));
-    s0 = _mm_add_pd(s0, _mm_mul_pd(a0, a0));
-    s1 = _mm_add_pd(s1, _mm_mul_pd(a1, a1));
-    s2 = _mm_add_pd(s2, _mm_mul_pd(b0, b0));
-    s3 = _mm_add_pd(s3, _mm_mul_pd(b1, b1));
-  }
-  alignas(16) float m[4];
-  alignas(16) double t[2];
-  _mm_store_ps(m, _mm_max_ps(m0, m1));
-  _mm_store_pd(t, _mm_add_pd(_mm_add_pd(s0, s1), _mm_add_pd(s2, s3)));
-  for (float v : m) mx = v > mx ? v : mx;
-  ss += t[0] + t[1];
-  scan_row_scalar(x + i, n - i, mx, ss);
+void scan_line_baseline(const float* x, i64 n, float& mx, double& ss) { scan_line(x, n, mx, ss); }
+#if RSLORA_HAVE_X86_KERNELS
+__attribute__((target("avx2"))) void scan_line_avx2(const float* x, i64 n, float& mx, double& ss) {
+  scan_line(x, n, mx, ss);
 }
-
-void scan_row(const double* x, i64 n, double& mx, double& ss) {
-  const __m128d sign = _mm_set1_pd(-0.0);
-  __m128d m0 = _mm_setzero_pd(), m1 = _mm_setzero_pd(), s0 = _mm_setzero_pd(), s1 = _mm_setzero_pd();
-  i64 i = 0;
-  for (; i + 4 <= n; i += 4) {
-    const __m128d a = _mm_loadu_pd(x + i), b = _mm_loadu_pd(x + i + 2);
-    m0 = _mm_max_pd(_mm_andnot_pd(sign, a), m0);
-    m1 = _mm_max_pd(_mm_andnot_pd(sign, b), m1);
-    s0 = _mm_add_pd(s0, _mm_mul_pd(a, a));
-    s1 = _mm_add_pd(s1, _mm_mul_pd(b, b));
-  }
-  alignas(16) double m[2], t[2];
-  _mm_store_pd(m, _mm_max_pd(m0, m1));
-  _mm_store_pd(t, _mm_add_pd(s0, s1));
-  for (double v : m) mx = v > mx ? v : mx;
-  ss += t[0] + t[1];
-  scan_row_scalar(x + i, n - i, mx, ss);
-}
-#else
-template <class T>
-void scan_row(const T* x, i64 n, T& mx, double& ss) {
-  scan_row_scalar(x, n, mx, ss);
+__attribute__((target("avx512f"))) void scan_line_avx512(const float* x, i64 n, float& mx,
+                                                          double& ss) {
+  scan_line(x, n, mx, ss);
 }
 #endif
+
+// The kernel path's copy of scan_line (rslora/kernel_path.hpp).
+using ScanLine = void (*)(const float*, i64, float&, double&);
+ScanLine scan_line_for_path() {
+#if RSLORA_HAVE_X86_KERNELS
+  switch (kernel_path()) {
+    case KernelPath::avx512: return scan_line_avx512;
+    case KernelPath::avx2: return scan_line_avx2;
+    case KernelPath::baseline: break;
+  }
+#endif
+  return scan_line_baseline;
+}
+
+// float64 M: the baseline loop (a float64 square is not exact: an FMA would change its bits), 4
+// lanes folded as (0 + 2) + (1 + 3).
+void scan_line_f64(const double* x, i64 n, double& mx, double& ss) {
+  double m[4] = {}, s[4] = {};
+  i64 i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int j = 0; j < 4; ++j) {
+      const double a = std::fabs(x[i + j]);
+      m[j] = a > m[j] ? a : m[j];
+      s[j] += x[i + j] * x[i + j];
+    }
+  for (int j = 0; j < 4; ++j) mx = m[j] > mx ? m[j] : mx;
+  ss += (s[0] + s[2]) + (s[1] + s[3]);
+  for (; i < n; ++i) {
+    const double a = std::fabs(x[i]);
+    mx = a > mx ? a : mx;
+    ss += x[i] * x[i];
+  }
+}
+
+template <class T>
+auto scan_for() {
+  if constexpr (std::is_same_v<T, float>)
+    return scan_line_for_path();
+  else
+    return &scan_line_f64;
+}
 
 template <class T>
 T max_abs(Mat<const T> M, bool* finite, double* sumsq) {
@@ -92,7 +118,8 @@ T max_abs(Mat<const T> M, bool* finite, double* sumsq) {
   T mx = 0;
   double ss = 0;
   if (step == 1) {
-    for (i64 o = 0; o < outer; ++o) scan_row(rows_inner ? &M(o, 0) : &M(0, o), inner, mx, ss);
+    const auto scan = scan_for<T>();
+    for (i64 o = 0; o < outer; ++o) scan(rows_inner ? &M(o, 0) : &M(0, o), inner, mx, ss);
   } else {
     for (i64 o = 0; o < outer; ++o)
       for (i64 i = 0; i < inner; ++i) {
