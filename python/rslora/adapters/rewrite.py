@@ -266,9 +266,10 @@ def module_patterns(values: dict, default) -> dict:
     """A PEFT pattern dict (``rank_pattern`` / ``alpha_pattern``) giving each module of
     ``values`` (``{module: value}``) its value, and ``default`` to modules with no entry.
 
-    Keys are the module names, longest first; they are regex-escaped, and modules at the default
-    that a shorter key would catch get their own entry, only if PEFT's suffix-regex matching
-    (:func:`pattern_key`) would otherwise give a module a wrong value.
+    Keys are the module names, longest first (names of one length in the order of ``values``, so
+    the config's bytes do not depend on the string hash seed); they are regex-escaped, and
+    modules at the default that a shorter key would catch get their own entry, only if PEFT's
+    suffix-regex matching (:func:`pattern_key`) would otherwise give a module a wrong value.
     """
     def lookup(pat, m):
         k = pattern_key(pat, m)
@@ -277,7 +278,8 @@ def module_patterns(values: dict, default) -> dict:
     for esc in (str, re.escape):
         keys = {m for m, v in values.items() if v != default}
         while True:
-            pat = {esc(m): values[m] for m in sorted(keys, key=len, reverse=True)}
+            pat = {esc(m): values[m] for m in sorted((m for m in values if m in keys), key=len,
+                                                     reverse=True)}  # stable: ties in order
             try:
                 wrong = {m for m in values if lookup(pat, m) != values[m]}
             except re.error:  # a name that is no valid regex as it stands
