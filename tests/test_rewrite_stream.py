@@ -19,9 +19,9 @@ from rewrite_whole import convert_whole, resize_whole
 
 import rslora
 import rslora.cli
-import rslora.adapters.convert as convert_mod
 import rslora.adapters.parallel as parallel
 import rslora.adapters.resize as resize_mod
+import rslora.adapters.rewrite as rewrite_mod
 from rslora.adapters.checkpoint import save_tensors
 
 
@@ -214,16 +214,16 @@ def test_failure_mid_stream_leaves_the_previous_output(tmp_path, adapters, monke
     src, out = adapters["f32"], tmp_path / "out"
     assert rslora.cli.main(cli(["convert", "--rule", "rslora"], src, out)) == 0
     before = files(out)
-    mod = convert_mod if command == "convert" else resize_mod
-    calls, real = [], mod.narrow
+    calls, real = [], rewrite_mod.narrow
 
-    def fail_third(*a, **k):
+    def fail_third(*a, **k):  # the third factor rounded to its dtype
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("boom")
         return real(*a, **k)
 
-    monkeypatch.setattr(mod, "narrow", fail_third)
+    for mod in (rewrite_mod, resize_mod):
+        monkeypatch.setattr(mod, "narrow", fail_third)
     with pytest.raises(RuntimeError, match="boom"):
         rslora.cli.main(cli(COMMANDS[command], src, out))
     assert files(out) == before
@@ -266,22 +266,24 @@ def test_killed_mid_stream(tmp_path, adapters, command):
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_non_finite_factor_is_the_same_one_line_error(tmp_path, capsys, command):
+@pytest.mark.parametrize("code, part, bad", [("F32", "B", np.inf), ("BF16", "A", np.nan),
+                                             ("F16", "A", -np.inf), ("BF16", "B", np.inf)])
+def test_non_finite_factor_is_the_same_one_line_error(tmp_path, capsys, command, code, part, bad):
     """Found as the module is read, after the output was begun: the same message as when the
     whole adapter was read first, and nothing left behind."""
-    src = synthetic_adapter(tmp_path / "in")
+    src = synthetic_adapter(tmp_path / "in", code=code)
     from safetensors.numpy import load_file
 
     t = load_file(src / "adapter_model.safetensors")
-    key = "base_model.model.model.layers.2.self_attn.q_proj.lora_B.weight"
-    t[key][1, 1] = np.inf
-    save_tensors(src / "adapter_model.safetensors", {k: (v, {np.dtype(np.float32): "F32",
-                                                             np.dtype(np.int64): "I64"}.get(
-        v.dtype, "BF16")) for k, v in t.items()})
+    key = f"base_model.model.model.layers.2.self_attn.q_proj.lora_{part}.weight"
+    t[key][1, 1] = bad
+    save_tensors(src / "adapter_model.safetensors",
+                 {k: (v, "I64" if v.dtype == np.int64 else code if "lora" in k or "lm_head" in k
+                      else "BF16") for k, v in t.items()})
     assert rslora.cli.main(cli(COMMANDS[command], src, tmp_path / "out")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and \
-        "module 'model.layers.2.self_attn.q_proj': factor B holds NaN or inf" in err, err
+        f"module 'model.layers.2.self_attn.q_proj': factor {part} holds NaN or inf" in err, err
     assert sorted(os.listdir(tmp_path)) == ["in"]
 
 

@@ -16,7 +16,6 @@ from ..scaling import RULES
 from .atomic import atomic_output_dir, check_output_dir
 from .rewrite import (
     adapter_file,
-    narrow,
     open_raw_adapter,
     uniform_config,
     write_factors,
@@ -97,15 +96,13 @@ def convert_adapter(adapter, out_dir, *, rule: str, alpha: float | None = None,
             # One module's factors in memory at a time: read, rescaled, written at its offset.
             with adapter_file(raw, tmp, ranks) as f:
                 for name, m in raw.modules.items():
-                    A, B = raw.factors(name)
                     ratio = m.scale / scales[name]
-                    a = narrow(A, m.a_code, f"module {name!r}: A")
-                    b = narrow(B * ratio, m.b_code,
-                               f"module {name!r}: B times {ratio:.4g} (pick another alpha)")
+                    a, b = raw.kept(name, ratio,
+                                    f"module {name!r}: B times {ratio:.4g} (pick another alpha)")
                     if not math.isclose(ratio, 1.0, rel_tol=1e-12, abs_tol=0.0):  # else B is kept
                         result.rescaled[name] = ratio
                     write_factors(f, m, a, b)
-                    del A, B, a, b
+                    del a, b
                 raw.copy_other(f)
             write_folder_files(raw, tmp, config)
     return result

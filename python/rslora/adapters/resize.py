@@ -328,9 +328,7 @@ def _write(raw: RawAdapter, f, name: str, plan, new_scale: float) -> None:
     factor = m.scale / new_scale
     what = f"module {name!r}"
     if k == m.r:  # nothing to cut: keep A, fold the scale into B (as convert does)
-        A, B = raw.factors(name)
-        a = narrow(A, m.a_code, f"{what}: A")
-        b = narrow(B * factor, m.b_code, f"{what}: B")
+        a, b = raw.kept(name, factor, f"{what}: B")
     else:
         A, B = truncate(L, S, Rt, k, factor)
         a, b = narrow(A, m.a_code, f"{what}: A"), narrow(B, m.b_code, f"{what}: B")

@@ -86,18 +86,35 @@ class RawAdapter:
     order: list = field(default_factory=list)  # every tensor key, in file order
     checkpoint: Checkpoint | None = None
 
-    def factors(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """Module ``name``'s ``(A, B)`` read from the file, in float64. CheckpointError if a
-        value is not finite."""
+    def stored(self, name: str, part: str) -> np.ndarray:
+        """Module ``name``'s factor ``part`` ("A" or "B") as stored (bfloat16 as its bit
+        patterns), read from the file. CheckpointError if a value is not finite."""
         m = self.modules[name]
-        out = []
-        for what, key, code in (("A", m.a_key, m.a_code), ("B", m.b_key, m.b_code)):
-            x = _widen(self._read(key), code)
-            if not np.isfinite(x).all():
-                raise CheckpointError(f"{self.weights}: module {name!r}: factor {what} holds NaN "
-                                      "or inf")
-            out.append(x)
-        return out[0], out[1]
+        key, code = (m.a_key, m.a_code) if part == "A" else (m.b_key, m.b_code)
+        x = self._read(key)
+        finite = (x & 0x7F80) != 0x7F80 if code == "BF16" else np.isfinite(x)
+        if not finite.all():
+            raise CheckpointError(f"{self.weights}: module {name!r}: factor {part} holds NaN or "
+                                  "inf")
+        return x
+
+    def factors(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Module ``name``'s ``(A, B)`` read from the file, in float64 (see :meth:`stored`)."""
+        m = self.modules[name]
+        return (_widen(self.stored(name, "A"), m.a_code),
+                _widen(self.stored(name, "B"), m.b_code))
+
+    def kept(self, name: str, factor: float, what: str) -> tuple[tuple, tuple]:
+        """Module ``name``'s factors for :func:`write_factors` with ``B`` times ``factor``:
+        ``A`` as stored (what rounding it from float64 gives, bit for bit), ``B`` too when
+        ``factor`` is 1, else ``B * factor`` in float64 rounded once (``what`` names it in an
+        overflow error)."""
+        m = self.modules[name]
+        a = (self.stored(name, "A"), m.a_code)
+        B = self.stored(name, "B")
+        if factor == 1.0:
+            return a, (B, m.b_code)
+        return a, narrow(_widen(B, m.b_code) * factor, m.b_code, what)
 
     def _read(self, key: str) -> np.ndarray:
         if self.checkpoint is None:
