@@ -24,7 +24,9 @@ import rslora
 from rslora.adapters.checkpoint import save_tensors
 from rslora.adapters.peft_format import CONFIG_NAME, load_adapter
 from rslora.adapters.resize import factor_svd
-from rslora.adapters.rewrite import narrow, read_raw_adapter, uniform_config, write_raw_adapter
+from rslora.adapters.atomic import atomic_output_dir
+from rslora.adapters.rewrite import (adapter_file, narrow, open_raw_adapter, uniform_config,
+                                    write_factors, write_folder_files)
 
 FULL = dict(modules=2, d=4096, rank=64, new_rank=16)
 SMALL = dict(modules=3, d=384, rank=16, new_rank=4)
@@ -62,20 +64,25 @@ def case(request, tmp_path_factory):
 def dense_svd_resize(adapter, out_dir, k: int) -> dict:
     """kohya-style: per module the dense delta ``B @ A`` (float32) and its full SVD; the top-k
     triplets split evenly into new factors. Returns each module's measured relative error."""
-    raw = read_raw_adapter(adapter)
-    ranks = {name: k for name in raw.modules}
-    config, scales = uniform_config(raw.config, ranks, float(raw.config["lora_alpha"]), raw.rule)
-    errors, factors = {}, {}
-    for name, m in raw.modules.items():
-        delta = m.B.astype(np.float32) @ m.A.astype(np.float32)
-        U, S, Vt = np.linalg.svd(delta, full_matrices=False)
-        root = np.sqrt(S[:k] * (m.scale / scales[name]))
-        A, B = root[:, None] * Vt[:k], U[:, :k] * root
-        errors[name] = float(np.sqrt((S[k:].astype(np.float64) ** 2).sum()
-                                     / (S.astype(np.float64) ** 2).sum()))
-        factors[name] = (narrow(A.astype(np.float64), "F32", name),
-                         narrow(B.astype(np.float64), "F32", name))
-    write_raw_adapter(raw, out_dir, config, factors, force=True)
+    errors = {}
+    with open_raw_adapter(adapter) as raw, \
+            atomic_output_dir(out_dir, True, inputs=(raw.path,)) as tmp:
+        ranks = {name: k for name in raw.modules}
+        config, scales = uniform_config(raw.config, ranks, float(raw.config["lora_alpha"]),
+                                        raw.rule)
+        with adapter_file(raw, tmp, ranks) as f:
+            for name, m in raw.modules.items():
+                A64, B64 = raw.factors(name)
+                delta = B64.astype(np.float32) @ A64.astype(np.float32)
+                U, S, Vt = np.linalg.svd(delta, full_matrices=False)
+                root = np.sqrt(S[:k] * (m.scale / scales[name]))
+                A, B = root[:, None] * Vt[:k], U[:, :k] * root
+                errors[name] = float(np.sqrt((S[k:].astype(np.float64) ** 2).sum()
+                                             / (S.astype(np.float64) ** 2).sum()))
+                write_factors(f, m, narrow(A.astype(np.float64), "F32", name),
+                              narrow(B.astype(np.float64), "F32", name))
+            raw.copy_other(f)
+        write_folder_files(raw, tmp, config)
     return errors
 
 

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..scaling import RULES
-from .atomic import check_output_dir
+from .atomic import atomic_output_dir, check_output_dir
 from .rewrite import (
-    narrow,
-    read_raw_adapter,
+    adapter_file,
+    open_raw_adapter,
     uniform_config,
-    write_raw_adapter,
+    write_factors,
+    write_folder_files,
 )
 
 __all__ = ["convert_adapter", "ConvertResult"]
@@ -72,7 +73,9 @@ def convert_adapter(adapter, out_dir, *, rule: str, alpha: float | None = None,
     ``lora_alpha / r`` or ``/ sqrt(r)``; ``alpha_pattern`` entries compensate ``rank_pattern``),
     so clients that ignore the patterns compute the same update as PEFT. Each module's remaining
     scale ratio is folded into ``lora_B`` (``lora_embedding_B``) in float64 and rounded once to
-    the factor's own dtype. Other tensors and files are copied unchanged.
+    the factor's own dtype. Other tensors and files are copied unchanged. One module's factors
+    (or one other tensor) are in memory at a time: each is read, converted and written at its
+    place in the new file, so memory does not grow with the adapter.
     """
     if rule not in RULES:
         raise ValueError(f"rule must be 'standard' or 'rslora', got {rule!r}")
@@ -82,21 +85,24 @@ def convert_adapter(adapter, out_dir, *, rule: str, alpha: float | None = None,
         if not math.isfinite(alpha) or alpha <= 0:
             raise ValueError(f"alpha must be a positive finite number, got {alpha}")
     check_output_dir(out_dir, force, inputs=(adapter,))  # before any work
-    raw = read_raw_adapter(adapter)
-    cfg = raw.config
-    if alpha is None:
-        alpha = cfg["lora_alpha"] * _rule_factor(cfg["r"], raw.rule, rule)
-    ranks = {name: m.r for name, m in raw.modules.items()}
-    config, scales = uniform_config(cfg, ranks, float(alpha), rule)
-    result = ConvertResult(Path(out_dir), config, modules=len(ranks))
-    factors = {}
-    for name, m in raw.modules.items():
-        ratio = m.scale / scales[name]
-        a = narrow(m.A, m.a_code, f"module {name!r}: A")
-        b = narrow(m.B * ratio, m.b_code,
-                   f"module {name!r}: B times {ratio:.4g} (pick another alpha)")
-        if not math.isclose(ratio, 1.0, rel_tol=1e-12, abs_tol=0.0):  # else B is unchanged
-            result.rescaled[name] = ratio
-        factors[name] = (a, b)
-    write_raw_adapter(raw, out_dir, config, factors, force=force)
+    with open_raw_adapter(adapter) as raw:
+        cfg = raw.config
+        if alpha is None:
+            alpha = cfg["lora_alpha"] * _rule_factor(cfg["r"], raw.rule, rule)
+        ranks = {name: m.r for name, m in raw.modules.items()}
+        config, scales = uniform_config(cfg, ranks, float(alpha), rule)
+        result = ConvertResult(Path(out_dir), config, modules=len(ranks))
+        with atomic_output_dir(out_dir, force, inputs=(raw.path,)) as tmp:
+            # One module's factors in memory at a time: read, rescaled, written at its offset.
+            with adapter_file(raw, tmp, ranks) as f:
+                for name, m in raw.modules.items():
+                    ratio = m.scale / scales[name]
+                    a, b = raw.kept(name, ratio,
+                                    f"module {name!r}: B times {ratio:.4g} (pick another alpha)")
+                    if not math.isclose(ratio, 1.0, rel_tol=1e-12, abs_tol=0.0):  # else B is kept
+                        result.rescaled[name] = ratio
+                    write_factors(f, m, a, b)
+                    del a, b
+                raw.copy_other(f)
+            write_folder_files(raw, tmp, config)
     return result

@@ -11,19 +11,25 @@ dense delta (kohya's ``resize_lora``). All of it in float64.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .._validation import integer, number
-from .atomic import check_output_dir
+from .atomic import atomic_output_dir, check_output_dir
+from .peft_format import WEIGHTS_NAME
 from .rewrite import (
+    RawAdapter,
+    adapter_file,
     narrow,
-    read_raw_adapter,
+    open_raw_adapter,
     uniform_config,
-    write_raw_adapter,
+    write_factors,
+    write_folder_files,
 )
+from .safetensors_stream import Spill
 
 __all__ = ["resize_adapter", "ResizeResult", "ModuleReport", "factor_svd", "choose_rank",
            "truncate"]
@@ -187,7 +193,8 @@ def resize_adapter(adapter, out_dir, *, rank: int | None = None, tol: float | No
     client : distributed.Client, optional
         Compute the modules' SVDs as tasks on this Dask cluster (small modules batched into one
         task; the factors travel from this process, which reads the adapter and writes the
-        result). Same bytes as one process's. Default: this process.
+        result: it holds the modules of the tasks in flight). Same bytes as one process's.
+        Default: this process.
 
     Exactly one of ``rank``, ``tol``, ``energy``.
 
@@ -204,6 +211,12 @@ def resize_adapter(adapter, out_dir, *, rank: int | None = None, tol: float | No
     give modules of another rank the top-level scale; any remaining ratio is folded into the
     factors), so clients that ignore the patterns compute the same update as PEFT. Modules whose
     rank does not change keep their ``A`` bit for bit. Other tensors and files are copied.
+
+    A few modules' factors are in memory at a time, not the adapter: each is read when its SVD
+    is due and written at its place in the new file. With ``tol`` or ``energy`` the new ranks
+    (so the config, and every module's scale) are known only at the end: the kept directions
+    wait in a float64 file in the output's temporary folder meanwhile (up to twice the written
+    factors' size for float32 adapters, four times for 16-bit ones), removed when done.
     """
     given = [n for n, v in (("rank", rank), ("tol", tol), ("energy", energy)) if v is not None]
     if len(given) != 1:
@@ -215,48 +228,108 @@ def resize_adapter(adapter, out_dir, *, rank: int | None = None, tol: float | No
     tol = _check_fraction(tol, "tol", low_open=False, high_open=True)
     energy = _check_fraction(energy, "energy", low_open=True, high_open=False)
     check_output_dir(out_dir, force, inputs=(adapter,))  # before any work
-    raw = read_raw_adapter(adapter)
+    with open_raw_adapter(adapter) as raw, \
+            atomic_output_dir(out_dir, force, inputs=(raw.path,)) as tmp:
+        jobs = _Jobs(raw, rank, tol, energy, max_rank)
+        reports: dict = {}
+        if rank is not None:
+            # Every new rank is known: each module goes to its place in the file as it is done.
+            ranks = {n: min(rank, m.r) for n, m in raw.modules.items()}
+            config, scales = uniform_config(raw.config, ranks, float(raw.config["lora_alpha"]),
+                                            raw.rule)
+            with adapter_file(raw, tmp, ranks) as f:
+                for name, plan in _plans(jobs, client, progress):
+                    reports[name] = _report(raw, name, plan)
+                    _write(raw, f, name, plan, scales[name])
+                raw.copy_other(f)
+        else:
+            # The ranks, hence the config's common rank and every module's scale, are known only
+            # when all are done: the kept directions wait in a float64 file in the output's
+            # temporary folder (float64: the new factors are rounded once, as ever).
+            with Spill(tmp / f".{WEIGHTS_NAME}.spill") as spill:
+                ks = {}
+                for name, (L, S, Rt, k) in _plans(jobs, client, progress):
+                    reports[name] = _report(raw, name, (L, S, Rt, k))
+                    ks[name] = k
+                    if L is not None:
+                        for part, x in (("L", L), ("S", S), ("Rt", Rt)):
+                            spill.put((name, part), x)
+                    del L, S, Rt
+                ranks = {n: ks[n] for n in raw.modules}  # module order
+                config, scales = uniform_config(raw.config, ranks,
+                                                float(raw.config["lora_alpha"]), raw.rule)
+                with adapter_file(raw, tmp, ranks) as f:
+                    for name, k in ranks.items():
+                        plan = (None, None, None, k) if (name, "L") not in spill.index else \
+                            (*(spill.read((name, part)) for part in ("L", "S", "Rt")), k)
+                        _write(raw, f, name, plan, scales[name])
+                    raw.copy_other(f)
+        write_folder_files(raw, tmp, config)
+    result = ResizeResult(Path(out_dir), config)
+    result.modules = [reports[n] for n in ranks]  # module order, whatever order they finished in
+    return result
 
+
+class _Jobs(Sequence):
+    """The modules to resize, each read from the file as a task takes it (``jobs[i]`` or a
+    slice), so only the modules in flight are in memory."""
+
+    def __init__(self, raw: RawAdapter, rank, tol, energy, max_rank):
+        self.raw, self.names = raw, list(raw.modules)
+        self.rule = (rank, tol, energy, max_rank)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        name = self.names[i]  # IndexError past the end ends iteration
+        A, B = self.raw.factors(name)
+        return _Module(A, B, self.raw.modules[name].r, *self.rule)
+
+    def weights(self) -> list:
+        return [m.r * sum(m.shape) for m in self.raw.modules.values()]
+
+
+def _plans(jobs: _Jobs, client, progress: bool):
+    """Yield ``(module, _plan_module(job))`` for every module, as each is done (any order with
+    ``client``)."""
     from threadpoolctl import threadpool_limits
     from tqdm.auto import tqdm
 
     from .parallel import run_items
 
-    names = list(raw.modules)
-    jobs = [_Module(raw.modules[n].A, raw.modules[n].B, raw.modules[n].r, rank, tol, energy,
-                    max_rank) for n in names]
-    plans = {}
     # One BLAS thread: these problems are tall-skinny QRs and r x r SVDs of a few ms, which
     # OpenBLAS's threads slow down (4096 x 64 QR: 60 ms on one thread, 1.3 s on two when the
     # cores are shared). Dask's workers run each task with their own thread count (one).
     with threadpool_limits(limits=1, user_api="blas"), \
             tqdm(total=len(jobs), desc="resize", unit="module",
                  disable=None if progress else True) as bar:
-        for i, plan in run_items(client, _plan_module, jobs,
-                                 weights=[j.A.size + j.B.size for j in jobs],
+        for i, plan in run_items(client, _plan_module, jobs, weights=jobs.weights(),
                                  name=lambda j: f"resize-{j.A.shape}"):
-            plans[names[i]] = plan
+            yield jobs.names[i], plan
             bar.update(1)
-    plans = {n: plans[n] for n in names}  # module order, whatever order they finished in
-    ranks = {name: plan[3] for name, plan in plans.items()}
-    config, scales = uniform_config(raw.config, ranks, float(raw.config["lora_alpha"]), raw.rule)
-    result = ResizeResult(Path(out_dir), config)
-    factors = {}
-    for name, (L, S, Rt, k) in plans.items():
-        m = raw.modules[name]
-        factor = m.scale / scales[name]
-        what = f"module {name!r}"
-        if k == m.r:  # nothing to cut: keep A, fold the scale into B (as convert does)
-            a = narrow(m.A, m.a_code, f"{what}: A")
-            b = narrow(m.B * factor, m.b_code, f"{what}: B")
-        else:
-            A, B = truncate(L, S, Rt, k, factor)
-            a, b = narrow(A, m.a_code, f"{what}: A"), narrow(B, m.b_code, f"{what}: B")
-        factors[name] = (a, b)
-        t = _tail_energy(S)
-        rel = t[min(k, S.size)] / t[0] if t[0] > 0 else 0.0
-        result.modules.append(ModuleReport(
-            name, (m.B.shape[0], m.A.shape[1]), m.r, k, 1.0 - rel, math.sqrt(rel),
-            abs(m.scale) * math.sqrt(t[0])))
-    write_raw_adapter(raw, out_dir, config, factors, force=force)
-    return result
+
+
+def _report(raw: RawAdapter, name: str, plan) -> ModuleReport:
+    m, S, k = raw.modules[name], plan[1], plan[3]
+    t = _tail_energy(S)
+    rel = t[min(k, S.size)] / t[0] if t[0] > 0 else 0.0
+    return ModuleReport(name, m.shape, m.r, k, 1.0 - rel, math.sqrt(rel),
+                        abs(m.scale) * math.sqrt(t[0]))
+
+
+def _write(raw: RawAdapter, f, name: str, plan, new_scale: float) -> None:
+    """Module ``name``'s new factors, for its new scale, rounded once to their dtypes, into the
+    file ``f``."""
+    L, S, Rt, k = plan
+    m = raw.modules[name]
+    factor = m.scale / new_scale
+    what = f"module {name!r}"
+    if k == m.r:  # nothing to cut: keep A, fold the scale into B (as convert does)
+        a, b = raw.kept(name, factor, f"{what}: B")
+    else:
+        A, B = truncate(L, S, Rt, k, factor)
+        a, b = narrow(A, m.a_code, f"{what}: A"), narrow(B, m.b_code, f"{what}: B")
+    write_factors(f, m, a, b)

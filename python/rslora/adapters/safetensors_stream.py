@@ -25,13 +25,15 @@ import numpy as np
 
 from .checkpoint import _ITEMSIZE, stored_array
 
-__all__ = ["TensorFile", "Spill", "header_layout", "CHUNK_BYTES"]
+__all__ = ["TensorFile", "Spill", "header_layout", "CHUNK_BYTES", "WRITABLE_CODES"]
 
 #: safetensors sorts tensors by dtype, the dtypes of larger alignment first, then by name: the
 #: codes rslora reads and writes, in that order (its ``Dtype`` enum, descending).
 _DTYPE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "I8", "U8",
                 "BOOL")
 _RANK = {code: i for i, code in enumerate(_DTYPE_ORDER)}
+#: The dtype codes a :class:`TensorFile` can hold.
+WRITABLE_CODES = _DTYPE_ORDER
 
 #: Bytes moved per read or write when tensors are copied or converted in pieces.
 CHUNK_BYTES = 1 << 24
@@ -265,6 +267,15 @@ class Spill(_OwnedFile):
             buf = np.empty(min(step, count - first), dtype)
             _pread_into(self._fd, buf, offset + first * dtype.itemsize, str(self.path))
             yield buf
+
+    def read(self, key) -> np.ndarray:
+        """The array spilled under ``key``, whole (for arrays needed at once, one at a time)."""
+        if self._fd is None:
+            raise ValueError(f"{self.path.name} is closed")
+        offset, dtype, shape = self.index[key]
+        out = np.empty(shape, dtype)
+        _pread_into(self._fd, out, offset, str(self.path))
+        return out
 
     def remove(self) -> None:
         self._close_and_remove()
