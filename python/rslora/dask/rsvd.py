@@ -200,13 +200,13 @@ def _tall(X, k, l, n_iter, seed, check_finite, auto_tol):
             done = it == n_iter
         else:
             done = it == _MAX_AUTO_ITERS
-            conv, est = False, 0.0
             if it > 0 and prev_ok:
                 conv, inc_prev, est = _core._rsvd_converged(list(prev), list(s), k, normA2, eps,
                                                             f64, inc_prev, iteration=it)
-            if done and not conv:
-                uncertified = est or math.inf
-            done = done or conv
+                # at the cap unmet: warn (not where the Ritz values are rounding: rank deficiency)
+                if done and not conv:
+                    uncertified = est or math.inf
+                done = done or conv
         if done:
             break
         prev, prev_ok = s, cond <= _COND_RITZ
