@@ -328,6 +328,8 @@ def check_orthonormal(Q, dtype, what):
     assert err <= 16 * eps(dtype) * max(4.0, math.sqrt(size)) * max(1, k) ** 0.5, (what, err)
 
 
+# oversample 0-3 leaves "auto" no Ritz values to estimate from: it may stop at its cap, and says so
+@pytest.mark.filterwarnings("ignore:rsvd. n_iter='auto' stopped at its iteration cap:RuntimeWarning")
 @FUZZ
 @given(case=matrix_case(), data=st.data(), method=st.sampled_from(["subspace", "krylov"]),
        normalizer=st.sampled_from(["qr", "lu"]), full=st.booleans())

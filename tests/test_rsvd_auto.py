@@ -287,3 +287,85 @@ def test_facts_takes_the_krylov_path_and_fewer_passes():
     assert not _core.rsvd_last_krylov()
     rslora.rsvd(M, k, seed=0, n_iter=2, method="krylov")
     assert _core.rsvd_last_krylov()
+
+
+# --- Never a silent miss: cases where the rule once stopped early -----------------------------
+# From bench/sweep_rsvd_auto.py (the matrices are built as there: U diag(s) V^T, U and V from QR
+# of Gaussians keyed by (seed, m, n); rsvd's seed = seed). Each stopped above (1 + auto_tol) x
+# the optimum with no warning before the rule took s_L's rise into account (rsvd_converge.cpp):
+# a power law at k = 2 (s_L far below sigma_{L+1}), a decay that steps down near k, and
+# oversample 0 (no Ritz value beyond k: the estimate has nothing to extrapolate from). Now each
+# must meet the contract, or say it did not (RuntimeWarning naming the estimated ratio).
+def _sweep_spectrum(name, p, k):
+    i = np.arange(p, dtype=np.float64)
+    if name.startswith("floor"):  # "floor r<d> <f>": rank k + d of 1 over a floor f (1 + i/p)
+        _, d, f = name.split()
+        return np.where(i < k + int(d[1:]), 1.0, 0.0) + float(f) * (1 + i / p)
+    a, _, rest = name.partition(" x")
+    s = (1 + i) ** -float(a)
+    if rest:  # " x<f>@k<d>": times f from index k + d on
+        f, d = rest.split("@k")
+        s = s * np.where(i < k + int(d), 1.0, float(f))
+    return s
+
+
+def _sweep_matrix(name, m, n, k, dtype, seed):
+    rng = np.random.default_rng([seed, m, n])
+    p = min(m, n)
+    U = np.linalg.qr(rng.standard_normal((m, p)))[0]
+    V = np.linalg.qr(rng.standard_normal((n, p)))[0]
+    return ((U * np.sort(_sweep_spectrum(name, p, k))[::-1]) @ V.T).astype(dtype)
+
+
+def _met_or_warned(M, k, oversample, tol, seed):
+    import warnings
+
+    M64 = M.astype(np.float64)
+    sig = np.linalg.svd(M64, compute_uv=False)
+    opt = np.sqrt(np.sum(sig[k:] ** 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        U, S, Vt = rslora.rsvd(M, k, oversample=oversample, auto_tol=tol, seed=seed)
+    err = np.linalg.norm(M64 - (U.astype(np.float64) * S) @ Vt.astype(np.float64))
+    rnd = 10 * np.finfo(M.dtype).eps * np.sqrt(np.sum(sig ** 2))  # M's rounding, in quadrature
+    met = err ** 2 <= ((1 + tol) * opt) ** 2 + rnd ** 2
+    warned = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    return met, warned, err / opt, _core.rsvd_last_n_iter()
+
+
+EARLY_STOPS = [  # (spectrum, m, n, k, dtype, seed, oversample, auto_tol): ratio before
+    ("0.5", 200, 500, 2, np.float32, 1, 10, 1e-3),  # 1.00132 after 1 iteration
+    ("0.25 x0.6@k+3", 200, 500, 2, np.float32, 2, 5, 1e-3),  # 1.00675
+    ("0.25 x0.6@k+0", 200, 500, 2, np.float64, 2, 5, 1e-3),  # 1.00122
+    ("0.5 x0.6@k+3", 200, 500, 2, np.float32, 2, 5, 1e-3),  # 1.00190
+    ("0.25 x0.3@k-2", 200, 500, 32, np.float64, 2, 0, 1e-2),  # 1.04572
+    ("floor r+4 0.05", 200, 500, 32, np.float64, 1, 0, 1e-3),  # 1.00329
+]
+
+
+@pytest.mark.parametrize("case", EARLY_STOPS, ids=lambda c: f"{c[0]}-k{c[3]}-os{c[6]}-{c[5]}")
+def test_no_silent_early_stop(case):
+    name, m, n, k, dtype, seed, oversample, tol = case
+    M = _sweep_matrix(name, m, n, k, dtype, seed)
+    met, warned, r, it = _met_or_warned(M, k, oversample, tol, seed)
+    assert met or warned, (case, r, it)
+    if oversample >= 4:  # the rule has a tail of Ritz values to read rates from: it certifies
+        assert met and not warned and it < 12, (case, r, it, warned)
+    else:  # oversample 0: nothing to extrapolate; at the cap it must say so
+        assert it < 12 or "estimated error" in warned[0], (case, r, it, warned)
+
+
+def test_the_cap_is_never_silent():
+    # oversample 0 at auto_tol 1e-4 on a power law: the rule cannot certify the result within
+    # the 12 iterations (before: it returned 1.00044x against 1.0001x, silently). The warning
+    # names the rule's estimate of the ratio, which must be above the contract and not far from
+    # the truth.
+    M = _sweep_matrix("0.5", 200, 400, 16, np.float64, 0)
+    met, warned, r, it = _met_or_warned(M, 16, 0, 1e-4, 1)
+    assert it == 12 and len(warned) == 1, (it, warned)
+    assert "stopped at its iteration cap" in warned[0] and "auto_tol=0.0001" in warned[0]
+    est = float(warned[0].split("estimated error ")[1].split("x")[0])
+    assert est > 1 + 1e-4 and abs(est - r) < 2e-3, (est, r)
+    assert _core.rsvd_last_uncertified() == pytest.approx(est, rel=1e-5)
+    rslora.rsvd(M, 16, seed=1)  # a certified call resets it
+    assert _core.rsvd_last_uncertified() == 0.0

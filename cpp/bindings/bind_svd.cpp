@@ -89,6 +89,9 @@ void bind_svd(py::module_& m) {
         "Power iterations the last rsvd call on this thread made (what 'auto' chose).");
   m.def("rsvd_last_krylov", &rsvd_last_krylov,
         "Whether the last rsvd call on this thread ran block Krylov (what 'auto' chose).");
+  m.def("rsvd_last_uncertified", &rsvd_last_uncertified,
+        "0.0, or when the last rsvd call on this thread with n_iter='auto' stopped at its "
+        "iteration cap uncertified: the rule's estimate of its error over the optimum (inf: none).");
 
   m.def(
       "rsvd_tol",
@@ -122,13 +125,15 @@ void bind_svd(py::module_& m) {
          double eps, bool float64, double inc_prev, int iteration) {
         if (prev.size() != cur.size()) throw std::invalid_argument("prev and cur differ in length");
         if (iteration < 0) throw std::invalid_argument("iteration must be >= 0");
+        double est = 0;
         const bool done =
-            rsvd_auto_converged(prev, cur, k, normA2, eps, float64, &inc_prev, iteration);
-        return py::make_tuple(done, inc_prev);
+            rsvd_auto_converged(prev, cur, k, normA2, eps, float64, &inc_prev, iteration, &est);
+        return py::make_tuple(done, inc_prev, est);
       },
       py::arg("prev"), py::arg("cur"), py::arg("k"), py::arg("normA2"), py::arg("eps"),
       py::arg("float64"), py::arg("inc_prev"), py::arg("iteration") = 0,
-      "(converged, inc_prev): the n_iter='auto' rule on Ritz values formed by the caller.");
+      "(converged, inc_prev, estimated err/opt or 0): the n_iter='auto' rule on Ritz values "
+      "formed by the caller.");
 
   m.def(
       "random_normal",

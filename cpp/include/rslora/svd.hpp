@@ -48,6 +48,13 @@ int rsvd_last_n_iter();
 // after the first.
 bool rsvd_last_krylov();
 
+// When the last rsvd call on this thread with n_iter = -1 stopped at kRsvdAutoMaxIters without
+// its stopping rule being met: the rule's estimate of its relative Frobenius error over the
+// Eckart-Young optimum (> 1; +Inf where it could form none). 0 otherwise (the rule was met, or a
+// fixed n_iter). The Python layer turns it into a RuntimeWarning: "auto" is never silent about
+// a result it could not certify.
+double rsvd_last_uncertified();
+
 // The fixed iteration count "auto" stands for where it does not adapt (method "krylov",
 // normalizers "lu" and "none"), measured on the "style" (s_i = exp(-i/8)) and "facts"
 // (s_i = (1 + i)^-1/2) spectra (see bench/bench_svd.py): the fewest that reach a relative
@@ -63,8 +70,10 @@ i64 rsvd_passes(RsvdMethod method, int n_iter);
 // values (rslora.dask: blocked passes): prev/cur the Ritz values (descending) of the last two
 // iterations, normA2 = ||A||_F^2, float64 the working precision; inc_prev carries state between
 // calls (start with 0); iter: the iterations made so far (0: not known, a more conservative rule).
+// est_ratio (if given) receives the rule's estimate of err / opt (0 where it formed none).
 bool rsvd_auto_converged(const std::vector<double>& prev, const std::vector<double>& cur, i64 k,
-                         double normA2, double eps, bool float64, double* inc_prev, int iter = 0);
+                         double normA2, double eps, bool float64, double* inc_prev, int iter = 0,
+                         double* est_ratio = nullptr);
 
 // Rank-k truncated SVD: U (m x k), S (k, descending), Vt (k x n), any writable views.
 // Requires 1 <= k <= min(m, n) (checked: std::invalid_argument).

@@ -131,10 +131,12 @@ i64 rsvd_passes(RsvdMethod, int n_iter) { return 2 * static_cast<i64>(n_iter) + 
 namespace {
 thread_local int last_n_iter = 0;
 thread_local bool last_krylov = false;
+thread_local double last_uncertified = 0;
 }  // namespace
 
 int rsvd_last_n_iter() { return last_n_iter; }
 bool rsvd_last_krylov() { return last_krylov; }
+double rsvd_last_uncertified() { return last_uncertified; }
 
 namespace {
 
@@ -258,10 +260,10 @@ inline bool slow_decay(const std::vector<double>& s, i64 k) {
 // as a subspace iteration; the orthogonalization against c columns, 4 p c l, and the Gram's new
 // columns, q (c + l) l, cost less than a pass while c is a few l) and judges the whole basis
 // with the rule of rsvd_converge.cpp (its Krylov variant). Returns the width of the basis;
-// ws.gram is left holding the Gram of the final W.
+// ws.gram is left holding the Gram of the final W. *uncertified: as subspace_auto's.
 template <class T>
 i64 krylov_auto(const Sides<T>& sd, i64 l, i64 k, int max_iters, double eps, double normA2,
-                Workspace<T>& ws, int* iters) {
+                Workspace<T>& ws, int* iters, double* uncertified) {
   const i64 p = sd.p, q = sd.q;
   const i64 L_max = std::min<i64>(l * (static_cast<i64>(max_iters) + 1), p);
   ws.Q.reserve(static_cast<size_t>(p * L_max));  // grown a block at a time: no touching of
@@ -288,7 +290,10 @@ i64 krylov_auto(const Sides<T>& sd, i64 l, i64 k, int max_iters, double eps, dou
     c0 = c, w = w_next;
     *iters = it;
     detail::gram_eig_grow(ws.W.data(), q, c, w, ws.gram, ws.full);
-    if (detail::rsvd_converged<T>(ws.prev, ws.gram.s, k, normA2, eps, &inc_prev, it, true)) break;
+    double est = 0;
+    if (detail::rsvd_converged<T>(ws.prev, ws.gram.s, k, normA2, eps, &inc_prev, it, true, &est))
+      break;
+    if (it == max_iters) *uncertified = est > 0 ? est : std::numeric_limits<double>::infinity();
   }
   return c0 + w;
 }
@@ -298,11 +303,12 @@ i64 krylov_auto(const Sides<T>& sd, i64 l, i64 k, int max_iters, double eps, dou
 // (0 iterations). Each iteration's basis is orthonormalized to working precision, so its
 // W = A^T Q gives the Ritz values (and is the final W when the rule says stop): no pass more
 // than the same number of fixed iterations. ws.gram is left holding the Gram of the final W.
-// *iters receives the iterations made.
+// *iters receives the iterations made; *uncertified, when max_iters came first, the rule's
+// estimate of err / opt (+Inf: none formed), else it is left as is (0).
 template <class T>
 i64 subspace_auto(const Sides<T>& sd, i64 l0, i64 k, int max_iters, double eps, double normA2,
                   std::uint64_t seed, bool check_finite, Workspace<T>& ws, int* iters,
-                  bool* went_krylov) {
+                  bool* went_krylov, double* uncertified) {
   const i64 p = sd.p, q = sd.q;
   i64 l = l0;
   sketch(sd, l, seed, check_finite, ws.Q, ws.W);
@@ -314,7 +320,9 @@ i64 subspace_auto(const Sides<T>& sd, i64 l0, i64 k, int max_iters, double eps, 
     sd.mul_t(ws.Q.data(), l, ws.W.data());
     check_interrupt();
     detail::gram_eig(ws.W.data(), q, l, ws.gram);
-    if (detail::rsvd_converged<T>(ws.prev, ws.gram.s, k, normA2, eps, &inc_prev, it)) break;
+    double est = 0;
+    if (detail::rsvd_converged<T>(ws.prev, ws.gram.s, k, normA2, eps, &inc_prev, it, false, &est))
+      break;
     if (it == 0) {
       // Fast decay: a wider sketch (2 b column-passes) may meet the bound where an iteration
       // (2 l) would be needed; the columns already computed are kept.
@@ -329,9 +337,12 @@ i64 subspace_auto(const Sides<T>& sd, i64 l0, i64 k, int max_iters, double eps, 
     if (it == 0 && l == l0 && slow_decay(ws.gram.s, k)) {
       *iters = 0;
       *went_krylov = true;
-      return krylov_auto(sd, l, k, max_iters, eps, normA2, ws, iters);
+      return krylov_auto(sd, l, k, max_iters, eps, normA2, ws, iters, uncertified);
     }
-    if (it == max_iters) break;
+    if (it == max_iters) {
+      *uncertified = est > 0 ? est : std::numeric_limits<double>::infinity();
+      break;
+    }
     ws.prev = ws.gram.s;
     if (!condition_by_gram(ws.W.data(), ws.gram, ws.tmp)) detail::condition(ws.W.data(), q, l);
     sd.mul(ws.W.data(), l, ws.Q.data());
@@ -398,13 +409,17 @@ void rsvd(Mat<const T> M, i64 k, const RsvdOptions& opt, Mat<T> U, T* S, Mat<T> 
                      opt.normalizer == RsvdNormalizer::qr;
   Workspace<T>& ws = workspace<T>();
   bool went_krylov = opt.method == RsvdMethod::krylov;
+  double uncertified = 0;
+  last_uncertified = 0;
   const i64 L = adapt ? subspace_auto(sd, l, k, kRsvdAutoMaxIters, opt.auto_tol, scaled.sumsq,
-                                      opt.seed, opt.check_finite, ws, &iters, &went_krylov)
+                                      opt.seed, opt.check_finite, ws, &iters, &went_krylov,
+                                      &uncertified)
                 : opt.method == RsvdMethod::krylov
                     ? krylov(sd, l, iters, opt.seed, opt.check_finite, ws.Q, ws.W)
                     : subspace(sd, l, iters, opt.normalizer, opt.seed, opt.check_finite, ws.Q, ws.W);
   last_n_iter = iters;
   last_krylov = went_krylov;
+  last_uncertified = uncertified;
   detail::small_svd(ws.W.data(), sd.q, L, k, ws.sv, adapt ? &ws.gram : nullptr);
   detail::write_factors(sd, ws.Q.data(), ws.sv, k, U, S, Vt);
   scaled.unscale(S, k);

@@ -175,9 +175,12 @@ namespace rslora::detail {
 // calls (start with 0). iter: the iterations that made cur (>= 1 when prev is given; 0: not
 // known, and no direction's shortfall is capped at 2 iter times its last increase). krylov: cur
 // is the whole block Krylov basis after `iter` steps (rsvd_converge.cpp: a more cautious estimate).
+// est_ratio (if given) receives the estimate of err / opt the rule judged (0 where it formed
+// none: the sketch, or a basis the bound alone certified), for the warning at the cap.
 template <class T>
 bool rsvd_converged(const std::vector<double>& prev, const std::vector<double>& cur, i64 k,
-                    double normA2, double eps, double* inc_prev, int iter, bool krylov = false);
+                    double normA2, double eps, double* inc_prev, int iter, bool krylov = false,
+                    double* est_ratio = nullptr);
 
 // Columns to add to the sketch (0: none) when its bound fails but the decay of its Ritz values
 // s (of L columns) predicts that a wider sketch meets the bound without iterating; at most room

@@ -24,6 +24,7 @@ on the client) and one more pass for B^T = M^T Q, as the textbook method does.
 from __future__ import annotations
 
 import math
+import warnings
 
 from dask.base import compute, persist
 from dask.delayed import delayed
@@ -192,6 +193,7 @@ def _tall(X, k, l, n_iter, seed, check_finite, auto_tol):
             normA2 *= scale * scale
     prev, inc_prev, prev_ok, it = None, 0.0, False, 0
     eps = auto_tol
+    uncertified = 0.0
     while True:
         s, V, cond = _ritz(W, G, dtype)
         if n_iter >= 0:
@@ -199,8 +201,11 @@ def _tall(X, k, l, n_iter, seed, check_finite, auto_tol):
         else:
             done = it == _MAX_AUTO_ITERS
             if it > 0 and prev_ok:
-                conv, inc_prev = _core._rsvd_converged(list(prev), list(s), k, normA2, eps, f64,
-                                                       inc_prev, iteration=it)
+                conv, inc_prev, est = _core._rsvd_converged(list(prev), list(s), k, normA2, eps,
+                                                            f64, inc_prev, iteration=it)
+                # at the cap unmet: warn (not where the Ritz values are rounding: rank deficiency)
+                if done and not conv:
+                    uncertified = est or math.inf
                 done = done or conv
         if done:
             break
@@ -208,6 +213,11 @@ def _tall(X, k, l, n_iter, seed, check_finite, auto_tol):
         Z = _next_z(V, s, l, seed, it, dtype)
         Ys, W, G, _ = _pass(parts, Z, scale, stats=False)
         it += 1
+    if uncertified:  # as rslora.rsvd: never an uncertified result without a word
+        warnings.warn(f"rsvd: n_iter='auto' stopped at its iteration cap ({it}) without meeting "
+                      f"auto_tol={auto_tol:g}: estimated error {uncertified:.6g}x the optimum "
+                      f"(contract: {1 + auto_tol:.6g}x); use a larger oversample, a fixed n_iter "
+                      "(check the error) or rslora.rsvd_tol", RuntimeWarning, stacklevel=3)
     passes = _LAST_RUN.get("passes", 0) + it + 1 + (scale != 1.0)
     _LAST_RUN.update(route="iterate", n_iter=it, passes=passes, tsqr=False)
     U, S, Vt = _finish(parts, rows, Ys, W, G, k, scale, dtype)
