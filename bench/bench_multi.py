@@ -133,37 +133,22 @@ def test_add_rslora(benchmark, data, kind):
 
 @pytest.mark.parametrize("kind", ADD_KINDS)
 @pytest.mark.parametrize("path", ["avx512", "avx2", "baseline"])
-def test_add_rslora_forced_path(benchmark, data, kind, path):
-    why = rslora.kernel_paths()[path]
-    if why:
-        pytest.skip(f"{path}: {why}")
-    x, y0, ids = batch(data, kind)
-    set_case(benchmark, row_name(kind), f"rslora, {path} forced", kernel_path=path)
-    with rslora.use_kernel_path(path):
-        y = y0.copy()
-        rslora.lora_add_multi(y, x, data["A"], data["B"], ids, scales=data["scales"])
-        assert_close(y, reference_add(y0, x, data, ids))
-        run(benchmark, lambda: rslora.lora_add_multi(y, x, data["A"], data["B"], ids,
-                                                     scales=data["scales"]), rounds=20)
-
-
-@pytest.mark.parametrize("kind", ADD_KINDS)
-@pytest.mark.parametrize("path", ["avx512", "avx2", "baseline"])
-def test_add_other_build_forced_path(benchmark, data, kind, path):
-    other = other_build()
-    if other is None:
+@pytest.mark.parametrize("build", ["rslora", "other build"])
+def test_add_forced_path(benchmark, data, kind, path, build):
+    lib = rslora if build == "rslora" else other_build()
+    if lib is None:
         pytest.skip("RSLORA_BENCH_OTHER is not set: no other build to compare with")
-    why = other.kernel_paths()[path]
+    why = lib.kernel_paths()[path]
     if why:
         pytest.skip(f"{path}: {why}")
     x, y0, ids = batch(data, kind)
-    set_case(benchmark, row_name(kind), f"other build, {path} forced", kernel_path=path)
-    with other.use_kernel_path(path):
+    set_case(benchmark, row_name(kind), f"{build}, {path} forced", kernel_path=path)
+    with lib.use_kernel_path(path):
         y = y0.copy()
-        other.lora_add_multi(y, x, data["A"], data["B"], ids, scales=data["scales"])
+        lib.lora_add_multi(y, x, data["A"], data["B"], ids, scales=data["scales"])
         assert_close(y, reference_add(y0, x, data, ids))
-        run(benchmark, lambda: other.lora_add_multi(y, x, data["A"], data["B"], ids,
-                                                    scales=data["scales"]), rounds=20)
+        run(benchmark, lambda: lib.lora_add_multi(y, x, data["A"], data["B"], ids,
+                                                  scales=data["scales"]), rounds=20)
 
 
 @pytest.mark.parametrize("kind", ADD_KINDS)

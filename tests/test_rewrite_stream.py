@@ -16,6 +16,7 @@ import tracemalloc
 import numpy as np
 import pytest
 from rewrite_whole import convert_whole, resize_whole
+from testutil import CLI_MAIN, KILL_AT_THIRD_WRITE
 
 import rslora
 import rslora.cli
@@ -230,18 +231,6 @@ def test_failure_mid_stream_leaves_the_previous_output(tmp_path, adapters, monke
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
-KILL_AT_THIRD_WRITE = """
-import os, signal
-import rslora.adapters.safetensors_stream as s
-for cls, meth in ((s.TensorFile, "write"), (s.Spill, "put")):
-    def patched(self, *a, _real=getattr(cls, meth), _n=[0]):
-        _n[0] += 1
-        if _n[0] == 3:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return _real(self, *a)
-    setattr(cls, meth, patched)
-"""
-MAIN = "import sys, rslora.cli; sys.exit(rslora.cli.main(sys.argv[1:]))"
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -251,7 +240,7 @@ def test_killed_mid_stream(tmp_path, adapters, command):
     before, inputs = files(out), files(src)
     env = {k: v for k, v in os.environ.items() if k != "RSLORA_CRASH_AT"}
     argv = cli(COMMANDS[command], src, out)
-    p = subprocess.run([sys.executable, "-c", KILL_AT_THIRD_WRITE + MAIN, *argv], env=env,
+    p = subprocess.run([sys.executable, "-c", KILL_AT_THIRD_WRITE + CLI_MAIN, *argv], env=env,
                        capture_output=True, text=True)
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert files(out) == before and files(src) == inputs
@@ -259,7 +248,7 @@ def test_killed_mid_stream(tmp_path, adapters, command):
     assert len(left) == 1 and left[0].startswith(".out.tmp-")  # the killed run's
     assert any(n.startswith((".adapter_model", "adapter_model"))
                for n in os.listdir(tmp_path / left[0]))
-    p = subprocess.run([sys.executable, "-c", MAIN, *argv], env=env, capture_output=True,
+    p = subprocess.run([sys.executable, "-c", CLI_MAIN, *argv], env=env, capture_output=True,
                        text=True)  # cleans up, writes the new output
     assert p.returncode == 0, p.stderr
     assert sorted(os.listdir(tmp_path)) == ["out"] and files(out) != before
@@ -311,7 +300,7 @@ def test_same_bytes_whatever_the_hash_seed(tmp_path, adapters):
     outs = []
     for seed in ("1", "2", "3"):
         out = tmp_path / seed / "out"
-        p = subprocess.run([sys.executable, "-c", MAIN, *cli(COMMANDS["resize-tol"],
+        p = subprocess.run([sys.executable, "-c", CLI_MAIN, *cli(COMMANDS["resize-tol"],
                                                              adapters["f32"], out)],
                            env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True,
                            text=True)

@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save, save_file
+from testutil import CLI_MAIN, KILL_AT_THIRD_WRITE
 
 import rslora
 import rslora.adapters.extract as extract_mod
@@ -300,19 +301,6 @@ def test_failure_mid_stream_leaves_the_previous_output(tmp_path, pair, monkeypat
         assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
-KILL_AT_SECOND_FACTOR = """
-import os, signal
-import rslora.adapters.safetensors_stream as s
-for cls, meth in ((s.TensorFile, "write"), (s.Spill, "put")):
-    def patched(self, *a, _real=getattr(cls, meth), _n=[0]):
-        _n[0] += 1
-        if _n[0] == 3:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return _real(self, *a)
-    setattr(cls, meth, patched)
-"""
-
-
 @pytest.mark.parametrize("mode", [["--rank", "6"], ["--tol", "0.05"]])
 def test_killed_mid_stream(tmp_path, pair, mode):
     out = tmp_path / "out"
@@ -320,7 +308,7 @@ def test_killed_mid_stream(tmp_path, pair, mode):
     before = files(out)
     args = ["extract", str(pair / "base.safetensors"), str(pair / "tuned.safetensors"), "-o",
             str(out), "-q", "--force", *mode]
-    code = KILL_AT_SECOND_FACTOR + "import sys, rslora.cli; sys.exit(rslora.cli.main(sys.argv[1:]))"
+    code = KILL_AT_THIRD_WRITE + CLI_MAIN
     env = {k: v for k, v in os.environ.items() if k != "RSLORA_CRASH_AT"}
     p = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
                        text=True)
@@ -329,7 +317,7 @@ def test_killed_mid_stream(tmp_path, pair, mode):
     left = [n for n in os.listdir(tmp_path) if n != "out"]
     assert len(left) == 1 and left[0].startswith(".out.tmp-")  # the killed run's, complete or not
     assert any(n.startswith(".adapter_model") for n in os.listdir(tmp_path / left[0]))
-    p = subprocess.run([sys.executable, "-c", code.replace(KILL_AT_SECOND_FACTOR, ""), *args],
+    p = subprocess.run([sys.executable, "-c", CLI_MAIN, *args],
                        env=env, capture_output=True, text=True)  # cleans up, writes the new output
     assert p.returncode == 0, p.stderr
     assert sorted(os.listdir(tmp_path)) == ["out"] and files(out) != before

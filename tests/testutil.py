@@ -20,3 +20,20 @@ def make(m, n, s, dtype, seed=0):
 def style(r):
     """The "style" spectrum: s_i = exp(-i/8)."""
     return np.exp(-np.arange(r) / 8.0)
+
+
+# Python source for `python -c`: SIGKILLs the process at the third tensor written to an output
+# file (TensorFile.write or Spill.put), to test what a crash mid-write leaves; then CLI_MAIN runs
+# the command line given after -c.
+KILL_AT_THIRD_WRITE = """
+import os, signal
+import rslora.adapters.safetensors_stream as s
+for cls, meth in ((s.TensorFile, "write"), (s.Spill, "put")):
+    def patched(self, *a, _real=getattr(cls, meth), _n=[0]):
+        _n[0] += 1
+        if _n[0] == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _real(self, *a)
+    setattr(cls, meth, patched)
+"""
+CLI_MAIN = "import sys, rslora.cli; sys.exit(rslora.cli.main(sys.argv[1:]))"

@@ -47,13 +47,14 @@ def rsvd(M: Any, k: int, *, oversample: int = 10, n_iter: int | str = "auto",
         passes over ``M``; the whole call makes ``2 * n_iter + 2`` GEMM passes. ``"auto"``
         (subspace iteration with the "qr" normalizer) iterates until the result meets the
         accuracy contract below (0 iterations when the sketch already does), at most 12
-        times (a ``RuntimeWarning`` when the cap comes first: Notes), and may first widen the sketch by up to ``l`` columns, or continue it as block
-        Krylov on a slowly decaying spectrum (Notes); when
-        ``2 * l >= min(m, n)`` it sketches the whole short side instead (exact, 0 iterations,
-        for any method: one iteration would cost as much); with
-        ``method="krylov"`` it means 3 steps, with the "lu"/"none" normalizers 5
-        iterations; 0 when ``l`` already spans the short side of ``M``. :func:`rslora._core.rsvd_last_n_iter` tells what a call chose
-        (and :func:`rslora._core.rsvd_last_krylov` whether it ran block Krylov).
+        times (a ``RuntimeWarning`` when the cap comes first: Notes), and may first widen the
+        sketch by up to ``l`` columns, or continue it as block Krylov on a slowly decaying
+        spectrum (Notes); when ``2 * l >= min(m, n)`` it sketches the whole short side instead
+        (exact, 0 iterations, for any method: one iteration would cost as much); with
+        ``method="krylov"`` it means 3 steps, with the "lu"/"none" normalizers 5 iterations; 0
+        when ``l`` already spans the short side of ``M``. :func:`rslora._core.rsvd_last_n_iter`
+        tells what a call chose (and :func:`rslora._core.rsvd_last_krylov` whether it ran block
+        Krylov).
     auto_tol : float
         The accuracy contract of ``n_iter="auto"``: relative Frobenius error
         ``||M - U diag(S) Vt||_F <= (1 + auto_tol) x ||M - M_k||_F`` (the Eckart-Young
@@ -104,7 +105,8 @@ def rsvd(M: Any, k: int, *, oversample: int = 10, n_iter: int | str = "auto",
        gap, extrapolated from how much each ``s_i^2`` grew in the last iteration, ``d_i``:
        geometrically at the rate subspace iteration converges, ``(sigma_{l+1} / s_i)^4`` per
        iteration, with ``sigma_{l+1}^2`` read as ``s_l^2`` risen once more by its last rise
-       (the bottom of the basis is still far from ``sigma_{l+1}`` while it rises), never faster than the observed rate of the whole, but never more than
+       (the bottom of the basis is still far from ``sigma_{l+1}`` while it rises), never
+       faster than the observed rate of the whole, but never more than
        ``2 t d_i`` after ``t`` iterations, is below half of what ``auto_tol`` allows, with
        ``opt^2`` estimated by ``max(below, err^2 - gap)``. The cap is for directions inside a
        cluster (a flat noise floor across index ``k``): there the geometric rate is ~1 and says
@@ -159,7 +161,11 @@ def rsvd(M: Any, k: int, *, oversample: int = 10, n_iter: int | str = "auto",
     tail of 4 into account). 35 are in the rounding regime: ``exp(-i/3)`` and ``exp(-i/8)`` at
     ``k = 96``, where the optimum's energy is below the rounding of the ``s_i^2`` (float32, and
     float64 for ``exp(-i/3)``), so increases are not measurable and the rule stops on "nothing
-    measurable left" (up to 1.02x for ``exp(-i/8)`` in float32); 23 stop after one iteration
+    measurable left" (up to 1.02x for ``exp(-i/8)`` in float32). Where the optimum itself is
+    below the rounding of ``M`` in its dtype (``exp(-i/3)`` at ``k = 96`` in float32: an
+    optimum ~1e-14 of ``||M||_F``), no result in that dtype can meet a ratio to it: the error
+    is then at rounding level, ``O(u) ||M||_F`` (up to 85x that optimum); read the contract as
+    ``err <= (1 + auto_tol) opt + O(u) ||M||_F``. 23 stop after one iteration
     on a decay that steps down 0.3x-0.6x at or just past ``k`` (worst 1.0134x at
     ``auto_tol=1e-2``, ``k = 96``; 1.0025x at 1e-3 with ``k = 8`` and oversample 5).
     Where the contract must hold whatever the spectrum, give a fixed ``n_iter`` and check the
@@ -172,11 +178,11 @@ def rsvd(M: Any, k: int, *, oversample: int = 10, n_iter: int | str = "auto",
     on ties) is positive; the matching row of ``Vt`` carries the same sign. The work is done on
     ``M`` or on ``M.T`` (a view), whichever makes the orthonormal bases the short side.
     A zero or rank-deficient ``M`` gives zero singular values with orthonormal (arbitrary)
-    vectors, never NaN. One read of ``M`` (max-abs, no arithmetic) decides whether squares
-    formed inside could overflow or underflow (float32 entries beyond ~1e15 or below ~1e-18);
-    if so the work is done on ``M * 2**e`` in a copy (exact) and ``S`` scaled back. Singular
-    values that exceed ``M``'s dtype raise ``ValueError`` (never Inf or NaN). GPU arrays (DLPack: torch, CuPy) run on the GPU through
-    :func:`rslora.cuda.rsvd`.
+    vectors, never NaN. One read of ``M`` (max-abs and ``||M||_F^2`` in float64) decides
+    whether squares formed inside could overflow or underflow (float32 entries beyond ~1e15 or
+    below ~1e-18); if so the work is done on ``M * 2**e`` in a copy (exact) and ``S`` scaled
+    back. Singular values that exceed ``M``'s dtype raise ``ValueError`` (never Inf or NaN).
+    GPU arrays (DLPack: torch, CuPy) run on the GPU through :func:`rslora.cuda.rsvd`.
     """
     return _backend.op("rsvd", M)(M, k, oversample=oversample, n_iter=n_iter, method=method,
                                   normalizer=normalizer, seed=seed, check_finite=check_finite,

@@ -3,17 +3,15 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <exception>
-#include <mutex>
 #include <stdexcept>
 #include <string>
-#include <system_error>
 #include <thread>
 #include <vector>
 
 #include "rslora/blas.hpp"
 #include "rslora/errors.hpp"
 #include "rslora/sizes.hpp"
+#include "block_pool.hpp"
 #include "multi_kernels.hpp"
 
 namespace rslora {
@@ -70,7 +68,7 @@ Groups group_rows_by_adapter(const i64* ids, i64 n, i64 na) {
   return g;
 }
 
-// --- small groups: the kernels of multi_kernels.hpp on threads of our own ----------------------
+// --- small groups: multi_kernels.hpp's kernels on the core's helper threads (block_pool) ----
 
 // A group's fixed cost (reading its adapter) in rows: a row costs 2 r (d_in + d_out) flops
 // against r (d_in + d_out) adapter elements streamed from memory.
@@ -103,33 +101,6 @@ std::vector<size_t> split_by_cost(const std::vector<i64>& cost, int nt) {
   return cut;
 }
 
-// part(t) for t in [0, nt): t >= 1 on threads spawned here and joined (nothing spins), t = 0 on
-// the calling thread, and every part whose thread could not be started too. The first exception
-// of any part is rethrown after all have finished.
-template <class Part>
-void run_parts(int nt, const Part& part) {
-  std::exception_ptr err;
-  std::mutex err_mutex;
-  auto guarded = [&](int t) {
-    try {
-      part(t);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(err_mutex);
-      if (!err) err = std::current_exception();
-    }
-  };
-  std::vector<std::thread> pool;
-  int t = 1;
-  try {
-    for (; t < nt; ++t) pool.emplace_back(guarded, t);
-  } catch (const std::system_error&) {  // no thread to be had: the rest here
-  }
-  guarded(0);
-  for (; t < nt; ++t) guarded(t);
-  for (auto& th : pool) th.join();
-  if (err) std::rethrow_exception(err);
-}
-
 // The small groups (adapters `small`) through the kernels. Groups touch disjoint rows of y and
 // call no BLAS; the result does not depend on the split (each group is computed the same way
 // whichever thread takes it).
@@ -160,7 +131,7 @@ void add_small_groups(Mat<T> y, Mat<const T> x, Stack<const T> A, Stack<const T>
     grp.s = static_cast<T>(scales[a]);
     return grp;
   };
-  run_parts(nt, [&](int t) {
+  detail::run_blocks(nt, nt, [&](i64 t) {  // part t on the core's sleeping helpers
     // Scratch on a cache-line boundary: the kernels' vector loads of it never split a line.
     constexpr size_t kLineElems = 64 / sizeof(T);
     std::vector<T> buf(static_cast<size_t>(detail::group_scratch(dims.r)) + kLineElems);
