@@ -99,6 +99,7 @@ template <class T>
 void gemm_split(T alpha, Mat<const T> A, bool ta, Mat<const T> B, bool tb, T beta, Mat<T> C);
 // Test/bench hook: gemm_split is plain gemm while disabled. Returns the previous setting.
 bool set_split_passes(bool enabled);
+bool split_passes();  // the current setting
 
 // y = alpha op(A) x + beta y, op = transpose when ta; x and y strided vectors (any strides:
 // reversed ones go through a unit-stride copy).

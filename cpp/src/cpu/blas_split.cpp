@@ -33,6 +33,7 @@ std::vector<i64> row_blocks(i64 m) {
 }  // namespace
 
 bool set_split_passes(bool enabled) { return g_split.exchange(enabled); }
+bool split_passes() { return g_split.load(); }
 
 template <class T>
 void gemm_split(T alpha, Mat<const T> A, bool ta, Mat<const T> B, bool tb, T beta, Mat<T> C) {
