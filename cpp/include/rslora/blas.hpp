@@ -9,6 +9,7 @@
 // (the Fortran interface) and do their own workspace queries.
 #pragma once
 #include <initializer_list>
+#include <optional>
 #include <string>
 
 #include "rslora/view.hpp"
@@ -100,6 +101,21 @@ void gemm_split(T alpha, Mat<const T> A, bool ta, Mat<const T> B, bool tb, T bet
 // Test/bench hook: gemm_split is plain gemm while disabled. Returns the previous setting.
 bool set_split_passes(bool enabled);
 bool split_passes();  // the current setting
+
+// For the whole of a call whose passes run split (rsvd, rsvd_tol): OpenBLAS at one thread
+// meanwhile, so that no threaded call between passes (the Gram's vectors, an orthonormalization)
+// wakes its pool, whose worker would then spin on the core a split helper needs (quiet, 2
+// threads: the split passes ran no faster than one thread without it). Nothing when the split
+// is off (the hook).
+class SplitCallScope {
+ public:
+  SplitCallScope() {
+    if (split_passes()) scope_.emplace();
+  }
+
+ private:
+  std::optional<PassThreads> scope_;
+};
 
 // y = alpha op(A) x + beta y, op = transpose when ta; x and y strided vectors (any strides:
 // reversed ones go through a unit-stride copy).

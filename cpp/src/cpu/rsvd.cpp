@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <optional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -398,12 +397,7 @@ void rsvd(Mat<const T> M, i64 k, const RsvdOptions& opt, Mat<T> U, T* S, Mat<T> 
     throw std::invalid_argument("rsvd: output shapes do not match M and k");
   if (opt.method == RsvdMethod::krylov && opt.normalizer != RsvdNormalizer::qr)
     throw std::invalid_argument("method='krylov' orthonormalizes its blocks: normalizer must be 'qr'");
-  // OpenBLAS at one thread for the whole call: its passes run split on rslora's helpers
-  // (gemm_split), and a threaded call in between (the Gram's vectors, an orthonormalization)
-  // would wake OpenBLAS's pool, whose worker then spins on the core a helper needs (quiet,
-  // 2 threads: the split passes ran no faster than one thread until this scope).
-  std::optional<blas::PassThreads> whole_call;
-  if (blas::split_passes()) whole_call.emplace();
+  const blas::SplitCallScope whole_call;  // blas.hpp
   const detail::Rescaled<T> scaled(M, opt.check_finite);
   const Sides<T> sd(scaled.M);
   i64 l = opt.oversample >= sd.p - k ? sd.p : k + opt.oversample;  // no k + oversample overflow

@@ -55,8 +55,9 @@ double residual2(const Sides<T>& sd, const T* Q, const T* W, i64 c) {
       for (i64 j = 0; j < cb; ++j)
         for (i64 i = 0; i < p; ++i) Rv(i, j) = Ab(i, j);
     }
-    if (c > 0)
-      blas::gemm<T>(T(-1), ccolmajor(Q, p, c, p), false, ccolmajor(W + j0, cb, c, q), true, T(1), Rv);
+    if (c > 0)  // a pass-sized product: split like the passes (blas.hpp)
+      blas::gemm_split<T>(T(-1), ccolmajor(Q, p, c, p), false, ccolmajor(W + j0, cb, c, q), true,
+                          T(1), Rv);
     s += sumsq(R.data(), p * cb);
     check_interrupt();
   }
@@ -165,6 +166,7 @@ RsvdTolResult<T> rsvd_tol(Mat<const T> M, double tol, i64 max_rank, i64 block, i
   const i64 m = M.rows, n = M.cols;
   if (n_iter < 0) throw std::invalid_argument("n_iter must be >= 0, got " + std::to_string(n_iter));
   if (block < 1) throw std::invalid_argument("block must be >= 1, got " + std::to_string(block));
+  const blas::SplitCallScope whole_call;  // blas.hpp
   const detail::Rescaled<T> scaled(M, check_finite);
   M = scaled.M;
   const Sides<T> sd(M);
