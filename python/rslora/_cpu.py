@@ -9,7 +9,6 @@ for batch dimensions, ``out=`` and in-place targets.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -103,9 +102,7 @@ def rsvd(M: object, k: object, *, oversample: object = 10, n_iter: object = "aut
                                            a.normalizer, v.seed(a.seed), bool(check_finite), a.auto_tol)
     est = _core.rsvd_last_uncertified()
     if est:  # "auto" reached its iteration cap before its rule could certify auto_tol
-        warnings.warn(f"rsvd: n_iter='auto' stopped at its iteration cap "
-                      f"({_core.rsvd_last_n_iter()}) without meeting auto_tol={a.auto_tol:g}: "
-                      f"estimated error {est:.6g}x the optimum (contract: {1 + a.auto_tol:.6g}x); "
-                      "use a larger oversample, method='krylov', a fixed n_iter (check the error) "
-                      "or rsvd_tol", RuntimeWarning, stacklevel=3)
+        v.warn_uncertified(_core.rsvd_last_n_iter(), a.auto_tol, est,
+                           "a larger oversample, method='krylov', a fixed n_iter (check the "
+                           "error) or rsvd_tol")
     return res

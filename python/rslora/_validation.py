@@ -100,6 +100,16 @@ def n_iter(value: object) -> int:
     return integer(value, "n_iter", 0, INT_MAX)
 
 
+def warn_uncertified(iterations: int, auto_tol: float, estimate: float, remedies: str) -> None:
+    """The warning of ``n_iter="auto"`` at its iteration cap with the contract not certified
+    (rslora.rsvd and rslora.dask.rsvd): never such a result without a word."""
+    import warnings
+
+    warnings.warn(f"rsvd: n_iter='auto' stopped at its iteration cap ({iterations}) without "
+                  f"meeting auto_tol={auto_tol:g}: estimated error {estimate:.6g}x the optimum "
+                  f"(contract: {1 + auto_tol:.6g}x); use {remedies}", RuntimeWarning, stacklevel=4)
+
+
 def rank(value: object, name: str, shape: Shape, of: str = "M", dims: str = "m, n") -> int:
     """A rank in [1, min(shape)] for a matrix of that shape."""
     v = integer(value, name)

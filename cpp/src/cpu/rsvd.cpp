@@ -243,6 +243,12 @@ void widen(const Sides<T>& sd, i64 l, i64 b, std::uint64_t seed, Workspace<T>& w
   check_interrupt();
 }
 
+// What the auto paths report when max_iters came before the rule certified the result: its
+// estimate of err / opt, +Inf where it formed none.
+inline double uncertified_ratio(double est) {
+  return est > 0 ? est : std::numeric_limits<double>::infinity();
+}
+
 // Whether the sketch's Ritz values s (l of them) show a slow, smooth decay across index k, where
 // subspace iteration needs several iterations and block Krylov fewer passes: the subspace rate
 // of direction k, (s_l / s_k)^4, is >= 0.3, and s_{k/4} / s_k is in [1.1, 8] (a flat floor across
@@ -293,7 +299,7 @@ i64 krylov_auto(const Sides<T>& sd, i64 l, i64 k, int max_iters, double eps, dou
     double est = 0;
     if (detail::rsvd_converged<T>(ws.prev, ws.gram.s, k, normA2, eps, &inc_prev, it, true, &est))
       break;
-    if (it == max_iters) *uncertified = est > 0 ? est : std::numeric_limits<double>::infinity();
+    if (it == max_iters) *uncertified = uncertified_ratio(est);
   }
   return c0 + w;
 }
@@ -340,7 +346,7 @@ i64 subspace_auto(const Sides<T>& sd, i64 l0, i64 k, int max_iters, double eps, 
       return krylov_auto(sd, l, k, max_iters, eps, normA2, ws, iters, uncertified);
     }
     if (it == max_iters) {
-      *uncertified = est > 0 ? est : std::numeric_limits<double>::infinity();
+      *uncertified = uncertified_ratio(est);
       break;
     }
     ws.prev = ws.gram.s;

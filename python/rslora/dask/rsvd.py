@@ -24,7 +24,6 @@ on the client) and one more pass for B^T = M^T Q, as the textbook method does.
 from __future__ import annotations
 
 import math
-import warnings
 
 from dask.base import compute, persist
 from dask.delayed import delayed
@@ -213,11 +212,9 @@ def _tall(X, k, l, n_iter, seed, check_finite, auto_tol):
         Z = _next_z(V, s, l, seed, it, dtype)
         Ys, W, G, _ = _pass(parts, Z, scale, stats=False)
         it += 1
-    if uncertified:  # as rslora.rsvd: never an uncertified result without a word
-        warnings.warn(f"rsvd: n_iter='auto' stopped at its iteration cap ({it}) without meeting "
-                      f"auto_tol={auto_tol:g}: estimated error {uncertified:.6g}x the optimum "
-                      f"(contract: {1 + auto_tol:.6g}x); use a larger oversample, a fixed n_iter "
-                      "(check the error) or rslora.rsvd_tol", RuntimeWarning, stacklevel=3)
+    if uncertified:
+        _validation.warn_uncertified(it, auto_tol, uncertified, "a larger oversample, a fixed "
+                                     "n_iter (check the error) or rslora.rsvd_tol")
     passes = _LAST_RUN.get("passes", 0) + it + 1 + (scale != 1.0)
     _LAST_RUN.update(route="iterate", n_iter=it, passes=passes, tsqr=False)
     U, S, Vt = _finish(parts, rows, Ys, W, G, k, scale, dtype)
