@@ -10,6 +10,9 @@ float32, d_in = d_out = 4096, r = 16, 64 adapters (A_all and B_all: 34 MB togeth
   the memory traffic no implementation can avoid when every adapter is used. The dot product is
   OpenBLAS's (threaded like the op); "floor: max over adapters" reads the same bytes with NumPy's
   max reduction (one thread, a faster read here), a stricter floor.
+- "floor: adapters, x and y once": what the op itself cannot avoid moving: the adapters and x
+  read once, y read and written once (max reductions and an in-place y *= 1, one thread). With
+  x and y as large as here (n = 512 rows of 16 KB each) this is about 1.7x the adapters' bytes.
 - "rslora, <path> forced": the same op with the SIMD kernel path forced (rslora.use_kernel_path),
   so one machine times the AVX2 and baseline kernels that other CPUs run; "rslora" itself runs
   the best path here, named in the row ("default kernel: ...") and in the entry's extra_info.
@@ -187,6 +190,22 @@ def test_add_floor_max(benchmark, data, kind):
              mbytes=(A_used.nbytes + B_used.nbytes) / 1e6)
     got = run(benchmark, lambda: (A_used.max(), B_used.max()), rounds=20)
     assert got == (A_used.astype(np.float64).max(), B_used.astype(np.float64).max())
+
+
+@pytest.mark.parametrize("kind", ADD_KINDS)
+def test_add_floor_op_bytes(benchmark, data, kind):
+    """The adapters and x read once, y read and written once: the op's own unavoidable traffic."""
+    x, y0, ids = batch(data, kind)
+    used = np.unique(ids)
+    A_used, B_used = data["A"][used].reshape(-1), data["B"][used].reshape(-1)
+    y = y0.copy()
+    set_case(benchmark, row_name(kind), "floor: adapters, x and y once",
+             mbytes=(A_used.nbytes + B_used.nbytes + x.nbytes + 2 * y.nbytes) / 1e6)
+    one = np.float32(1)
+    got = run(benchmark, lambda: (A_used.max(), B_used.max(), x.max(),
+                                  np.multiply(y, one, out=y)), rounds=20)
+    assert got[:3] == (A_used.max(), B_used.max(), x.max())
+    np.testing.assert_array_equal(y, y0)
 
 
 # --- the whole op -----------------------------------------------------------------------------
