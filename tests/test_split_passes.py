@@ -2,10 +2,11 @@
 
 Each block is a one-thread GEMM over a row range fixed by the shapes alone, so what it computes
 does not depend on which thread ran it, on timing, or on the thread count: in float32 rsvd at 2
-and 3 BLAS threads equals rsvd at 1 bit for bit (with the split or without it at 1 thread). In
-float64 other calls in rsvd (a long-inner-dimension dgemm in the convergence check) still round
-differently at 1 and 2 threads, so there runs are compared with each other at one count, and
-with one thread to a few ulps. The helpers never exceed the BLAS thread count, leave NumPy's
+and 3 BLAS threads gives the same bits. At one thread the passes are whole GEMMs; OpenBLAS's
+SkylakeX kernels round them as the blocks, its Haswell ones (what AVX2-only CPUs run) do not, so
+one thread is compared to a few ulps. In float64 other calls in rsvd (a long-inner-dimension
+dgemm in the convergence check) still round differently at 1 and 2 threads, so there runs are
+compared with each other at one count, and with one thread to a few ulps. The helpers never exceed the BLAS thread count, leave NumPy's
 count as it was, survive fork and Ctrl-C, and serve several calling threads at once.
 """
 
@@ -60,17 +61,27 @@ def _inputs(dtype):
             "strided": big[::2, :]}
 
 
+def _assert_ulps_close(got, want, ulps):
+    """Factors within ulps of want's dtype (singular values: of the largest). The float32
+    passes as whole GEMMs (Haswell kernels) against blocks give up to 20 here."""
+    for a, b in zip(got, want):
+        scale = np.abs(b).max() if a.ndim == 1 else 1.0
+        np.testing.assert_allclose(a, b, rtol=0, atol=ulps * np.finfo(b.dtype).eps * scale)
+
+
 @pytest.mark.parametrize("name", ["wide", "tall F", "strided"])
 def test_float32_same_bits_at_any_thread_count(name):
     M = _inputs(np.float32)[name]
-    ref = _rsvd(M, 1, split=False)
-    _assert_good(ref, M)
-    for threads in (2, 3):
-        for a, b in zip(_rsvd(M, threads), ref):
-            np.testing.assert_array_equal(a, b)
+    one = _rsvd(M, 1, split=False)
+    _assert_good(one, M)
+    ref = _rsvd(M, 2)
+    _assert_ulps_close(ref, one, 200)
+    for a, b in zip(_rsvd(M, 3), ref):
+        np.testing.assert_array_equal(a, b)
     for kw in (dict(method="krylov", n_iter=2), dict(n_iter=1, normalizer="lu")):
-        ref = _rsvd(M, 1, split=False, **kw)
-        for a, b in zip(_rsvd(M, 2, **kw), ref):
+        ref = _rsvd(M, 2, **kw)
+        _assert_ulps_close(ref, _rsvd(M, 1, split=False, **kw), 200)
+        for a, b in zip(_rsvd(M, 3, **kw), ref):
             np.testing.assert_array_equal(a, b)
 
 
@@ -93,16 +104,13 @@ def test_float64_repeatable_and_close_to_one_thread(name):
     finally:
         stop.set()
         spinner.join()
-    one = _rsvd(M, 1, split=False)
-    for a, b in zip(first, one):
-        scale = np.abs(b).max() if a.ndim == 1 else 1.0
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e4 * np.finfo(np.float64).eps * scale)
+    _assert_ulps_close(first, _rsvd(M, 1, split=False), 1e4)
     _assert_good(first, M)
 
 
 def test_concurrent_callers_share_the_helpers():
     M = _inputs(np.float32)["wide"]
-    ref = _rsvd(M, 1, split=False)
+    ref = _rsvd(M, 2)
     before = threadpoolctl.threadpool_info()
     errors = []
 
