@@ -124,3 +124,276 @@ def test_linear_and_merge_scale_zero_keep_nan(threads, d_out, n, where):
         same_nonfinite(got, want)
         want = x @ W.T + 0.0 * (x @ A.T) @ B.T
         same_nonfinite(rslora.lora_linear(x, W, A, B, scale=0.0), want)
+
+
+# --- data at an odd byte offset (np.frombuffer): the core reads whole elements --------------
+
+def unaligned(a: np.ndarray) -> np.ndarray:
+    """The values of ``a`` in a writable array whose data start one byte past an element."""
+    buf = bytearray(a.nbytes + 1)
+    u = np.frombuffer(buf, a.dtype, a.size, 1).reshape(a.shape)
+    u[...] = a
+    assert not u.flags.aligned and u.flags.writeable
+    return u
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unaligned_arrays_are_read_and_written_through_copies(path, dtype):
+    """Every op on misaligned inputs, outputs and in-place targets gives what it gives on aligned
+    copies, and writes the caller's array (the core used to read them as they were: undefined
+    behaviour, reported by UBSan in lora_add_multi and rsvd)."""
+    rng = np.random.default_rng(3)
+    n, d_in, d_out, r, na = 40, 37, 20, 4, 3
+    x, W = rng.standard_normal((n, d_in)).astype(dtype), rng.standard_normal((d_out, d_in)).astype(dtype)
+    A, B = rng.standard_normal((r, d_in)).astype(dtype), rng.standard_normal((d_out, r)).astype(dtype)
+    bias = rng.standard_normal(d_out).astype(dtype)
+    U = unaligned
+    want = rslora.lora_linear(x, W, A, B, scale=0.5, bias=bias)
+    np.testing.assert_array_equal(rslora.lora_linear(U(x), U(W), U(A), U(B), scale=0.5, bias=U(bias)), want)
+    out = U(np.zeros((n, d_out), dtype))
+    assert rslora.lora_linear(x, W, A, B, scale=0.5, bias=bias, out=out) is out
+    np.testing.assert_array_equal(out, want)
+
+    W2 = U(W)
+    assert rslora.merge(W2, U(A), U(B), scale=0.5) is W2
+    np.testing.assert_array_equal(W2, rslora.merge(W.copy(), A, B, scale=0.5))
+
+    dy = rng.standard_normal((n, d_out)).astype(dtype)
+    for g, h in zip(rslora.lora_linear_backward(U(dy), U(x), U(W), U(A), U(B), scale=0.5),
+                    rslora.lora_linear_backward(dy, x, W, A, B, scale=0.5)):
+        np.testing.assert_array_equal(g, h)
+
+    A_all = rng.standard_normal((na, r, d_in)).astype(dtype)
+    B_all = rng.standard_normal((na, d_out, r)).astype(dtype)
+    ids, sc = rng.integers(-1, na, n), rng.uniform(-2, 2, na)
+    y0 = rng.standard_normal((n, d_out)).astype(dtype)
+    want = rslora.lora_add_multi(y0.copy(), x, A_all, B_all, ids, scales=sc)
+    y = U(y0)
+    assert rslora.lora_add_multi(y, U(x), U(A_all), U(B_all), U(ids), scales=U(sc)) is y
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(
+        rslora.lora_linear_multi(U(x), U(W), U(A_all), U(B_all), U(ids), scales=U(sc), bias=U(bias)),
+        rslora.lora_linear_multi(x, W, A_all, B_all, ids, scales=sc, bias=bias))
+
+    for got, ref in zip(rslora.rsvd(U(x), 3, seed=0), rslora.rsvd(x, 3, seed=0)):
+        np.testing.assert_array_equal(got, ref)
+    for got, ref in zip(rslora.rsvd_tol(U(x), 0.5, seed=0), rslora.rsvd_tol(x, 0.5, seed=0)):
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_core_refuses_unaligned_arrays():
+    """The bindings (what C++ needs for memory safety) refuse misaligned data, naming it."""
+    from rslora import _core
+
+    rng = np.random.default_rng(0)
+    x, W = rng.standard_normal((8, 6)), rng.standard_normal((4, 6))
+    A, B = rng.standard_normal((2, 6)), rng.standard_normal((4, 2))
+    with pytest.raises(ValueError, match="x is not aligned"):
+        _core.lora_linear(unaligned(x), W, A, B, 1.0, None, np.zeros((8, 4)), np.zeros((8, 2)))
+    with pytest.raises(ValueError, match="W is not aligned"):
+        _core.merge(unaligned(W), A, B, 1.0)
+    with pytest.raises(ValueError, match="M is not aligned"):
+        _core.rsvd(unaligned(x), 2, 2, 1, "subspace", "qr", 0, True)
+    A_all, B_all = np.zeros((2, 3, 6)), np.zeros((2, 4, 3))
+    ids, sc = np.zeros(8, np.int64), np.ones(2)
+    for args, name in (((unaligned(np.zeros((8, 4))), x, A_all, B_all, ids, sc), "y"),
+                       ((np.zeros((8, 4)), x, unaligned(A_all), B_all, ids, sc), "A_all"),
+                       ((np.zeros((8, 4)), x, A_all, B_all, unaligned(ids), sc), "adapter_ids"),
+                       ((np.zeros((8, 4)), x, A_all, B_all, ids, unaligned(sc)), "scales")):
+        with pytest.raises(ValueError, match=f"{name} is not aligned"):
+            _core.lora_add_multi(*args)
+
+
+# --- arguments: named errors, never another library's exception or a truthy string ----------
+
+def test_tensors_that_cannot_become_arrays_are_named():
+    """A torch tensor that requires grad (np.asarray raises RuntimeError) or a ragged list is a
+    TypeError naming the argument."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x, W = rng.standard_normal((5, 7)), rng.standard_normal((6, 7))
+    A, B = rng.standard_normal((3, 7)), rng.standard_normal((6, 3))
+    grad = torch.tensor(W, requires_grad=True)
+    with pytest.raises(TypeError, match=r"^W cannot be read as a NumPy array \(RuntimeError: .*detach"):
+        rslora.lora_linear(x, grad, A, B, scale=1.0)
+    with pytest.raises(TypeError, match="^x cannot be read"):
+        rslora.lora_linear([[1.0, 2.0], [3.0]], W, A, B, scale=1.0)
+    with pytest.raises(TypeError, match="^dy cannot be read"):
+        rslora.lora_linear_backward(torch.ones(5, 6, requires_grad=True), x, W, A, B, scale=1.0)
+    with pytest.raises(TypeError, match="^M cannot be read"):
+        rslora.rsvd(grad, 2)
+    with pytest.raises(TypeError, match="^M cannot be read"):
+        rslora.spectrum(grad)
+    with pytest.raises(TypeError, match="^weight cannot be read"):
+        rslora.LoRALinear(grad, A, B, alpha=8)
+    y, A_all, B_all = np.zeros((5, 6)), np.zeros((2, 3, 7)), np.zeros((2, 6, 3))
+    with pytest.raises(TypeError, match="^scales cannot be read"):
+        rslora.lora_add_multi(y, x, A_all, B_all, np.zeros(5, np.int64),
+                              scales=torch.ones(2, requires_grad=True))
+
+
+def _flag_calls():
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((8, 6))
+    x, W = rng.standard_normal((5, 7)), rng.standard_normal((6, 7))
+    A, B = rng.standard_normal((3, 7)), rng.standard_normal((6, 3))
+    layer = rslora.LoRALinear(W, A, B, alpha=8)
+    return {
+        "rsvd": ("check_finite", lambda f: rslora.rsvd(M, 2, seed=0, check_finite=f)),
+        "rsvd_tol": ("check_finite", lambda f: rslora.rsvd_tol(M, 0.5, seed=0, check_finite=f)),
+        "spectrum": ("check_finite", lambda f: rslora.spectrum(M, check_finite=f)),
+        "lora_linear": ("return_xa", lambda f: rslora.lora_linear(x, W, A, B, scale=1.0, return_xa=f)),
+        "LoRALinear": ("copy", lambda f: rslora.LoRALinear(W, A, B, alpha=8, copy=f)),
+        "forward": ("cache", lambda f: layer.forward(x, cache=f)),
+    }
+
+
+@pytest.mark.parametrize("op", list(_flag_calls()))
+@pytest.mark.parametrize("bad", ["no", "False", 0, 1, None, np.array([True])])
+def test_flags_must_be_bools(op, bad):
+    """check_finite="no" read as True (a string is truthy) did the opposite of what was asked:
+    a flag is a bool (Python's or NumPy's) or a TypeError naming it."""
+    name, call = _flag_calls()[op]
+    with pytest.raises(TypeError, match=f"^{name} must be True or False"):
+        call(bad)
+    call(True)
+    call(np.False_)
+
+
+def test_dask_flags_must_be_bools():
+    da = pytest.importorskip("dask.array")
+    import rslora.dask
+
+    M = da.from_array(np.random.default_rng(0).standard_normal((40, 6)), chunks=(10, 6))
+    with pytest.raises(TypeError, match="^check_finite must be True or False"):
+        rslora.dask.rsvd(M, 2, check_finite="no")
+    with pytest.raises(TypeError, match="^check_finite must be True or False"):
+        rslora.dask.rsvd_tol(M, 0.5, check_finite="no")
+
+
+def test_lora_from_delta_names_its_own_arguments():
+    """Errors about the rank and the matrix name r and delta (they named rsvd's k and M)."""
+    D = np.random.default_rng(0).standard_normal((8, 6))
+    for r in (True, 2.0, "2"):
+        with pytest.raises(TypeError, match="^r must be an integer"):
+            rslora.lora_from_delta(D, r)
+    with pytest.raises(TypeError, match="^delta must be float32 or float64, got float16"):
+        rslora.lora_from_delta(D.astype(np.float16), 2)
+    with pytest.raises(ValueError, match=r"^delta must be 2-D, got shape \(1, 8, 6\)"):
+        rslora.lora_from_delta(D[None], 2)
+
+
+# --- spectra of non-finite, subnormal and huge matrices ---------------------------------------
+
+@pytest.mark.parametrize("k", [None, 2])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_spectrum_of_a_nonfinite_matrix_is_nan_not_a_rank(k, bad):
+    """With check_finite=False a NaN/Inf in M gives NaN values and shares, and rank_for refuses:
+    the energy shares were all 1 (a NaN total read as "no energy"), so rank_for(0.9) answered 1,
+    and k=None raised LAPACK's LinAlgError."""
+    M = np.random.default_rng(0).standard_normal((8, 6))
+    M[3, 2] = bad
+    sp = rslora.spectrum(M, k, seed=0, check_finite=False)
+    assert len(sp) == (6 if k is None else k)
+    assert np.isnan(sp.singular_values).all() and np.isnan(sp.energy).all()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        sp.rank_for(0.9)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rslora.spectrum(M, k, seed=0)
+
+
+@pytest.mark.parametrize("dtype,tiny", [(np.float64, 1e-310), (np.float64, 5e-324),
+                                        (np.float32, 1e-40), (np.float32, 1e-45)])
+def test_dask_rsvd_of_subnormal_matrices(dtype, tiny):
+    """rslora.dask scaled M by 2**-e with e from max|M|: for subnormal M that power is beyond
+    the dtype (2**1030 for 1e-310), and math.ldexp raised OverflowError. The in-memory rsvd
+    handles them; the dask one now gives the same singular values."""
+    da = pytest.importorskip("dask.array")
+    import rslora.dask
+    from rslora.dask import rsvd as dask_rsvd
+
+    rng = np.random.default_rng(1)
+    M = (rng.standard_normal((40, 6)) * tiny / 4).astype(dtype)
+    M[0, 0] = dtype(tiny)  # max|M| exactly the subnormal
+    want = np.linalg.svd(M.astype(np.float64) / tiny, compute_uv=False) * tiny
+    d = da.from_array(M, chunks=(10, 6))
+    for route in ("gram", "iterate"):
+        dask_rsvd._FORCE_ROUTE = route
+        try:
+            _, S, _ = rslora.dask.rsvd(d, 2, seed=0)
+        finally:
+            dask_rsvd._FORCE_ROUTE = None
+        S = S.compute().astype(np.float64)
+        # subnormals carry fewer bits: as exact as the input's spacing allows
+        np.testing.assert_allclose(S, want[:2], rtol=1e-5, atol=8 * float(np.finfo(dtype).smallest_subnormal))
+    res = rslora.dask.rsvd_tol(d, 0.5, seed=0)
+    assert 0 <= res.error <= 0.5
+    np.testing.assert_array_equal(rslora.rsvd(M, 2, seed=0)[1] > 0, True)
+
+
+def test_float64_overflow_message_gives_a_real_magnitude_and_no_float64_advice():
+    """Singular values past float64's range said "(the largest is ~inf): compute in float64",
+    to a float64 matrix: the magnitude now comes from its logarithm."""
+    M = np.full((20, 10), np.finfo(np.float64).max / 4)  # sigma_1 = max/4 * sqrt(200) ~ 6.4e308
+    calls = [lambda: rslora.rsvd(M, 2, seed=0), lambda: rslora.spectrum(M)]
+    da = pytest.importorskip("dask.array")
+    import rslora.dask
+
+    calls.append(lambda: rslora.dask.rsvd(da.from_array(M, chunks=(10, 10)), 2, seed=0))
+    for call in calls:
+        with pytest.raises(ValueError, match=r"overflow float64 \(the largest is ~6\.36e\+308\)") as e:
+            call()
+        assert "compute in float64" not in str(e.value)
+    M32 = np.full((20, 10), np.finfo(np.float32).max / 4, np.float32)
+    with pytest.raises(ValueError, match=r"float32 \(the largest is ~1\.2e\+39\): compute in float64"):
+        rslora.rsvd(M32, 2, seed=0)
+
+
+# --- LoRALinear ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["F", "reversed", "strided", "unaligned"])
+def test_layer_copy_false_uses_the_callers_arrays(layout):
+    """copy=False promised the caller's arrays "as they are", but took np.ascontiguousarray of
+    them: a Fortran-order or strided weight was silently copied, so merge() updated the copy and
+    the caller's weight stayed unmerged."""
+    rng = np.random.default_rng(0)
+    W0, A, B = rng.standard_normal((6, 7)), rng.standard_normal((3, 7)), rng.standard_normal((6, 3))
+    W = {"F": np.asfortranarray(W0), "reversed": W0[::-1, ::-1].copy()[::-1, ::-1],
+         "strided": strided(W0), "unaligned": unaligned(W0)}[layout]
+    np.testing.assert_array_equal(W, W0)
+    layer = rslora.LoRALinear(W, A, B, alpha=8, copy=False)
+    assert layer.weight is W
+    x = rng.standard_normal((5, 7))
+    y = layer.forward(x)
+    layer.merge()
+    np.testing.assert_allclose(W, W0 + layer.scaling * B @ A, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(layer.forward(x), y, rtol=1e-12, atol=1e-12)
+    layer.unmerge()
+    np.testing.assert_allclose(W, W0, rtol=1e-13, atol=1e-13)
+
+
+def test_layer_copy_false_read_only_weight_is_refused_on_merge():
+    rng = np.random.default_rng(0)
+    W = np.broadcast_to(rng.standard_normal(7), (6, 7))
+    layer = rslora.LoRALinear(W, rng.standard_normal((3, 7)), rng.standard_normal((6, 3)),
+                              alpha=8, copy=False)
+    with pytest.raises(ValueError, match="W is read-only"):
+        layer.merge()
+    assert not layer.merged
+
+
+@pytest.mark.parametrize("need,err", [(3, TypeError), (None, TypeError), ("W", ValueError)])
+def test_merged_layer_backward_judges_need_like_the_unmerged_one(need, err):
+    """A merged layer read ``need`` with set(...): need=3 raised "'int' object is not iterable"
+    (and need="W" the RuntimeError meant for "A"/"B") instead of the named error."""
+    rng = np.random.default_rng(0)
+    layer = rslora.LoRALinear(rng.standard_normal((6, 7)), rng.standard_normal((3, 7)),
+                              rng.standard_normal((6, 3)), alpha=8)
+    layer.forward(rng.standard_normal((5, 7)))
+    dy = np.ones((5, 6))
+    with pytest.raises(err, match="need"):
+        layer.backward(dy, need=need)
+    layer.merge()
+    layer.forward(rng.standard_normal((5, 7)))
+    with pytest.raises(err, match="need"):
+        layer.backward(dy, need=need)
