@@ -397,3 +397,33 @@ def test_merged_layer_backward_judges_need_like_the_unmerged_one(need, err):
     layer.forward(rng.standard_normal((5, 7)))
     with pytest.raises(err, match="need"):
         layer.backward(dy, need=need)
+
+
+def test_multi_ids_and_scales_sharing_memory_with_the_output():
+    """adapter_ids and scales that live in the memory out= (or y) is written to: they were read
+    after the base GEMM overwrote them (an IndexError naming an id the caller never passed,
+    after out was half written). They are now read once, before any write."""
+    rng = np.random.default_rng(0)
+    n, d_in, d_out, r, na = 8, 5, 4, 2, 3
+    x, W = rng.standard_normal((n, d_in)), rng.standard_normal((d_out, d_in))
+    A, B = rng.standard_normal((na, r, d_in)), rng.standard_normal((na, d_out, r))
+    ids, sc = rng.integers(0, na, n), rng.uniform(1, 2, na)
+    want = rslora.lora_linear_multi(x, W, A, B, ids, scales=sc)
+    buf = np.zeros(n * d_out)
+    out = buf.reshape(n, d_out)
+    ids_v = buf.view(np.int64)[3:3 + n]
+    sc_v = buf[20:20 + na]
+    ids_v[:], sc_v[:] = ids, sc
+    got = rslora.lora_linear_multi(x, W, A, B, ids_v, scales=sc_v, out=out)
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+
+    y0 = rng.standard_normal((n, d_out))
+    buf = np.zeros(n * d_out)
+    y = buf.reshape(n, d_out)
+    y[...] = y0
+    ids_v = buf.view(np.int64)[:n]  # the bits of y's first rows, read as ids ...
+    ids_v[:] = ids  # ... set to valid ones (y0's rows 0-1 are replaced by them)
+    y0 = y.copy()
+    got = rslora.lora_add_multi(y, x, A, B, ids_v, scales=sc)
+    np.testing.assert_allclose(got, rslora.lora_add_multi(y0, x, A, B, ids, scales=sc),
+                               rtol=1e-13, atol=1e-13)

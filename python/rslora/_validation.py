@@ -280,7 +280,9 @@ def ids_meta(dtype: str, integral: bool, shape: Shape, batch: Shape) -> None:
 
 def host_ids(adapter_ids: object, batch: Shape, n_adapters: int) -> npt.NDArray[np.int64]:
     """Host adapter_ids as a flat contiguous int64 array, every id in [-1, n_adapters); an id
-    out of range is an IndexError naming its full index, before any work is done."""
+    out of range is an IndexError naming its full index, before any work is done. Always a
+    copy: ids that share memory with y or out= would change under the core's writes (checked,
+    then read again out of range)."""
     ids = readable(adapter_ids, "adapter_ids")
     ids_meta(str(ids.dtype), ids.dtype.kind in "iu", ids.shape, batch)
     low = (ids < -1) if ids.dtype.kind == "i" else np.zeros(ids.shape, bool)
@@ -290,7 +292,7 @@ def host_ids(adapter_ids: object, batch: Shape, n_adapters: int) -> npt.NDArray[
         raise IndexError(f"adapter_ids[{', '.join(map(str, where))}] = {ids.flat[bad[0]]} is "
                          f"out of range for {n_adapters} adapters (valid: -1 for the base model, "
                          f"0..{n_adapters - 1})")
-    return np.require(ids.reshape(-1), np.int64, ["C", "A"])
+    return np.array(ids.reshape(-1), np.int64)  # a copy, C-contiguous and aligned
 
 
 def scales_shape(shape: Shape, n_adapters: int) -> None:
@@ -300,15 +302,15 @@ def scales_shape(shape: Shape, n_adapters: int) -> None:
 
 
 def host_scales(scales: object, n_adapters: int) -> npt.NDArray[np.float64]:
-    """One finite real scale per adapter, as contiguous float64 (a lone number is refused: it
-    would hide a missing per-adapter value)."""
+    """One finite real scale per adapter, as a contiguous float64 copy (a lone number is
+    refused: it would hide a missing per-adapter value; a copy, as for :func:`host_ids`)."""
     if scales is None:
         raise TypeError("scales= is required: one scale per adapter, shape (n_adapters,)")
     arr = readable(scales, "scales")
     if arr.dtype.kind not in "iuf":
         raise TypeError(f"scales must be real numbers, got {arr.dtype}")
     scales_shape(arr.shape, n_adapters)
-    out = np.require(arr, np.float64, ["C", "A"])
+    out = np.array(arr, np.float64)
     if not np.all(np.isfinite(out)):
         raise ValueError(f"scales must be finite, got {out[~np.isfinite(out)][0]}")
     return out
