@@ -427,3 +427,26 @@ def test_multi_ids_and_scales_sharing_memory_with_the_output():
     got = rslora.lora_add_multi(y, x, A, B, ids_v, scales=sc)
     np.testing.assert_allclose(got, rslora.lora_add_multi(y0, x, A, B, ids, scales=sc),
                                rtol=1e-13, atol=1e-13)
+
+
+def test_multi_with_no_adapters_and_empty_batches():
+    """Zero adapters: ids of -1 run the base model, an id of 0 names the empty range sensibly
+    (it said "valid: ... 0..-1"); an empty batch takes ids=[] (NumPy makes [] float64, which
+    was refused as "adapter_ids must be integers")."""
+    from rslora import _core
+
+    x, W = np.ones((3, 4)), np.ones((2, 4))
+    A0, B0 = np.zeros((0, 2, 4)), np.zeros((0, 2, 2))
+    np.testing.assert_array_equal(
+        rslora.lora_linear_multi(x, W, A0, B0, np.full(3, -1), scales=[]), np.full((3, 2), 4.0))
+    for call in (lambda: rslora.lora_linear_multi(x, W, A0, B0, [-1, 0, -1], scales=[]),
+                 lambda: _core.lora_add_multi(np.zeros((3, 2)), x, A0, B0,
+                                              np.array([-1, 0, -1]), np.zeros(0))):
+        with pytest.raises(IndexError, match=r"^adapter_ids\[1\] = 0 is out of range for 0 "
+                                             r"adapters \(valid: -1 for the base model only\)$"):
+            call()
+    A, B = np.ones((2, 2, 4)), np.ones((2, 2, 2))
+    assert rslora.lora_linear_multi(x[:0], W, A, B, [], scales=[1, 2]).shape == (0, 2)
+    assert rslora.lora_add_multi(np.zeros((0, 2)), x[:0], A, B, [], scales=[1, 2]).shape == (0, 2)
+    with pytest.raises(TypeError, match="adapter_ids must be integers, got float64"):
+        rslora.lora_add_multi(np.zeros((1, 2)), x[:1], A, B, [0.0], scales=[1, 2])

@@ -284,14 +284,16 @@ def host_ids(adapter_ids: object, batch: Shape, n_adapters: int) -> npt.NDArray[
     copy: ids that share memory with y or out= would change under the core's writes (checked,
     then read again out of range)."""
     ids = readable(adapter_ids, "adapter_ids")
+    if ids.size == 0 and ids.dtype.kind == "f":  # [] for an empty batch: NumPy makes it float
+        ids = ids.astype(np.int64)
     ids_meta(str(ids.dtype), ids.dtype.kind in "iu", ids.shape, batch)
     low = (ids < -1) if ids.dtype.kind == "i" else np.zeros(ids.shape, bool)
     bad = np.flatnonzero((ids >= n_adapters) | low)
     if bad.size:
         where = np.unravel_index(int(bad[0]), ids.shape)
         raise IndexError(f"adapter_ids[{', '.join(map(str, where))}] = {ids.flat[bad[0]]} is "
-                         f"out of range for {n_adapters} adapters (valid: -1 for the base model, "
-                         f"0..{n_adapters - 1})")
+                         f"out of range for {n_adapters} adapters (valid: -1 for the base model"
+                         + (f", 0..{n_adapters - 1})" if n_adapters else " only)"))
     return np.array(ids.reshape(-1), np.int64)  # a copy, C-contiguous and aligned
 
 
