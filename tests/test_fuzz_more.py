@@ -450,3 +450,19 @@ def test_multi_with_no_adapters_and_empty_batches():
     assert rslora.lora_add_multi(np.zeros((0, 2)), x[:0], A, B, [], scales=[1, 2]).shape == (0, 2)
     with pytest.raises(TypeError, match="adapter_ids must be integers, got float64"):
         rslora.lora_add_multi(np.zeros((1, 2)), x[:1], A, B, [0.0], scales=[1, 2])
+
+
+@pytest.mark.parametrize("seed,err,match", [(True, TypeError, "seed must be an integer, got bool"),
+                                            (-1, ValueError, "seed must be >= 0"),
+                                            (1.5, TypeError, "seed must be an integer, got float"),
+                                            (2**64, ValueError, "seed must be < 2")])
+def test_layer_init_seed_follows_the_seed_rule(seed, err, match):
+    """LoRALinear.init handed seed to NumPy as it was: True ran as seed 1, and -1 or 1.5 gave
+    NumPy's messages, which name no argument."""
+    W = np.ones((4, 3))
+    with pytest.raises(err, match=match):
+        rslora.LoRALinear.init(W, 2, seed=seed)
+    a = rslora.LoRALinear.init(W, 2, seed=np.int64(5)).lora_A
+    np.testing.assert_array_equal(a, rslora.LoRALinear.init(W, 2, seed=5).lora_A)
+    g = np.random.default_rng(5)
+    np.testing.assert_array_equal(rslora.LoRALinear.init(W, 2, seed=g).lora_A, a)

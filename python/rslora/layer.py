@@ -122,6 +122,8 @@ class LoRALinear:
         v.host_dtype(weight=W)
         v.ndim(W.shape, "weight", 2)
         r = v.integer(r, "r", 1, v.INT_MAX)  # checked before r * in_features is allocated
+        if not (seed is None or isinstance(seed, np.random.Generator)):
+            v.seed(seed)  # the rule of every seed= (NumPy took True, and named no argument)
         if alpha is None and scale is None:
             alpha = float(r)
         bound = 1.0 / np.sqrt(W.shape[1])  # kaiming_uniform_(a=sqrt(5)) on (r, in_features)
