@@ -13,6 +13,7 @@ std::string num(py::ssize_t v) { return std::to_string(v); }
 template <class T>
 Stack<T> stack(py::array& a, const char* name) {
   require_ndim(a, name, 3);
+  require_aligned<std::remove_const_t<T>>(a, name);
   return {static_cast<T*>(const_cast<void*>(a.data())), a.shape(0), a.shape(1), a.shape(2),
           elem_stride<T>(a, 0, name), elem_stride<T>(a, 1, name), elem_stride<T>(a, 2, name)};
 }
@@ -33,12 +34,14 @@ void check_multi(const py::array& x, py::ssize_t d_out, const py::array& A, cons
       !(ids.flags() & py::array::c_style))
     throw type_error("adapter_ids must be a contiguous 1-D int64 array, got " +
                      std::string(py::str(ids.dtype())) + " with shape " + shape_str(ids));
+  require_aligned<std::int64_t>(ids, "adapter_ids");
   if (ids.shape(0) != n)
     shape_error("adapter_ids has shape " + shape_str(ids) + " but x has " + num(n) + " rows");
   if (!is_native<double>(scales.dtype()) || scales.ndim() != 1 ||
       !(scales.flags() & py::array::c_style))
     throw type_error("scales must be a contiguous 1-D float64 array, got " +
                      std::string(py::str(scales.dtype())) + " with shape " + shape_str(scales));
+  require_aligned<double>(scales, "scales");
   if (scales.shape(0) != na)
     shape_error("scales has shape " + shape_str(scales) + " but there are " + num(na) +
                 " adapters (A_all " + shape_str(A) + ")");

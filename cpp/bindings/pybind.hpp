@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -78,6 +79,16 @@ inline void require_ndim(const py::array& a, const char* name, py::ssize_t nd) {
                                 "-D, got shape " + shape_str(a));
 }
 
+// The core reads whole elements: data at an address that is not a multiple of the element's
+// alignment (np.frombuffer at an odd byte offset) would be undefined behaviour there, so it is
+// refused here (the Python layer hands over aligned copies).
+template <class T>
+void require_aligned(const py::array& a, const char* name) {
+  if (reinterpret_cast<std::uintptr_t>(a.data()) % alignof(T) != 0)
+    throw std::invalid_argument(std::string(name) + " is not aligned (its data start at an odd "
+                                "byte offset); pass a copy");
+}
+
 template <class T>
 i64 elem_stride(const py::array& a, int axis, const char* name) {
   py::ssize_t s = a.strides(axis);
@@ -92,6 +103,7 @@ template <class T>
 Mat<T> mat(py::array& a, const char* name) {
   require_ndim(a, name, 2);
   using U = std::remove_const_t<T>;
+  require_aligned<U>(a, name);
   T* p;
   if constexpr (std::is_const_v<T>) {
     p = static_cast<T*>(a.data());
@@ -106,6 +118,7 @@ template <class T>
 Vec<T> vec(py::array& a, const char* name) {
   require_ndim(a, name, 1);
   using U = std::remove_const_t<T>;
+  require_aligned<U>(a, name);
   return {static_cast<T*>(const_cast<void*>(a.data())), a.shape(0), elem_stride<U>(a, 0, name)};
 }
 

@@ -32,7 +32,8 @@ def lora_linear(x: object, W: object, A: object, B: object, s: float, *, bias: o
     res, out2, copy_back = v.host_out(out, sh.batch + (sh.d_out,), dtype, x=xh, W=Wh, A=Ah, B=Bh,
                                       bias=bh)
     xa = np.empty((x2.shape[0], sh.r), dtype=dtype)
-    _core.lora_linear(x2, Wh, Ah, Bh, s, bh, out2, xa)
+    _core.lora_linear(v.aligned(x2), v.aligned(Wh), v.aligned(Ah), v.aligned(Bh),
+                      s, None if bh is None else v.aligned(bh), out2, xa)
     if copy_back:
         res[...] = out2.reshape(res.shape)
     return (res, xa.reshape(sh.batch + (sh.r,))) if return_xa else res
@@ -48,7 +49,10 @@ def merge(W: object, A: object, B: object, s: float) -> np.ndarray:
     s = v.real(s, "s")
     v.check_writable(W, "W", "; merge works in place")
     v.no_alias("W", lambda a: v.overlaps(W, a), A=Ah, B=Bh)
-    _core.merge(W, Ah, Bh, s)
+    Wc = v.aligned(W)  # W itself, or an aligned copy written back
+    _core.merge(Wc, v.aligned(Ah), v.aligned(Bh), s)
+    if Wc is not W:
+        W[...] = Wc
     return W
 
 
@@ -65,7 +69,8 @@ def lora_linear_multi(x: object, W: object, A_all: object, B_all: object, adapte
     sc = v.host_scales(scales, sh.n_adapters)
     res, out2, copy_back = v.host_out(out, sh.batch + (sh.d_out,), dtype, x=xh, W=Wh, A_all=Ah,
                                       B_all=Bh, bias=bh)
-    _core.lora_linear_multi(xh.reshape(ids.size, sh.d_in), Wh, Ah, Bh, ids, sc, bh, out2)
+    _core.lora_linear_multi(v.aligned(xh.reshape(ids.size, sh.d_in)), v.aligned(Wh), v.aligned(Ah),
+                            v.aligned(Bh), ids, sc, None if bh is None else v.aligned(bh), out2)
     if copy_back:
         res[...] = out2.reshape(res.shape)
     return res
@@ -85,7 +90,8 @@ def lora_add_multi(y: object, x: object, A_all: object, B_all: object, adapter_i
     ids = v.host_ids(adapter_ids, sh.batch, sh.n_adapters)
     sc = v.host_scales(scales, sh.n_adapters)
     y2, copy_back = v.rows_view(y, ids.size, keep=True)
-    _core.lora_add_multi(y2, xh.reshape(ids.size, sh.d_in), Ah, Bh, ids, sc)
+    _core.lora_add_multi(y2, v.aligned(xh.reshape(ids.size, sh.d_in)), v.aligned(Ah),
+                         v.aligned(Bh), ids, sc)
     if copy_back:
         y[...] = y2.reshape(y.shape)
     return y

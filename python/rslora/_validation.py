@@ -69,6 +69,14 @@ def open_unit(value: object, name: str) -> float:
     return v
 
 
+def flag(value: object, name: str) -> bool:
+    """A bool (Python's or NumPy's): a string such as "no" or a number would be read as its
+    truthiness, the opposite of what was meant for ``check_finite="no"``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return bool(value)
+
+
 def choice(value: object, name: str, allowed: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
@@ -272,17 +280,21 @@ def ids_meta(dtype: str, integral: bool, shape: Shape, batch: Shape) -> None:
 
 def host_ids(adapter_ids: object, batch: Shape, n_adapters: int) -> npt.NDArray[np.int64]:
     """Host adapter_ids as a flat contiguous int64 array, every id in [-1, n_adapters); an id
-    out of range is an IndexError naming its full index, before any work is done."""
-    ids = np.asarray(adapter_ids)
+    out of range is an IndexError naming its full index, before any work is done. Always a
+    copy: ids that share memory with y or out= would change under the core's writes (checked,
+    then read again out of range)."""
+    ids = readable(adapter_ids, "adapter_ids")
+    if ids.size == 0 and ids.dtype.kind == "f":  # [] for an empty batch: NumPy makes it float
+        ids = ids.astype(np.int64)
     ids_meta(str(ids.dtype), ids.dtype.kind in "iu", ids.shape, batch)
     low = (ids < -1) if ids.dtype.kind == "i" else np.zeros(ids.shape, bool)
     bad = np.flatnonzero((ids >= n_adapters) | low)
     if bad.size:
         where = np.unravel_index(int(bad[0]), ids.shape)
         raise IndexError(f"adapter_ids[{', '.join(map(str, where))}] = {ids.flat[bad[0]]} is "
-                         f"out of range for {n_adapters} adapters (valid: -1 for the base model, "
-                         f"0..{n_adapters - 1})")
-    return np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
+                         f"out of range for {n_adapters} adapters (valid: -1 for the base model"
+                         + (f", 0..{n_adapters - 1})" if n_adapters else " only)"))
+    return np.array(ids.reshape(-1), np.int64)  # a copy, C-contiguous and aligned
 
 
 def scales_shape(shape: Shape, n_adapters: int) -> None:
@@ -292,21 +304,31 @@ def scales_shape(shape: Shape, n_adapters: int) -> None:
 
 
 def host_scales(scales: object, n_adapters: int) -> npt.NDArray[np.float64]:
-    """One finite real scale per adapter, as contiguous float64 (a lone number is refused: it
-    would hide a missing per-adapter value)."""
+    """One finite real scale per adapter, as a contiguous float64 copy (a lone number is
+    refused: it would hide a missing per-adapter value; a copy, as for :func:`host_ids`)."""
     if scales is None:
         raise TypeError("scales= is required: one scale per adapter, shape (n_adapters,)")
-    arr = np.asarray(scales)
+    arr = readable(scales, "scales")
     if arr.dtype.kind not in "iuf":
         raise TypeError(f"scales must be real numbers, got {arr.dtype}")
     scales_shape(arr.shape, n_adapters)
-    out = np.ascontiguousarray(arr, dtype=np.float64)
+    out = np.array(arr, np.float64)
     if not np.all(np.isfinite(out)):
         raise ValueError(f"scales must be finite, got {out[~np.isfinite(out)][0]}")
     return out
 
 
 # --- rsvd ----------------------------------------------------------------------------------------
+
+def singular_overflow(dtype: str, log10_top: float) -> ValueError:
+    """Singular values beyond ``dtype``'s range (the largest is 10**log10_top: a log, as float64
+    may not hold it). Only float32 has a wider dtype to offer."""
+    e = math.floor(log10_top)
+    top = f"{10 ** (log10_top - e):.3g}e+{e}"
+    fix = ("compute in float64 (M.astype(numpy.float64))" if dtype == "float32" else
+           "no float64 holds them; divide M by a constant first (and multiply S by it)")
+    return ValueError(f"the singular values of M overflow {dtype} (the largest is ~{top}): {fix}")
+
 
 class RsvdArgs(NamedTuple):
     k: int
@@ -356,6 +378,17 @@ def on_gpu(a: object) -> bool:
 
 # --- host arrays ---------------------------------------------------------------------------------
 
+def readable(a: object, name: str) -> np.ndarray:
+    """``np.asarray(a)``, with a failure (a torch tensor that requires grad, a ragged list) a
+    TypeError naming the argument instead of the converter's own exception."""
+    try:
+        return np.asarray(a)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the object's __array__ raises
+        raise TypeError(f"{name} cannot be read as a NumPy array ({type(e).__name__}: {e})") from None
+
+
 def as_array(a: object, name: str) -> np.ndarray:
     """A NumPy view of an array-like (no dtype change: :func:`same_dtype` judges it)."""
     if a is None:
@@ -363,10 +396,17 @@ def as_array(a: object, name: str) -> np.ndarray:
     if on_gpu(a):  # the call's leading array is host memory, so the CPU runs it
         raise TypeError(f"{name} is on the GPU but the call runs on the host (its first array "
                         "is host memory); move all arrays to one device")
-    arr = np.asarray(a)
+    arr = readable(a, name)
     if arr.dtype.kind not in "fciub":
         raise TypeError(f"{name} must be float32 or float64, got {arr.dtype}")
     return arr
+
+
+def aligned(a: np.ndarray) -> np.ndarray:
+    """``a``, or a copy when its data start at an address that is not a multiple of the item
+    size (``np.frombuffer`` at an odd byte offset): the core reads whole elements, and its
+    bindings refuse such arrays. Host."""
+    return a if a.flags.aligned else a.copy()
 
 
 def host_dtype(**arrays: np.ndarray | None) -> np.dtype[Any]:
@@ -384,6 +424,7 @@ def host_matrix(M: object, name: str = "M", check_finite: bool = False) -> np.nd
     item = arr.itemsize
     if not (min(s0, s1) >= 0 and (s0 == item or s1 == item or arr.size <= 1)):
         arr = np.ascontiguousarray(arr)  # negative or doubly strided: BLAS would copy every pass
+    arr = aligned(arr)
     if check_finite and arr.size and not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or Inf (pass check_finite=False to skip this check)")
     return arr
@@ -449,16 +490,19 @@ def host_out(out: object, shape: Shape, dtype: np.dtype[Any],
 
 
 def rows_view(a: np.ndarray, rows: int, keep: bool) -> tuple[np.ndarray, bool]:
-    """``a`` as (rows, a.shape[-1]): a view when its layout allows one, else a new array (True:
-    the caller copies it back) holding a's values if ``keep`` (an update in place)."""
-    flat = a.view()
-    try:
-        flat.shape = (rows, a.shape[-1])  # rows spelled out: reshape(-1, 0) cannot infer them
-    except AttributeError:
-        if keep:
-            return a.reshape(rows, a.shape[-1]), True
-        return np.empty((rows, a.shape[-1]), dtype=a.dtype), True
-    return flat, False
+    """``a`` as (rows, a.shape[-1]): a view when its layout allows one (and it is aligned), else
+    a new array (True: the caller copies it back) holding a's values if ``keep`` (an update in
+    place)."""
+    if a.flags.aligned:  # else the core cannot write it in place: an aligned copy
+        flat = a.view()
+        try:
+            flat.shape = (rows, a.shape[-1])  # rows spelled out: reshape(-1, 0) cannot infer them
+            return flat, False
+        except AttributeError:
+            pass
+    if keep:
+        return np.array(a).reshape(rows, a.shape[-1]), True
+    return np.empty((rows, a.shape[-1]), dtype=a.dtype), True
 
 
 def leading(a: object) -> int:

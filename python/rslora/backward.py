@@ -91,7 +91,8 @@ def lora_linear_backward(dy: Any, x: Any, W: Any, A: Any, B: Any, *, scale: floa
     dB = np.empty((d_out, r), dtype=dtype) if "B" in wanted else None
     if wanted:
         _core.lora_linear_backward(
-            dy.reshape(n, d_out), x.reshape(n, d_in), W, A, B, s,
-            None if xa is None or "B" not in wanted else xa.reshape(n, r),
+            v.aligned(dy.reshape(n, d_out)), v.aligned(x.reshape(n, d_in)), v.aligned(W),
+            v.aligned(A), v.aligned(B), s,
+            None if xa is None or "B" not in wanted else v.aligned(xa.reshape(n, r)),
             None if dx is None else dx.reshape(n, d_in), dA, dB)
     return dx, dA, dB

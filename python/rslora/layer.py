@@ -15,7 +15,7 @@ import numpy as np
 from . import _backend, _core
 from . import _validation as v
 from .scaling import resolve
-from .backward import lora_linear_backward
+from .backward import _parse_need, lora_linear_backward
 from .linear import lora_linear, merge, unmerge
 
 __all__ = ["LoRALinear", "LoRAGrads"]
@@ -49,13 +49,15 @@ class LoRALinear:
         copies are packed: ``weight`` and ``lora_A`` are the two row blocks of one
         (out_features + r, in_features) buffer, so the unmerged forward is two GEMMs (one
         gives ``x @ weight.T`` and ``x @ lora_A.T`` together, the other adds the expand onto
-        it) instead of three. With ``copy=False`` the caller's arrays are used as they are
-        (three GEMMs).
+        it) instead of three. With ``copy=False`` the caller's arrays are used as they are,
+        in their own layout (three GEMMs): merge() then updates the caller's weight in place,
+        and refuses a read-only one.
 
     Attributes
     ----------
     weight, bias, lora_A, lora_B : ndarray
-        The arrays in use (C-contiguous; ``weight`` holds ``W + s B A`` while merged).
+        The arrays in use (C-contiguous copies, or the caller's own with ``copy=False``;
+        ``weight`` holds ``W + s B A`` while merged).
     scaling : float
     merged : bool
 
@@ -72,6 +74,7 @@ class LoRALinear:
                  copy: bool = True) -> None:
         given = dict(weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
         _backend.host_only("LoRALinear", **given)
+        copy = v.flag(copy, "copy")
         arrays = {k: None if a is None else v.as_array(a, k) for k, a in given.items()}
         v.host_dtype(**arrays)
         W, A, B, b = arrays["weight"], arrays["lora_A"], arrays["lora_B"], arrays["bias"]
@@ -88,7 +91,9 @@ class LoRALinear:
         self.scaling = resolve(scale, alpha, rule, A.shape[0])
         self.lora_alpha = alpha
         self.rule = rule
-        conv: Any = (lambda a: np.array(a, order="C")) if copy else np.ascontiguousarray
+        # copy=False: the arrays as given (any layout: the ops read it in place), never a silent
+        # contiguous copy that merge() would then update instead of the caller's weight
+        conv: Any = (lambda a: np.array(a, order="C")) if copy else (lambda a: a)
         self._packed: np.ndarray | None = None
         if copy:
             self._packed = np.empty((W.shape[0] + A.shape[0], W.shape[1]), dtype=W.dtype)
@@ -117,6 +122,8 @@ class LoRALinear:
         v.host_dtype(weight=W)
         v.ndim(W.shape, "weight", 2)
         r = v.integer(r, "r", 1, v.INT_MAX)  # checked before r * in_features is allocated
+        if not (seed is None or isinstance(seed, np.random.Generator)):
+            v.seed(seed)  # the rule of every seed= (NumPy took True, and named no argument)
         if alpha is None and scale is None:
             alpha = float(r)
         bound = 1.0 / np.sqrt(W.shape[1])  # kaiming_uniform_(a=sqrt(5)) on (r, in_features)
@@ -153,6 +160,7 @@ class LoRALinear:
         first out_features columns of an (..., out_features + r) buffer whose last r columns
         hold ``x @ lora_A.T``: a view with strided rows, not a C-contiguous array.
         """
+        cache = v.flag(cache, "cache")
         if self.merged:
             empty_A = self.lora_A[:0]
             y: np.ndarray = lora_linear(x, self.weight, empty_A, self.lora_B[:, :0], scale=0.0, bias=self.bias)
@@ -186,7 +194,7 @@ class LoRALinear:
         z2 = z.reshape(-1, d_out + r)  # a view: z is fresh and C-contiguous
         # y += s xa B^T, a GEMM with beta = 1 ("W += s B A" with W = y, B = xa, A = lora_B^T);
         # y and xa are disjoint column blocks of z.
-        _core.merge(z2[:, :d_out], self.lora_B.T, z2[:, d_out:], self.scaling)
+        _core.merge(z2[:, :d_out], v.aligned(self.lora_B.T), z2[:, d_out:], self.scaling)
         return z[..., :d_out], z[..., d_out:]
 
     def backward(self, dy: Any, *, need: str | Iterable[str] = ("x", "A", "B")) -> LoRAGrads:
@@ -195,11 +203,12 @@ class LoRALinear:
         ``need`` picks among "x", "A", "B" (see :func:`rslora.lora_linear_backward`). While
         merged only dx is available (the adapter is folded into the weight).
         """
+        wanted = _parse_need(need)
         if self._cache is None:
             raise RuntimeError("backward() needs a forward(x) first (with cache=True)")
         x, xa = self._cache
         if self.merged:
-            if set((need,) if isinstance(need, str) else need) - {"x"}:
+            if wanted - {"x"}:
                 raise RuntimeError("the layer is merged: unmerge() to get adapter gradients")
             dx, _, _ = lora_linear_backward(dy, x, self.weight, self.lora_A[:0],
                                             self.lora_B[:, :0], scale=0.0, need=("x",))

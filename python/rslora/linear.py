@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _backend
-from ._validation import leading
+from ._validation import flag, leading
 from .scaling import resolve
 
 __all__ = ["lora_linear", "merge", "unmerge"]
@@ -55,7 +55,8 @@ def lora_linear(x: Any, W: Any, A: Any, B: Any, *, scale: float | None = None,
     is released while the kernels run.
     """
     s = resolve(scale, alpha, rule, leading(A))
-    return _backend.op("lora_linear", x)(x, W, A, B, s, bias=bias, out=out, return_xa=return_xa)
+    return _backend.op("lora_linear", x)(x, W, A, B, s, bias=bias, out=out,
+                                         return_xa=flag(return_xa, "return_xa"))
 
 
 def _merge(W: Any, A: Any, B: Any, sign: float, scale: float | None, alpha: float | None,

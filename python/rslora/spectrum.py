@@ -6,6 +6,7 @@ PEFT shapes: ``delta (d_out, d_in)`` (= fine-tuned W - base W), ``A (r, d_in)`` 
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -72,13 +73,12 @@ def lora_from_delta(delta: Any, r: int | None = None, *, tol: float | None = Non
     if (r is None) == (tol is None):
         raise ValueError("give exactly one of r= (a rank) and tol= (a relative error)")
     _backend.host_only("lora_from_delta", delta=delta)
+    delta = v.host_matrix(delta, "delta")  # named as the delta and the rank, not as rsvd's M, k
     if r is not None:
         if max_rank is not None:
             raise ValueError("max_rank= goes with tol=, not with r=")
-        shape = tuple(np.shape(delta))
-        if len(shape) == 2 and _is_int(r):
-            v.rank(r, "r", shape, of="delta", dims="d_out, d_in")  # named as the rank, not k
-        U, S, Vt = rsvd(delta, r, n_iter=_converged(n_iter, shape, r), seed=seed)
+        v.rank(r, "r", delta.shape, of="delta", dims="d_out, d_in")
+        U, S, Vt = rsvd(delta, r, n_iter=_converged(n_iter, delta.shape, r), seed=seed)
     else:
         assert tol is not None
         q = 2 if n_iter == "auto" else n_iter  # rsvd_tol's default
@@ -118,15 +118,17 @@ class Spectrum:
         with np.errstate(over="ignore", under="ignore"):
             true = np.ldexp(scaled, -exponent)
         if true.size and true.max() > np.finfo(dtype).max:
-            raise ValueError(f"the singular values of M overflow {dtype} (the largest is "
-                             f"~{true.max():.3g}): compute in float64 (M.astype(numpy.float64))")
+            raise v.singular_overflow(dtype.name, math.log10(scaled.max()) - exponent * math.log10(2))
         self.singular_values = true.astype(dtype)
         with np.errstate(over="ignore", under="ignore"):  # inf/0 when float64 cannot hold it
             self.total_energy = float(np.ldexp(total_energy, -2 * exponent))
         self._scaled_total = total_energy
         self.complete = complete  # all min(m, n) values known (k=None)
         sq = np.cumsum(np.square(scaled))  # shares from the scaled values: no over/underflow
-        self.energy = sq / total_energy if total_energy > 0 else np.ones_like(sq)
+        if not np.isfinite(total_energy):  # M held NaN/Inf (check_finite=False): no shares
+            self.energy = np.full_like(sq, np.nan)
+        else:
+            self.energy = sq / total_energy if total_energy > 0 else np.ones_like(sq)
 
     def __len__(self) -> int:
         return int(self.singular_values.shape[0])
@@ -146,6 +148,9 @@ class Spectrum:
         share = v.real(share, "share")
         if not 0.0 < share <= 1.0:
             raise ValueError(f"share must be in (0, 1], got {share}")
+        if not np.isfinite(self._scaled_total):
+            raise ValueError("the spectrum is NaN: M holds NaN or Inf (it was computed with "
+                             "check_finite=False)")
         if self._scaled_total == 0:
             return 0
         eps = np.finfo(self.singular_values.dtype).eps
@@ -183,10 +188,14 @@ def spectrum(M: Any, k: int | None = None, *, seed: int | np.random.Generator | 
         exact, from ``M``), ``.rank_for(share)``, ``.total_energy``.
     """
     _backend.host_only("spectrum", M=M)
+    check_finite = v.flag(check_finite, "check_finite")
     M = v.host_matrix(M, "M", check_finite and k is None)  # rsvd checks in its first pass
     e = _pow2_exponent(M)
     Ms = np.ldexp(M, e) if e else M  # exact: only exponents change
-    if k is None:
+    total = float(np.einsum("ij,ij->", Ms, Ms, dtype=np.float64)) if M.size else 0.0
+    if k is None and not np.isfinite(total):  # NaN/Inf in M (check_finite=False): NaN values,
+        s = np.full(min(M.shape), np.nan, M.dtype)  # as rsvd gives (LAPACK would raise instead)
+    elif k is None:
         s = np.linalg.svd(Ms, compute_uv=False) if M.size else np.zeros(0, M.dtype)
         s = s.astype(M.dtype, copy=False)
     else:
@@ -194,7 +203,6 @@ def spectrum(M: Any, k: int | None = None, *, seed: int | np.random.Generator | 
         _, s, _ = rsvd(M, k, n_iter=_converged("auto", M.shape, k), seed=seed,
                        check_finite=check_finite)  # scales on its own
         s = np.ldexp(s.astype(np.float64), e)
-    total = float(np.einsum("ij,ij->", Ms, Ms, dtype=np.float64)) if M.size else 0.0
     return Spectrum(s, total, k is None or k == min(M.shape), exponent=e, dtype=M.dtype)
 
 

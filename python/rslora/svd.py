@@ -185,7 +185,8 @@ def rsvd(M: Any, k: int, *, oversample: int = 10, n_iter: int | str = "auto",
     GPU arrays (DLPack: torch, CuPy) run on the GPU through :func:`rslora.cuda.rsvd`.
     """
     return _backend.op("rsvd", M)(M, k, oversample=oversample, n_iter=n_iter, method=method,
-                                  normalizer=normalizer, seed=seed, check_finite=check_finite,
+                                  normalizer=normalizer, seed=seed,
+                                  check_finite=v.flag(check_finite, "check_finite"),
                                   auto_tol=auto_tol)
 
 
@@ -244,5 +245,6 @@ def rsvd_tol(M: Any, tol: float, *, max_rank: int | None = None, block: int | No
     # a block wider than max_rank is max_rank (clamped: no overflow in the core's sizes)
     width = min(32, rank) if block is None else min(v.integer(block, "block", 1), rank)
     q = v.integer(n_iter, "n_iter", 0, v.INT_MAX)
-    U, S, Vt, err = _core.rsvd_tol(Mh, tol, rank, width, q, v.seed(seed), bool(check_finite))
+    finite = v.flag(check_finite, "check_finite")
+    U, S, Vt, err = _core.rsvd_tol(Mh, tol, rank, width, q, v.seed(seed), finite)
     return RsvdTolResult(U, S, Vt, float(err))

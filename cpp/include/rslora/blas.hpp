@@ -85,7 +85,10 @@ void* symbol(const std::string& plain_name, bool cblas);
 void check_fits(std::initializer_list<i64> values);
 
 // C = alpha * op(A) op(B) + beta * C, op = transpose when ta/tb. C must be writable; any views.
-// k == 0 gives C = beta * C (beta == 0 writes zeros, never reads C).
+// k == 0 gives C = beta * C (beta == 0 writes zeros, never reads C). alpha == 0 keeps IEEE's
+// 0 * Inf = NaN, as the NumPy expression `alpha * (A @ B)` does: BLAS may skip the product then
+// (reference BLAS always, OpenBLAS for beta == 1 and in GEMV), which would drop NaN/Inf of A and B
+// without a word; so the zero is applied to the smaller operand first, in a copy of it.
 template <class T>
 void gemm(T alpha, Mat<const T> A, bool ta, Mat<const T> B, bool tb, T beta, Mat<T> C);
 
@@ -118,7 +121,7 @@ class SplitCallScope {
 };
 
 // y = alpha op(A) x + beta y, op = transpose when ta; x and y strided vectors (any strides:
-// reversed ones go through a unit-stride copy).
+// reversed ones go through a unit-stride copy). alpha == 0 keeps NaN/Inf of A and x, as gemm.
 // For matrix-times-one-vector work (a decode row through an adapter) without gathering rows.
 template <class T>
 void gemv(T alpha, Mat<const T> A, bool ta, Vec<const T> x, T beta, Vec<T> y);

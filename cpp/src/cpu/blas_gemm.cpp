@@ -66,6 +66,15 @@ void gemm_row(T alpha, Mat<const T> A, bool ta, Mat<const T> B, bool tb, T beta,
   gemv<T>(alpha, B, !tb, a, beta, Vec<T>{C.data, C.cols, C.cs});
 }
 
+// 0 * P in a contiguous copy: zeros where P is finite, NaN where it holds NaN or Inf.
+template <class T>
+Mat<const T> times_zero(Mat<const T> P, std::vector<T>& buf) {
+  buf.resize(static_cast<size_t>(P.rows * P.cols));
+  for (i64 i = 0; i < P.rows; ++i)
+    for (i64 j = 0; j < P.cols; ++j) buf[i * P.cols + j] = T(0) * P(i, j);
+  return {buf.data(), P.rows, P.cols, P.cols, 1};
+}
+
 template <class T>
 void scale_in_place(Mat<T> C, T beta) {
   for (i64 i = 0; i < C.rows; ++i)
@@ -89,6 +98,11 @@ void gemm(T alpha, Mat<const T> A, bool ta, Mat<const T> B, bool tb, T beta, Mat
     throw std::invalid_argument("gemm: inconsistent operand shapes");
   if (m == 0 || n == 0) return;
   if (k == 0) return scale_in_place(C, beta);
+  if (alpha == T(0)) {  // (0 A) B, with 0 A the smaller copy: NaN/Inf reach C (see blas.hpp)
+    std::vector<T> zero;
+    if (A.rows * A.cols <= B.rows * B.cols) return gemm(T(1), times_zero(A, zero), ta, B, tb, beta, C);
+    return gemm(T(1), A, ta, times_zero(B, zero), tb, beta, C);
+  }
   if (m == 1 && C.cs >= 1) return gemm_row(alpha, A, ta, B, tb, beta, C);
   if (n == 1 && C.rs >= 1) return gemm_row(alpha, B, !tb, A, !ta, beta, C.t());
 

@@ -64,7 +64,12 @@ void gemv(T alpha, Mat<const T> A, bool ta, Vec<const T> x, T beta, Vec<T> y) {
   std::vector<T> xbuf;
   if (x.size == 1) x.stride = 1;
   if (y.size == 1) y.stride = 1;
-  if (x.stride < 1) {  // broadcast or reversed: BLAS wants incx >= 1 (and walks negative ones backward)
+  if (alpha == T(0)) {  // A (0 x): BLAS would skip the product and drop NaN/Inf (see blas.hpp)
+    xbuf.resize(static_cast<size_t>(x.size));
+    for (i64 i = 0; i < x.size; ++i) xbuf[i] = T(0) * x[i];
+    x = {xbuf.data(), x.size, 1};
+    alpha = T(1);
+  } else if (x.stride < 1) {  // broadcast or reversed: BLAS wants incx >= 1 (and walks negative ones backward)
     xbuf.resize(static_cast<size_t>(x.size));
     for (i64 i = 0; i < x.size; ++i) xbuf[i] = x[i];
     x = {xbuf.data(), x.size, 1};

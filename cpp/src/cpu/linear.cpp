@@ -1,24 +1,8 @@
 #include "rslora/linear.hpp"
 
-#include <vector>
-
 #include "rslora/blas.hpp"
 
 namespace rslora {
-namespace {
-
-// C += s op(P) op(Q). BLAS skips the product when alpha == 0, but IEEE (and the NumPy expression)
-// say 0 * Inf = NaN: with s == 0 the zero is applied to P first, in a copy the size of P.
-template <class T>
-void add_scaled_product(T s, Mat<const T> P, bool tp, Mat<const T> Q, bool tq, Mat<T> C) {
-  if (s != T(0)) return blas::gemm<T>(s, P, tp, Q, tq, T(1), C);
-  std::vector<T> zero(static_cast<size_t>(P.rows * P.cols));
-  for (i64 i = 0; i < P.rows; ++i)
-    for (i64 j = 0; j < P.cols; ++j) zero[i * P.cols + j] = T(0) * P(i, j);
-  blas::gemm<T>(T(1), Mat<const T>{zero.data(), P.rows, P.cols, P.cols, 1}, tp, Q, tq, T(1), C);
-}
-
-}  // namespace
 
 template <class T>
 void lora_linear(Mat<const T> x, Mat<const T> W, Mat<const T> A, Mat<const T> B,
@@ -35,14 +19,15 @@ void lora_linear(Mat<const T> x, Mat<const T> W, Mat<const T> A, Mat<const T> B,
   blas::gemm<T>(T(1), x, false, W, true, beta, y);  // y (+)= x W^T
   if (A.rows == 0) return;                           // r = 0: the LoRA term is an empty sum
   blas::gemm<T>(T(1), x, false, A, true, T(0), xa);  // xa = x A^T       (shrink)
-  add_scaled_product<T>(s, xa.as_const(), false, B, true, y);  // y += s xa B^T  (expand)
+  blas::gemm<T>(s, xa.as_const(), false, B, true, T(1), y);  // y += s xa B^T  (expand; s == 0
+                                                             // keeps NaN/Inf, as NumPy does)
 }
 
 template <class T>
 void merge(Mat<T> W, Mat<const T> A, Mat<const T> B, T s) {
   blas::check_fits({W.rows, W.cols, A.rows, W.rs, W.cs, A.rs, A.cs, B.rs, B.cs});
   if (A.empty()) return;  // r = 0
-  add_scaled_product<T>(s, B, false, A, false, W);
+  blas::gemm<T>(s, B, false, A, false, T(1), W);
 }
 
 template void lora_linear<float>(Mat<const float>, Mat<const float>, Mat<const float>,

@@ -223,8 +223,9 @@ void check_adapter_ids(const i64* ids, i64 n, i64 n_adapters) {
     if (ids[i] < -1 || ids[i] >= n_adapters)
       throw std::out_of_range("adapter_ids[" + std::to_string(i) + "] = " + std::to_string(ids[i]) +
                               " is out of range for " + std::to_string(n_adapters) +
-                              " adapters (valid: -1 for the base model, 0.." +
-                              std::to_string(n_adapters - 1) + ")");
+                              " adapters (valid: -1 for the base model" +
+                              (n_adapters ? ", 0.." + std::to_string(n_adapters - 1) + ")"
+                                          : std::string(" only)")));
 }
 
 template <class T>

@@ -181,11 +181,16 @@ Rescaled<T>::Rescaled(Mat<const T> M0, bool check_finite) : M(M0) {
 template <class T>
 void Rescaled<T>::unscale(T* S, i64 k) const {
   if (exp == 0 || k == 0) return;
-  const double top = std::ldexp(double(*std::max_element(S, S + k)), -exp);
-  if (top > double(std::numeric_limits<T>::max()))
+  const double smax = double(*std::max_element(S, S + k));
+  if (std::ldexp(smax, -exp) > double(std::numeric_limits<T>::max())) {
+    // printed from its log: for float64 the value itself is beyond any double
+    const double lg = std::log10(smax) - exp * std::log10(2.0), e = std::floor(lg);
     throw std::invalid_argument(
         std::string("the singular values of M overflow ") + (sizeof(T) == 4 ? "float32" : "float64") +
-        " (the largest is ~" + sci(top) + "): compute in float64 (M.astype(numpy.float64))");
+        " (the largest is ~" + sci(std::pow(10.0, lg - e)) + "e+" + std::to_string(int(e)) + "): " +
+        (sizeof(T) == 4 ? "compute in float64 (M.astype(numpy.float64))"
+                        : "no float64 holds them; divide M by a constant first (and multiply S by it)"));
+  }
   for (i64 i = 0; i < k; ++i) S[i] = std::ldexp(S[i], -exp);
 }
 

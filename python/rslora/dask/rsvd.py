@@ -149,6 +149,7 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", seed=None, check_finite=True, au
     of each column of ``U`` is positive). The work runs on the default scheduler (a
     ``distributed.Client`` when one is active): give each worker thread one BLAS thread.
     """
+    check_finite = _validation.flag(check_finite, "check_finite")
     k, oversample, n_iter, seed, auto_tol = _check_args(M, k, oversample, n_iter, seed, auto_tol)
     m, n = M.shape
     X, wide = tall(M)
@@ -162,7 +163,7 @@ def rsvd(M, k, *, oversample=10, n_iter="auto", seed=None, check_finite=True, au
     if n_iter == -1 and route == "gram":
         out = _gram_route(X, k, auto_tol)
     if out is None:
-        out = _tall(X, k, l, n_iter, seed, bool(check_finite), auto_tol)
+        out = _tall(X, k, l, n_iter, seed, check_finite, auto_tol)
     return orient(*out, M, wide)
 
 
@@ -262,7 +263,7 @@ def _gram_route(X, k, auto_tol):
         return None
     U, S, Vt = gram_finish(parts, rows, G, spec, k, scale, X.dtype, exact)
     _LAST_RUN.update(route="gram", n_iter=0, gram="certified")
-    return U, S, Vt
+    return U, _unscale(S, scale, X.dtype), Vt
 
 
 def gram_finish(parts, rows, G, spec, r, scale, dtype, exact):
@@ -270,7 +271,8 @@ def gram_finish(parts, rows, G, spec, r, scale, dtype, exact):
     S_r^-1 and Y^T Y (in float64 when ``exact``), then CholeskyQR2 (or TSQR) of Y as the
     iteration ends. The approximation is Y S_r V_r^T with the computed Y: Y's rounding E enters
     as E S_r, the Gram's bound on it (rslora.dask.gram); with Y = Q R, X^T Q is taken as
-    V_r S_r R^T, which _finish reads from W = V_r S_r Y^T Y."""
+    V_r S_r R^T, which _finish reads from W = V_r S_r Y^T Y. S is of X * scale (unscale it:
+    rounded to a subnormal M's dtype, it no longer tells the error)."""
     Z = (spec.V[:, :r] / np.sqrt(spec.lam[:r])).astype(np.float64 if exact else dtype)
     Zd = delayed(Z)
     step = gram.slice_rows(Z.shape[0])
@@ -279,10 +281,7 @@ def gram_finish(parts, rows, G, spec, r, scale, dtype, exact):
     Ys, GY = list(done[:-1]), compute(done[-1])[0]
     _LAST_RUN.update(passes=_LAST_RUN.get("passes", 0) + 1, tsqr=False, exact_read=exact)
     W = (spec.V[:, :r] * np.sqrt(spec.lam[:r])) @ GY
-    U, S, Vt = _finish(parts, rows, Ys, W, GY, r, scale, dtype)
-    if scale != 1.0:
-        S = _unscale(S, scale, dtype)
-    return U, S, Vt
+    return _finish(parts, rows, Ys, W, GY, r, scale, dtype)
 
 
 def _scale_for(amax, shape, dtype) -> float:
@@ -294,15 +293,18 @@ def _scale_for(amax, shape, dtype) -> float:
     lo = math.ldexp(1.0, fi.minexp // 2 + 4)
     if lo <= amax <= hi:
         return 1.0
-    return math.ldexp(1.0, -math.frexp(amax)[1] + 1)
+    # max|M| * scale in [1, 2); for subnormal M the power that does it exceeds the dtype (2**1030
+    # for 1e-310), so it stops at the largest power of 2, which still lands inside the window
+    return math.ldexp(1.0, min(-math.frexp(amax)[1] + 1, fi.maxexp - 1))
 
 
 def _unscale(S, scale, dtype):
+    if scale == 1.0:
+        return S
     top = float(S[0]) / scale if S.size else 0.0
-    name = np.dtype(dtype).name
-    if top > float(np.finfo(dtype).max):
-        raise ValueError(f"the singular values of M overflow {name} (the largest is ~{top:.3g}): "
-                         "compute in float64 (M.astype(numpy.float64))")
+    if top > float(np.finfo(dtype).max):  # a log: top itself may be inf
+        raise _validation.singular_overflow(np.dtype(dtype).name,
+                                            math.log10(float(S[0])) - math.log10(scale))
     return (S.astype(np.float64) / scale).astype(dtype)
 
 

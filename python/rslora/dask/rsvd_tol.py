@@ -19,7 +19,7 @@ import numpy as np
 from .. import _validation as v
 from ..svd import RsvdTolResult
 from . import blocks, gram
-from .rsvd import _LAST_RUN, check_array, gram_finish, gram_pass, orient, tall
+from .rsvd import _LAST_RUN, _unscale, check_array, gram_finish, gram_pass, orient, tall
 
 __all__ = ["rsvd_tol"]
 
@@ -78,6 +78,7 @@ def rsvd_tol(M, tol, *, max_rank=None, block=None, n_iter=2, seed=None, check_fi
     if block is not None:
         v.integer(block, "block", 1)
     v.integer(n_iter, "n_iter", 0, v.INT_MAX)
+    check_finite = v.flag(check_finite, "check_finite")
     v.seed(seed)
     X, wide = tall(M)
     p = X.shape[1]
@@ -107,10 +108,10 @@ def rsvd_tol(M, tol, *, max_rank=None, block=None, n_iter=2, seed=None, check_fi
                              f"||M||_F^2 = {spec.trace:.3g}): ask a larger tol"
                              + ("" if dtype == np.float64 else " or compute in float64"))
         r = rank
-    U, S, Vt = gram_finish(parts, rows, G, spec, r, scale, dtype, exact)
-    U, Sd, Vt = orient(U, S, Vt, M, wide)
+    U, S, Vt = gram_finish(parts, rows, G, spec, r, scale, dtype, exact)  # S of X * scale
+    U, Sd, Vt = orient(U, _unscale(S, scale, dtype), Vt, M, wide)
     fro2 = spec.trace  # of X * scale
-    left = fro2 - float(np.sum((S.astype(np.float64) * scale) ** 2))
+    left = fro2 - float(np.sum(S.astype(np.float64) ** 2))
     if left <= 100 * spec.u * fro2:  # the difference has lost its digits: measure it
         left = _residual2(X, Vt.T if wide else U, Sd, U.T if wide else Vt, scale)
         _LAST_RUN["passes"] += 1
