@@ -344,3 +344,23 @@ def test_gpu_ops_match_float64(dtype, tol):
         err = torch.linalg.norm(M - (U.double().cpu() * S.double().cpu()) @ Vt.double().cpu())
         opt = torch.linalg.norm(torch.linalg.svdvals(M)[10:])
         assert err <= opt * (1 + 1e-3) + 1e-5 * torch.linalg.norm(M)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_gpu_scale_zero_keeps_nan_and_inf(dtype):
+    """scale = 0 on the GPU: NaN/Inf of the factors reach y and W as in NumPy's expression
+    (0 * Inf = NaN), where cuBLAS, given alpha = 0, may skip the product."""
+    import torch
+
+    td = getattr(torch, dtype)
+    x, W = torch.ones(3, 4, dtype=td).cuda(), torch.zeros(5, 4, dtype=td).cuda()
+    A, B = torch.ones(2, 4, dtype=td), torch.ones(5, 2, dtype=td)
+    A[1, 2], B[3, 0] = float("nan"), float("inf")
+    y = cuda.lora_linear(x, W, A.cuda(), B.cuda(), 0.0).float().cpu()
+    want = x.float().cpu() @ W.float().cpu().T + 0.0 * (x.float().cpu() @ A.float().T) @ B.float().T
+    assert torch.equal(torch.isnan(y), torch.isnan(want)) and torch.isnan(y).any()
+    Wd = W.clone()
+    cuda.merge(Wd, A.cuda(), B.cuda(), 0.0)
+    assert torch.equal(torch.isnan(Wd.float().cpu()), torch.isnan(0.0 * B.float() @ A.float()))

@@ -146,6 +146,44 @@ __global__ void zero_kernel(U* p, i64 rows, i64 cols, i64 rs, i64 cs) {
   }
 }
 
+// out (rows x cols, row-major) = 0 * P: 0 where P is finite, NaN where it holds NaN or Inf
+// (IEEE's 0 * Inf), read from the exponent bits, so one kernel serves every float type.
+template <class U>
+__global__ void times_zero_kernel(const U* p, i64 rows, i64 cols, i64 rs, i64 cs, U exp_bits,
+                                  U nan, U* out) {
+  const i64 total = rows * cols;
+  for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < total;
+       e += (i64)gridDim.x * blockDim.x) {
+    const i64 i = e / cols, j = e % cols;
+    out[e] = (p[i * rs + j * cs] & exp_bits) == exp_bits ? nan : U(0);
+  }
+}
+
+// 0 * P as a row-major matrix in scratch (which must outlive the work queued on it).
+DMat times_zero(const Ctx& ctx, DType t, DMat P, const Scratch& buf) {
+  const i64 total = P.rows * P.cols;
+  const unsigned grid = std::min<i64>(blocks_for(total, 256), 65535);
+  cudaStream_t st = stream_of(ctx);
+  switch (t) {
+    case DType::f32:
+      times_zero_kernel<<<grid, 256, 0, st>>>(static_cast<const unsigned*>(P.data), P.rows, P.cols,
+                                              P.rs, P.cs, 0x7F800000u, 0x7FC00000u,
+                                              buf.as<unsigned>());
+      break;
+    case DType::f16:
+    case DType::bf16: {
+      using H = unsigned short;
+      const bool f16 = t == DType::f16;
+      times_zero_kernel<<<grid, 256, 0, st>>>(static_cast<const H*>(P.data), P.rows, P.cols, P.rs,
+                                              P.cs, H(f16 ? 0x7C00 : 0x7F80),
+                                              H(f16 ? 0x7E00 : 0x7FC0), buf.as<H>());
+      break;
+    }
+  }
+  RSLORA_LAUNCH_CHECK();
+  return DMat{buf.as<void>(), P.rows, P.cols, P.cols, 1};
+}
+
 }  // namespace
 
 void zero(const Ctx& ctx, DType t, DMat C) {
@@ -169,6 +207,15 @@ void gemm(const Ctx& ctx, DType tab, DType tc, float alpha, DMat A, bool ta, DMa
     if (beta == 0.0f) zero(ctx, tc, C);
     else if (beta != 1.0f) throw std::logic_error("gemm: k == 0 with beta not in {0, 1}");
     return;
+  }
+  if (alpha == 0.0f) {  // (0 A) B with 0 A the smaller copy: NaN/Inf of A and B reach C, as in
+    // the CPU gemm (rslora/blas.hpp) and the NumPy expression; a BLAS may skip the product
+    const bool on_a = A.rows * A.cols <= B.rows * B.cols;
+    const DMat P = on_a ? A : B;
+    Scratch buf(ctx, static_cast<size_t>(P.rows * P.cols) * dtype_size(tab));
+    const DMat Z = times_zero(ctx, tab, P, buf);
+    return on_a ? gemm(ctx, tab, tc, 1.0f, Z, ta, B, tb, beta, C)
+                : gemm(ctx, tab, tc, 1.0f, A, ta, Z, tb, beta, C);
   }
   const Cm a = colmajor(A, "A"), b = colmajor(B, "B"), c = colmajor(C, "C");
   cublasHandle_t h = blas_handle(ctx);

@@ -72,7 +72,8 @@ void dispatch(DType t, F&& f) {
 // C = alpha op(A) op(B) + beta C on strided views, with float32 accumulation (and float32
 // alpha, beta). A and B have type tab, C has type tc (cuBLAS supports tab == tc, and half
 // inputs with a float32 C). Each view needs one unit stride; throws std::invalid_argument if not.
-// k == 0 scales C by beta (beta == 0 writes zeros).
+// k == 0 scales C by beta (beta == 0 writes zeros). alpha == 0 keeps NaN/Inf of A and B in C
+// (0 * Inf = NaN), as the CPU gemm does.
 void gemm(const Ctx& ctx, DType tab, DType tc, float alpha, DMat A, bool ta, DMat B, bool tb,
           float beta, DMat C);
 
