@@ -13,7 +13,8 @@ import numpy as np
 
 from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError
-from .layouts import EMBEDDING_NAMES, layout_evidence, model_config, stored_conv1d
+from .layouts import (EMBEDDING_NAMES, RENAMED_MODULES, layout_evidence, model_config,
+                      stored_conv1d)
 from .naming import match_modules, parse_prefix
 from .factor_stream import FactorStream
 from .peft_format import peft_config, write_adapter_config
@@ -144,20 +145,34 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
                                       f"{tuned.path}")
             result.structure_differs.append(kt)
             continue
-        if len(st) != 2 or param != "weight":
-            if len(st) <= 1 and base.dtype(kb) in FLOAT_CODES and tuned.dtype(kt) in FLOAT_CODES \
-                    and not np.array_equal(base.read(kb), tuned.read(kt)):
-                result.changed_not_extracted.append(kt)
-            continue
         name = stem
         if rewrite is not None:
             old, new = rewrite
-            if not stem.startswith(new):
-                result.skipped[stem] = f"outside --prefix (does not start with {new!r})"
-                continue
-            name = old + stem[len(new):]
-        if include is not None and not include.search(name) or \
-                exclude is not None and exclude.search(name):
+            name = old + stem[len(new):] if stem.startswith(new) else None
+        renamed = RENAMED_MODULES.get(str(model_type), {}).get(name or "")
+        if renamed is not None and len(st) == 2:
+            # PEFT names modules as the model does, and transformers >= 5 renames this one on load
+            result.notes.append(f"{name} is named {renamed} in the adapter, as transformers >= 5 "
+                                "names the module (rslora merge accepts either name)")
+            name = renamed
+        selected = name is not None and not (include is not None and not include.search(name) or
+                                             exclude is not None and exclude.search(name))
+        if len(st) != 2 or param != "weight":
+            floats = base.dtype(kb) in FLOAT_CODES and tuned.dtype(kt) in FLOAT_CODES
+            if len(st) <= 1 and floats and not _same(base, kb, tuned, kt):
+                result.changed_not_extracted.append(kt)
+            elif len(st) >= 2 and selected and floats and not _same(base, kb, tuned, kt):
+                # Fused MoE experts (E, out, in) as transformers >= 5 stores them, a convolution,
+                # a 2-D parameter of another name: dropping its change would be silent.
+                raise CheckpointError(f"tensor {kt!r} ({len(st)}-D {tuple(st)}) differs between "
+                                      "BASE and TUNED, but it is not the 2-D .weight of a Linear, "
+                                      "Conv1D or Embedding layer, so a LoRA adapter cannot carry it; "
+                                      "leave it out with --exclude")
+            continue
+        if name is None:
+            result.skipped[stem] = f"outside --prefix (does not start with {rewrite[1]!r})"
+            continue
+        if not selected:
             continue
         for ck, key in ((base, kb), (tuned, kt)):
             if ck.dtype(key) not in FLOAT_CODES:
@@ -177,6 +192,14 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
             (result.only_in_base if len(base.shape(kb)) == 2 and param == "weight"
              else result.structure_differs).append(kb)
     return modules
+
+
+def _same(base: Checkpoint, kb: str, tuned: Checkpoint, kt: str) -> bool:
+    """Whether two tensors hold the same values (compared as stored when the dtypes agree: no
+    float32 copy of a large expert tensor)."""
+    if base.dtype(kb) == tuned.dtype(kt):
+        return bool(np.array_equal(base.read_raw(kb)[0], tuned.read_raw(kt)[0]))
+    return bool(np.array_equal(base.read(kb), tuned.read(kt)))
 
 
 def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float | None = None,

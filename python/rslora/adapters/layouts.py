@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, read_json_object
 
-__all__ = ["model_config", "conv1d_by_type", "layout_evidence", "decide_conv1d", "EMBEDDING_NAMES"]
+__all__ = ["model_config", "conv1d_by_type", "layout_evidence", "decide_conv1d", "EMBEDDING_NAMES",
+           "RENAMED_MODULES"]
 
 #: model_type -> leaf names of transformers' Conv1D modules (read from transformers' modeling files).
 CONV1D_MODULES = {
@@ -26,9 +27,16 @@ CONV1D_MODULES = {
     "clvp": {"c_fc", "c_proj"},
 }
 
-#: Module names of nn.Embedding layers in common architectures.
+#: model_type -> {module name in the checkpoint: its name in the model transformers >= 5 builds}.
+#: transformers renames these keys on load (and back on save), and PEFT names an adapter's modules
+#: after the model: an adapter that says ``embed_out`` loads with that LoRA silently dropped.
+RENAMED_MODULES = {"gpt_neox": {"embed_out": "lm_head"}}
+
+#: Module names of nn.Embedding layers in common architectures (T5's per-layer
+#: ``relative_attention_bias`` is one too: written as a Linear LoRA, PEFT would load none of it).
 EMBEDDING_NAMES = re.compile(r"(^|\.)(embed_tokens|embed_positions|embed_in|word_embeddings|"
-                             r"position_embeddings|token_type_embeddings|wte|wpe|shared)$")
+                             r"position_embeddings|token_type_embeddings|wte|wpe|shared|"
+                             r"relative_attention_bias|token_embedding|position_embedding)$")
 
 
 def model_config(path) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 
 from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError
-from .layouts import decide_conv1d, model_config
+from .layouts import RENAMED_MODULES, decide_conv1d, model_config
 from .naming import match_modules
 from .parallel import run_items
 from .peft_format import LoraAdapter, LoraModule, load_adapter
@@ -79,17 +79,25 @@ def plan_merge(adapter: LoraAdapter, shapes: dict, *, model_cfg=None, evidence=f
     model_type = cfg.get("model_type")
     stems = {k[: -len(".weight")] for k, s in shapes.items() if k.endswith(".weight")}
     plan = MergePlan({}, {}, [])
-    tied = {}
+    # A module transformers >= 5 renames on load (PEFT's name for it) found under the
+    # checkpoint's own name.
+    renamed = {m: c for c, m in RENAMED_MODULES.get(str(model_type), {}).items()
+               if m not in stems and c in stems and prefix is None}
+    tied, found = {}, {}
     for name, mod in adapter.modules.items():
-        key = None if prefix is not None else _tied_embedding(name, mod, shapes, stems, cfg)
+        key = None if prefix is not None or name in renamed else \
+            _tied_embedding(name, mod, shapes, stems, cfg)
         if key is not None:
             tied[name] = key
             plan.notes.append(f"{name} is tied to {key[: -len('.weight')]}: its update is merged "
                               "into the shared weight, so the input embedding changes too (as "
                               "PEFT's merge_and_unload does)")
-    found = match_modules([n for n in adapter.modules if n not in tied], stems, prefix=prefix,
-                          where="the base", suffix=".weight")
-    found = {n: f"{s}.weight" for n, s in found.items()} | tied
+        elif name in renamed:
+            found[name] = f"{renamed[name]}.weight"
+    found |= {n: f"{s}.weight" for n, s in match_modules(
+        [n for n in adapter.modules if n not in tied and n not in found], stems, prefix=prefix,
+        where="the base", suffix=".weight").items()}
+    found |= tied
     flag = adapter.config.get("fan_in_fan_out")
     for name, mod in adapter.modules.items():
         key = found[name]
@@ -123,10 +131,11 @@ def plan_merge(adapter: LoraAdapter, shapes: dict, *, model_cfg=None, evidence=f
     for param, names in by_param.items():
         avail = {k[: -len(param) - 1] for k in shapes if k.endswith("." + param)}
         tied_names = {n: tied[n] for n in names if n in tied and param == "weight"}
-        got = match_modules([n for n in names if n not in tied_names], avail, prefix=prefix,
-                            what="saved tensor", where="the base", suffix="." + param)
+        got = match_modules([n for n in names if n not in tied_names and renamed.get(n) not in avail],
+                            avail, prefix=prefix, what="saved tensor", where="the base",
+                            suffix="." + param)
         for n in names:
-            key = tied_names.get(n) or f"{got[n]}.{param}"
+            key = tied_names.get(n) or f"{got.get(n) or renamed[n]}.{param}"
             arr = adapter.tensors[f"{n}.{param}"]
             if tuple(arr.shape) != tuple(shapes[key]):
                 raise CheckpointError(f"adapter tensor {n}.{param!s} has shape {tuple(arr.shape)} "
