@@ -194,6 +194,10 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
     return modules
 
 
+#: Per-expert gate/up projections that transformers >= 5 fuses into one 3-D gate_up_proj.
+_FUSED_EXPERT = re.compile(r"\.experts\.\d+\.(w1|w3|gate_proj|up_proj)$")
+
+
 def _same(base: Checkpoint, kb: str, tuned: Checkpoint, kt: str) -> bool:
     """Whether two tensors hold the same values (compared as stored when the dtypes agree: no
     float32 copy of a large expert tensor)."""
@@ -347,6 +351,12 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
                 config["modules_to_save"] = list(dict.fromkeys(modules_to_save))
             if not any(result.layouts[m] == "embedding" for m in ranks):
                 result.notes = [n for n in result.notes if "ties lm_head" not in n]
+            if rule == "rslora" and any(_FUSED_EXPERT.search(m) for m in ranks):
+                result.notes.append(
+                    "PEFT on transformers >= 5 loads each expert's gate and up LoRA into one "
+                    "fused gate_up_proj LoRA with r and lora_alpha doubled, which keeps alpha/r "
+                    "but scales an alpha/sqrt(r) update by sqrt(2): extract MoE adapters with "
+                    "--rule standard to use them unmerged there (merging is right either way)")
             write_adapter_config(tmp, config)
     result.config = config
     return result
