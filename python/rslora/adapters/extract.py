@@ -145,7 +145,7 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
                                       f"{tuned.path}")
             result.structure_differs.append(kt)
             continue
-        name = stem
+        name: str | None = stem
         if rewrite is not None:
             old, new = rewrite
             name = old + stem[len(new):] if stem.startswith(new) else None
@@ -169,10 +169,10 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
                                       "Conv1D or Embedding layer, so a LoRA adapter cannot carry it; "
                                       "leave it out with --exclude")
             continue
-        if name is None:
+        if rewrite is not None and not stem.startswith(rewrite[1]):
             result.skipped[stem] = f"outside --prefix (does not start with {rewrite[1]!r})"
             continue
-        if not selected:
+        if name is None or not selected:
             continue
         for ck, key in ((base, kb), (tuned, kt)):
             if ck.dtype(key) not in FLOAT_CODES:
