@@ -316,6 +316,26 @@ def test_peft_target_parameters_adapter_is_refused(tmp_path, capsys):
         assert "target_parameters" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()
 
 
+def test_qwen2_moe_extract_says_peft_drops_experts_and_merges_them(tmp_path, capsys):
+    """PEFT 0.21 on transformers 5 leaves Qwen2-MoE's per-expert LoRA out without a word (and
+    cannot wrap its router): extraction says so, and rslora merge applies them exactly."""
+    build("qwen2_moe").save_pretrained(tmp_path / "base", max_shard_size="40KB")
+    base = load("qwen2_moe", tmp_path / "base")
+    tuned, ref = tune(base)
+    tuned.save_pretrained(tmp_path / "tuned")
+    capsys.readouterr()
+    assert cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "ad", "--rank",
+               "2", "-q") == 0
+    err = capsys.readouterr().err
+    assert "12 module(s) are per-expert MoE projections" in err and "Qwen2-MoE" in err, err
+    assert "sqrt(2)" in err  # gate_proj + up_proj under the default rsLoRA rule
+    assert cli("merge", tmp_path / "base", tmp_path / "ad", "-o", tmp_path / "m", "-q") == 0
+    want = logits(ref, "qwen2_moe")
+    assert (logits(base, "qwen2_moe") - want).abs().max().item() > 0.05
+    d = (logits(load("qwen2_moe", tmp_path / "m"), "qwen2_moe") - want).abs().max().item()
+    assert d <= 1e-4 * want.abs().max().item(), d
+
+
 def test_moe_rslora_note(tmp_path, capsys):
     """PEFT (on transformers 5) loads per-expert w1/w3 LoRA into the fused gate_up_proj with r and
     lora_alpha doubled, which keeps alpha/r but not alpha/sqrt(r): extraction under the rsLoRA rule
@@ -326,4 +346,8 @@ def test_moe_rslora_note(tmp_path, capsys):
     capsys.readouterr()
     assert cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "ad", "--rank",
                "2", "-q") == 0
-    assert "--rule standard" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--rule standard" in err and "per-expert" in err
+    assert cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "ad2", "--rank",
+               "2", "-q", "--rule", "standard") == 0
+    assert "sqrt(2)" not in capsys.readouterr().err

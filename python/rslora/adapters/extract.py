@@ -194,8 +194,27 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
     return modules
 
 
-#: Per-expert gate/up projections that transformers >= 5 fuses into one 3-D gate_up_proj.
-_FUSED_EXPERT = re.compile(r"\.experts\.\d+\.(w1|w3|gate_proj|up_proj)$")
+#: Per-expert projections (checkpoint names), which transformers >= 5 fuses into 3-D parameters
+#: on load; group 1: the gate/up ones it concatenates into one gate_up_proj.
+_EXPERT = re.compile(r"\.experts\.\d+\.(?:(w1|w3|gate_proj|up_proj)|\w+)$")
+
+
+def _expert_notes(modules: list, rule: str) -> list:
+    """What to know before loading per-expert MoE LoRA into PEFT on transformers >= 5."""
+    experts = [m for m in modules if _EXPERT.search(m)]
+    if not experts:
+        return []
+    notes = [f"{len(experts)} module(s) are per-expert MoE projections (e.g. {experts[0]!r}): "
+             "transformers >= 5 fuses each layer's experts into 3-D parameters, and PEFT loads "
+             "per-expert LoRA onto them only for the model types it converts (PEFT 0.21: Mixtral, "
+             "Qwen3-MoE and others, not Qwen2-MoE, where it leaves them out without a word; nor "
+             "can it wrap a router there); `rslora merge` applies them exactly"]
+    if rule == "rslora" and any(_EXPERT.search(m)[1] for m in experts):  # type: ignore[index]
+        notes.append("PEFT loads each expert's gate and up LoRA into one fused gate_up_proj LoRA "
+                     "with r and lora_alpha doubled, which keeps alpha/r but scales an "
+                     "alpha/sqrt(r) update by sqrt(2): extract MoE adapters with --rule standard "
+                     "to use them unmerged there (merging is right either way)")
+    return notes
 
 
 def _same(base: Checkpoint, kb: str, tuned: Checkpoint, kt: str) -> bool:
@@ -351,12 +370,7 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
                 config["modules_to_save"] = list(dict.fromkeys(modules_to_save))
             if not any(result.layouts[m] == "embedding" for m in ranks):
                 result.notes = [n for n in result.notes if "ties lm_head" not in n]
-            if rule == "rslora" and any(_FUSED_EXPERT.search(m) for m in ranks):
-                result.notes.append(
-                    "PEFT on transformers >= 5 loads each expert's gate and up LoRA into one "
-                    "fused gate_up_proj LoRA with r and lora_alpha doubled, which keeps alpha/r "
-                    "but scales an alpha/sqrt(r) update by sqrt(2): extract MoE adapters with "
-                    "--rule standard to use them unmerged there (merging is right either way)")
+            result.notes += _expert_notes(list(ranks), rule)
             write_adapter_config(tmp, config)
     result.config = config
     return result
