@@ -211,15 +211,15 @@ ALL_LINEAR = dict(
     t5=["q", "k", "v", "o", "wi", "wo", "relative_attention_bias", "shared"],
     bart=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
 )
-# id -> (arch, LoraConfig kwargs, save dtype)
+# id -> (arch, LoraConfig kwargs, save dtype[, max_shard_size])
 PEFT_CASES = {
     "phi3-fused-patterns-rslora": ("phi3", dict(target_modules=ALL_LINEAR["phi3"], use_rslora=True,
                                    rank_pattern={"qkv_proj": 2}, alpha_pattern={"gate_up_proj": 3}),
                                    None),
     "gpt_neox-lm_head-bias_all": ("gpt_neox", dict(target_modules=ALL_LINEAR["gpt_neox"],
                                   bias="all"), None),
-    "gpt_neox-mts-lm_head": ("gpt_neox", dict(target_modules=["query_key_value"],
-                             modules_to_save=["lm_head"]), None),
+    "gpt_neox-mts-lm_head-sharded": ("gpt_neox", dict(target_modules=["query_key_value"],
+                                     modules_to_save=["lm_head"]), None, "20KB"),
     "falcon-bias_lora_only-rslora": ("falcon", dict(target_modules=ALL_LINEAR["falcon"],
                                      bias="lora_only", use_rslora=True), None),
     "bloom-embed-bias_all-bf16": ("bloom", dict(target_modules=ALL_LINEAR["bloom"], bias="all"),
@@ -233,6 +233,10 @@ PEFT_CASES = {
     "t5-relative_attention_bias-shared": ("t5", dict(target_modules=ALL_LINEAR["t5"],
                                           use_rslora=True), None),
     "bart-bias_all": ("bart", dict(target_modules=ALL_LINEAR["bart"], bias="all"), None),
+    # both stacks' embed_tokens are the one `shared` weight, saved once under that name
+    "t5-embed_tokens-both-stacks": ("t5", dict(target_modules=["embed_tokens", "q"]), None),
+    "bart-embed_tokens-lm_head-sharded": ("bart", dict(target_modules=["embed_tokens", "q_proj",
+                                          "lm_head"], use_rslora=True), None, "30KB"),
     "qwen2_moe-shared_expert": ("qwen2_moe", dict(target_modules=[
         "q_proj", "shared_expert.up_proj", "shared_expert_gate"], use_rslora=True), None),
     "mixtral-attention": ("mixtral", dict(target_modules=["q_proj", "o_proj"]), None),
@@ -241,9 +245,9 @@ PEFT_CASES = {
 
 @pytest.mark.parametrize("case", list(PEFT_CASES))
 def test_peft_adapter_merged_resized_converted(case, tmp_path):
-    arch, lora_kwargs, dtype = PEFT_CASES[case]
+    arch, lora_kwargs, dtype, *shard = PEFT_CASES[case]
     model = build(arch, dtype)
-    model.save_pretrained(tmp_path / "base")
+    model.save_pretrained(tmp_path / "base", **({"max_shard_size": shard[0]} if shard else {}))
     lcfg = peft.LoraConfig(init_lora_weights=False, r=4, lora_alpha=8, **lora_kwargs)
     pm = peft.get_peft_model(copy.deepcopy(model), lcfg)
     hm.perturb_trained(pm)
@@ -268,6 +272,32 @@ def test_peft_adapter_merged_resized_converted(case, tmp_path):
         again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / name).eval()
         d = (logits(again, arch) - unmerged).abs().max().item()
         assert d <= 1e-4 * unmerged.abs().max().item(), (name, d)
+
+
+@pytest.mark.parametrize("targets", [["embed_tokens", "q"], ["shared", "lm_head", "o"]])
+def test_t5_checkpoint_storing_every_tied_copy(targets, tmp_path, capsys):
+    """Older T5 checkpoints store shared, both stacks' embed_tokens and lm_head; transformers
+    re-ties them on load from ``shared``, so an update of any must reach every copy."""
+    from safetensors.torch import load_file, save_file
+
+    model = build("t5")
+    model.save_pretrained(tmp_path / "base")
+    f = tmp_path / "base" / "model.safetensors"
+    sd = load_file(f)
+    for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
+        assert k not in sd
+        sd[k] = sd["shared.weight"].clone()
+    save_file(sd, f, metadata={"format": "pt"})
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        target_modules=targets, r=2, lora_alpha=4, init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "ad")
+    want = logits(pm.merge_and_unload(), "t5")
+    capsys.readouterr()
+    assert cli("merge", tmp_path / "base", tmp_path / "ad", "-o", tmp_path / "m", "-q") == 0
+    assert "tied to shared" in capsys.readouterr().err
+    moved = (logits(model, "t5") - want).abs().max().item()
+    d = (logits(load("t5", tmp_path / "m"), "t5") - want).abs().max().item()
+    assert moved > 1 and d <= 1e-4 * want.abs().max().item(), (d, moved)
 
 
 # -- MoE: experts fused into 3-D parameters ------------------------------------------------------

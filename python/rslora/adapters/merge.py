@@ -34,6 +34,9 @@ __all__ = ["merge_adapter", "merge_checkpoint", "MergePlan", "plan_merge"]
 
 #: Input-embedding names an output layer (lm_head) may be tied to.
 _WORD_EMBEDDINGS = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|shared)$")
+#: The embeddings of an encoder-decoder's two stacks, which share (and are saved as) ``shared``.
+_STACK_EMBEDDING = re.compile(r"(^|\.)(encoder|decoder)\.embed_tokens$")
+_SHARED = re.compile(r"(^|\.)shared$")
 #: Files in a model folder that hold weights in other formats: never copied into a merged model
 #: (they would be the unmerged weights).
 _OTHER_WEIGHTS = re.compile(r"\.(bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|safetensors)$|"
@@ -58,10 +61,16 @@ class MergePlan:
 
 
 def _tied_embedding(name: str, mod: LoraModule, shapes: dict, stems: set, cfg: dict):
-    """The input-embedding key an output layer ``name`` is tied to, or None."""
-    if mod.kind != "linear" or any(s == name or s.endswith("." + name) or name.endswith("." + s)
-                                   for s in stems):
+    """The input-embedding key an output layer ``name`` is tied to, or None; or, for the
+    encoder's or decoder's ``embed_tokens`` of an encoder-decoder model (T5, BART), the one
+    ``shared`` embedding both are saved as."""
+    if any(s == name or s.endswith("." + name) or name.endswith("." + s) for s in stems):
         return None
+    if mod.kind == "embedding":
+        if not _STACK_EMBEDDING.search(name):
+            return None
+        cand = [s for s in stems if _SHARED.search(s) and shapes[f"{s}.weight"] == mod.shape]
+        return f"{cand[0]}.weight" if len(cand) == 1 else None
     if cfg and not cfg.get("tie_word_embeddings", True):  # transformers' default: tied
         return None
     d_out, d_in = mod.B.shape[0], mod.A.shape[1]
@@ -90,8 +99,10 @@ def plan_merge(adapter: LoraAdapter, shapes: dict, *, model_cfg=None, evidence=f
         if key is not None:
             tied[name] = key
             plan.notes.append(f"{name} is tied to {key[: -len('.weight')]}: its update is merged "
-                              "into the shared weight, so the input embedding changes too (as "
-                              "PEFT's merge_and_unload does)")
+                              "into the shared weight, so " + ("every module that shares it "
+                                                               if mod.kind == "embedding" else
+                                                               "the input embedding ") +
+                              "changes too (as PEFT's merge_and_unload does)")
         elif name in renamed:
             found[name] = f"{renamed[name]}.weight"
     found |= {n: f"{s}.weight" for n, s in match_modules(
@@ -147,21 +158,40 @@ def plan_merge(adapter: LoraAdapter, shapes: dict, *, model_cfg=None, evidence=f
 
 
 def _stored_ties(plan: MergePlan, shapes: dict, stems: set, cfg: dict) -> None:
-    """A tied model saved with both lm_head and the embedding (older checkpoints): transformers
-    re-ties them on load, so an update to either must go to both, as PEFT's shared weight gets."""
-    if not cfg.get("tie_word_embeddings") or "lm_head" not in stems:
-        return
-    out_key = "lm_head.weight"
-    emb = [s for s in stems if _WORD_EMBEDDINGS.search(s) and shapes[f"{s}.weight"] ==
-           shapes[out_key]]
-    if len(emb) != 1:
-        return
-    emb_key = f"{emb[0]}.weight"
-    a, b = plan.updates.get(out_key, []), plan.updates.get(emb_key, [])
-    if a or b:
-        plan.updates[out_key] = plan.updates[emb_key] = a + b
-        plan.notes.append(f"lm_head is tied to {emb[0]}: the update of either is merged into "
-                          "both (as PEFT's merge_and_unload changes the shared weight)")
+    """Tied weights saved more than once (older checkpoints): transformers re-ties them on load
+    and keeps one copy, so an update to any of them must go to all, as PEFT's shared weight gets
+    it. The ties: an encoder-decoder's ``shared`` embedding with its stacks' ``embed_tokens`` (T5
+    always; others unless config.json unties the embeddings), and ``lm_head`` with the input
+    embedding when config.json says ``tie_word_embeddings``."""
+    weight = lambda s: f"{s}.weight"  # noqa: E731
+    groups: list[set] = []
+    shared = [s for s in stems if _SHARED.search(s)]
+    if len(shared) == 1 and (cfg.get("tie_word_embeddings", True) or
+                             str(cfg.get("model_type", "")).endswith("t5")):
+        stacks = {s for s in stems if _STACK_EMBEDDING.search(s)
+                  and shapes[weight(s)] == shapes[weight(shared[0])]}
+        if stacks:
+            groups.append({shared[0], *stacks})
+    if cfg.get("tie_word_embeddings") and "lm_head" in stems:
+        emb = [s for s in (shared or [s for s in stems if _WORD_EMBEDDINGS.search(s)])
+               if shapes[weight(s)] == shapes["lm_head.weight"]]
+        if len(emb) == 1:
+            group = next((g for g in groups if emb[0] in g), None)
+            if group is None:
+                groups.append({emb[0], "lm_head"})
+            else:
+                group.add("lm_head")
+    for group in groups:
+        mods = [m for s in sorted(group) for m in plan.updates.get(weight(s), [])]
+        if not mods:
+            continue
+        source = next(s for s in sorted(group) if s not in ("lm_head",) and
+                      not _STACK_EMBEDDING.search(s))
+        for s in group:
+            plan.updates[weight(s)] = list(mods)
+        plan.notes.append(f"{' and '.join(sorted(group - {source}))} tied to {source}: the update "
+                          "of any is merged into all (as PEFT's merge_and_unload changes the "
+                          "shared weight)")
 
 
 def _apply(W: np.ndarray, key: str, plan: MergePlan) -> np.ndarray:
