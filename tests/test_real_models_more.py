@@ -199,6 +199,33 @@ def _rank2(name, d):
     return out
 
 
+@pytest.mark.parametrize("arch,pattern,extra", [
+    ("bart", r"proj|fc", ["--biases"]),  # final_logits_bias: a top-level tensor, no module path
+    ("bloom", r"query_key_value|dense", ["--biases"]),
+    ("gpt_neox", r"query_key_value|dense|lm_head", ["--biases", "--modules-to-save", "embed_out"]),
+    ("gpt_neox", r"query_key_value|lm_head", ["--modules-to-save", "lm_head", "--biases"]),
+])
+def test_extract_biases_and_modules_to_save(arch, pattern, extra, tmp_path, capsys):
+    build(arch).save_pretrained(tmp_path / "base")
+    base = load(arch, tmp_path / "base")
+    tuned, _ = hm.low_rank_tuned(base, pattern, rank=2, biases=True)
+    tuned.save_pretrained(tmp_path / "tuned")
+    capsys.readouterr()
+    assert cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "ad", "--rank",
+               "2", "-q", *extra) == 0
+    assert "same model" not in capsys.readouterr().err  # no tensor taken for a stranger's
+    if "--modules-to-save" in extra:  # as PEFT names the module on transformers 5
+        cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+        assert cfg["modules_to_save"] == ["lm_head"] and "lm_head" not in cfg["target_modules"]
+    want = logits(tuned, arch)
+    scale = want.abs().max().item()
+    assert (logits(base, arch) - want).abs().max().item() > 0.05
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ad").eval()
+    assert (logits(pm.merge_and_unload(), arch) - want).abs().max().item() <= 1e-4 * scale
+    assert cli("merge", tmp_path / "base", tmp_path / "ad", "-o", tmp_path / "m", "-q") == 0
+    assert (logits(load(arch, tmp_path / "m"), arch) - want).abs().max().item() <= 1e-4 * scale
+
+
 # -- PEFT adapters: rslora merge vs merge_and_unload; resize, convert vs PEFT --------------------
 ALL_LINEAR = dict(
     phi3=["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head", "embed_tokens"],

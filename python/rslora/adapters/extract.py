@@ -91,6 +91,12 @@ def _split(key: str) -> tuple[str, str]:
     return stem, param
 
 
+def _join(stem: str, param: str) -> str:
+    """The inverse of :func:`_split`: a top-level tensor (BART's ``final_logits_bias``) has no
+    module part."""
+    return f"{stem}.{param}" if stem else param
+
+
 def _check_same_model(base, tuned, cb, ct, result):
     """Refuse two checkpoints whose config.json name different architectures; return the config."""
     fb, ft = model_config(base), model_config(tuned)
@@ -124,6 +130,8 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
         stem, param = _split(k)
         if stem in found and f"{found[stem]}.{param}" in base:
             key_map[k] = f"{found[stem]}.{param}"
+        elif not stem and k in base:  # a top-level tensor: no module path to match
+            key_map[k] = k
     mapped_b = set(key_map.values())
     rewrite = parse_prefix(prefix)
     evidence = layout_evidence(tuned)
@@ -324,7 +332,9 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
     parse_prefix(prefix)
     with Checkpoint(base) as cb, Checkpoint(tuned) as ct:
         model_type = _check_same_model(base, tuned, cb, ct, result).get("model_type")
-        saved = _saved_keys(ct, modules_to_save, prefix) if modules_to_save is not None else {}
+        renames = RENAMED_MODULES.get(str(model_type), {})
+        saved = _saved_keys(ct, modules_to_save, prefix, renames) \
+            if modules_to_save is not None else {}
         modules = _plan(cb, ct, inc, exc, result, prefix, model_type, frozenset(saved.values()))
         only = [f"{len(names)} weight(s) only in {side}, e.g. {names[0]!r}" for side, names in
                 (("TUNED", result.only_in_tuned), ("BASE", result.only_in_base)) if names]
@@ -339,7 +349,7 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
         emb = {j.module for j in jobs if j.layout == "embedding"}
 
         def bias_keys(kept: set) -> dict:  # and the modules saved whole
-            return {**(_bias_keys(ct, kept, prefix) if biases else {}), **saved}
+            return {**(_bias_keys(ct, kept, prefix, renames) if biases else {}), **saved}
 
         with atomic_output_dir(out, force, inputs=(base, tuned)) as tmp:
             stream = FactorStream(
@@ -367,7 +377,8 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
             if biases:
                 config["bias"] = "all"
             if saved:
-                config["modules_to_save"] = list(dict.fromkeys(modules_to_save))
+                config["modules_to_save"] = list(dict.fromkeys(_rename(n, renames)
+                                                               for n in modules_to_save))
             if not any(result.layouts[m] == "embedding" for m in ranks):
                 result.notes = [n for n in result.notes if "ties lm_head" not in n]
             result.notes += _expert_notes(list(ranks), rule)
@@ -382,7 +393,7 @@ def _peft_shape(job) -> tuple[int, int]:
     return tuple(job.shape) if job.layout == "linear" else tuple(job.shape[::-1])
 
 
-def _bias_keys(ct: Checkpoint, kept: set, prefix) -> dict:
+def _bias_keys(ct: Checkpoint, kept: set, prefix, renames=None) -> dict:
     """TUNED's bias tensors under the keys PEFT's ``bias="all"`` saves, ``{PEFT key: TUNED key}``:
     every float tensor whose name holds "bias", ``<module>.base_layer.bias`` for the modules
     ``kept`` (those that carry LoRA)."""
@@ -397,11 +408,20 @@ def _bias_keys(ct: Checkpoint, kept: set, prefix) -> dict:
             if not stem.startswith(new):
                 continue
             stem = old + stem[len(new):]
-        full[f"{stem}.base_layer.{param}" if stem in kept else f"{stem}.{param}"] = key
+        stem = _rename(stem, renames or {}) if stem else stem
+        full[f"{stem}.base_layer.{param}" if stem in kept else _join(stem, param)] = key
     return full
 
 
-def _saved_keys(ct: Checkpoint, names, prefix) -> dict:
+def _rename(name: str, renames: dict) -> str:
+    """``name`` with a leading module that transformers >= 5 renames (RENAMED_MODULES) renamed."""
+    for old, new in renames.items():
+        if name == old or name.startswith(old + "."):
+            return new + name[len(old):]
+    return name
+
+
+def _saved_keys(ct: Checkpoint, names, prefix, renames=None) -> dict:
     """TUNED's tensors under the modules saved whole (PEFT's ``modules_to_save``), under the keys
     PEFT saves them with, ``{<module>.<rest>: TUNED key}`` in the adapter's naming (TUNED's,
     rewritten by ``prefix``). Every name must hold float tensors in TUNED and, since PEFT picks
@@ -419,11 +439,11 @@ def _saved_keys(ct: Checkpoint, names, prefix) -> dict:
             if not key.startswith(new):
                 continue
             name = old + key[len(new):]
-        adapter_names[name] = key
+        adapter_names[_rename(name, renames or {})] = key
     modules = {".".join(parts[:i]) for parts in (n.split(".") for n in adapter_names)
                for i in range(1, len(parts))}
     out = {}
-    for n in dict.fromkeys(names):
+    for n in dict.fromkeys(_rename(n, renames or {}) for n in names):
         inside = {a: k for a, k in adapter_names.items() if a.startswith(n + ".")}
         if not inside:
             near = sorted(m for m in modules if m.endswith("." + n) or n.endswith("." + m))[:3]

@@ -142,14 +142,19 @@ def plan_merge(adapter: LoraAdapter, shapes: dict, *, model_cfg=None, evidence=f
     for param, names in by_param.items():
         avail = {k[: -len(param) - 1] for k in shapes if k.endswith("." + param)}
         tied_names = {n: tied[n] for n in names if n in tied and param == "weight"}
-        got = match_modules([n for n in names if n not in tied_names and renamed.get(n) not in avail],
+        got = match_modules([n for n in names if n and n not in tied_names
+                             and renamed.get(n) not in avail],
                             avail, prefix=prefix, what="saved tensor", where="the base",
                             suffix="." + param)
         for n in names:
-            key = tied_names.get(n) or f"{got.get(n) or renamed[n]}.{param}"
-            arr = adapter.tensors[f"{n}.{param}"]
+            name = f"{n}.{param}" if n else param  # "": a top-level tensor (final_logits_bias)
+            if not n and param not in shapes:
+                raise CheckpointError(f"adapter tensor {param!r} has no tensor of that name in the "
+                                      "base")
+            key = tied_names.get(n) or (param if not n else f"{got.get(n) or renamed[n]}.{param}")
+            arr = adapter.tensors[name]
             if tuple(arr.shape) != tuple(shapes[key]):
-                raise CheckpointError(f"adapter tensor {n}.{param!s} has shape {tuple(arr.shape)} "
+                raise CheckpointError(f"adapter tensor {name} has shape {tuple(arr.shape)} "
                                       f"but base {key!r} has {tuple(shapes[key])} (shape mismatch)")
             if key in plan.replace and not np.array_equal(plan.replace[key], arr):
                 raise CheckpointError(f"the adapter saves two different values for {key!r}")
