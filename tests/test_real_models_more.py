@@ -1,8 +1,8 @@
 """rslora's adapter tools on more transformers architectures than test_real_models.py: fused
-projections (Phi-3, GPT-NeoX, Falcon, Bloom), tied and scaled embeddings (Gemma, Gemma2, OPT),
-encoder-decoders (T5, BART), MoE (Mixtral, Qwen2-MoE, Qwen3-MoE, whose experts transformers 5
-fuses into 3-D parameters on load and splits again on save), in float32, float16 and bfloat16,
-sharded. Checked by logits against transformers + PEFT and a float64 rank-r reference; tiny
+projections (Phi-3, GPT-NeoX, Falcon, Bloom), tied and scaled embeddings (Gemma, Gemma2, Gemma3,
+OPT), encoder-decoders (T5, BART), MoE (Mixtral, Qwen2-MoE, Qwen3-MoE, whose experts
+transformers 5 fuses into 3-D parameters on load and splits again on save), in float32, float16
+and bfloat16, sharded. Checked by logits against transformers + PEFT and a float64 rank-r reference; tiny
 models built from configs (nothing downloaded)."""
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ _CONFIGS = {
     "gemma2": ("Gemma2Config", dict(hidden_size=32, intermediate_size=48, num_attention_heads=4,
                                     num_key_value_heads=2, head_dim=8, num_hidden_layers=2,
                                     max_position_embeddings=32)),
+    "gemma3": ("Gemma3TextConfig", dict(hidden_size=32, intermediate_size=48,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                        num_hidden_layers=2, max_position_embeddings=32,
+                                        tie_word_embeddings=False)),
     "opt": ("OPTConfig", dict(hidden_size=32, ffn_dim=48, num_attention_heads=4, num_hidden_layers=1,
                               word_embed_proj_dim=32, max_position_embeddings=32)),
     "t5": ("T5Config", dict(d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1,
@@ -141,6 +145,7 @@ EXTRACT = {
     "bloom-fused-tied-bf16": ("bloom", torch.bfloat16, None, []),
     "gemma-scaled-tied-fp16-sharded": ("gemma", torch.float16, "20KB", []),
     "gemma2-tied": ("gemma2", None, None, ["--rule", "standard", "--alpha", "4"]),
+    "gemma3-scaled-embedding-untied": ("gemma3", None, None, []),  # PEFT scales its LoRA too
     "opt-positions-tied": ("opt", None, None, []),
     "t5-relative_attention_bias": ("t5", None, "30KB", []),
     "bart-positions-tied": ("bart", None, None, []),
@@ -152,7 +157,7 @@ EXTRACT = {
 
 
 @pytest.mark.parametrize("case", list(EXTRACT))
-def test_extract_loaded_by_peft_and_merged(case, tmp_path):
+def test_extract_loaded_by_peft_and_merged(case, tmp_path, capsys):
     arch, dtype, shard, extra = EXTRACT[case]
     kw = {} if shard is None else {"max_shard_size": shard}
     build(arch, dtype).save_pretrained(tmp_path / "base", **kw)
@@ -168,8 +173,10 @@ def test_extract_loaded_by_peft_and_merged(case, tmp_path):
                 if v.ndim >= 2:
                     ref_sd[k].copy_(base_sd[k] + _rank2(k, v - base_sd[k]))
         tuned = tuned16
+    capsys.readouterr()
     assert cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "ad", "--rank",
                "2", "-q", *extra) == 0
+    assert ("cannot run it unmerged" in capsys.readouterr().err) == (arch in POSITIONAL)
     want = logits(ref, arch)
     moved = (logits(base, arch) - want).abs().max().item()
     assert moved > 0.05
@@ -299,6 +306,33 @@ def test_peft_adapter_merged_resized_converted(case, tmp_path):
         again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / name).eval()
         d = (logits(again, arch) - unmerged).abs().max().item()
         assert d <= 1e-4 * unmerged.abs().max().item(), (name, d)
+    # resized to a lower rank: each update's float64 best rank-2 part, applied by PEFT
+    assert cli("resize", tmp_path / "ad", "-o", tmp_path / "r2", "--rank", "2", "-q") == 0
+    want = logits(_truncate_in_peft(peft.PeftModel.from_pretrained(
+        copy.deepcopy(base), tmp_path / "ad").eval(), 2), arch)
+    got = logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "r2").eval(), arch)
+    assert (want - unmerged).abs().max().item() > 1e-3  # rank 2 is a real truncation
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+@torch.no_grad()
+def _truncate_in_peft(pm, rank):
+    """PEFT's own model with every LoRA update s B A replaced by its float64 best rank-``rank``
+    part (factors zero-padded in place: shapes and scale stay PEFT's)."""
+    for m in pm.modules():
+        if not isinstance(m, peft.tuners.lora.LoraLayer):
+            continue
+        if "default" in m.lora_A:
+            A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
+        else:
+            A, B = m.lora_embedding_A["default"], m.lora_embedding_B["default"]
+        U, S, Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
+        k = min(rank, S.numel())
+        A.zero_()
+        B.zero_()
+        A[:k] = Vh[:k].float()
+        B[:, :k] = (U[:, :k] * S[:k]).float()
+    return pm
 
 
 @pytest.mark.parametrize("targets", [["embed_tokens", "q"], ["shared", "lm_head", "o"]])

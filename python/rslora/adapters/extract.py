@@ -382,6 +382,13 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
             if not any(result.layouts[m] == "embedding" for m in ranks):
                 result.notes = [n for n in result.notes if "ties lm_head" not in n]
             result.notes += _expert_notes(list(ranks), rule)
+            positions = [m for m in ranks if m.endswith("embed_positions")]
+            if positions:
+                result.notes.append(
+                    f"{', '.join(positions)}: learned positional embeddings (OPT, BART, ...) "
+                    "whose forward takes no token ids: PEFT merges their LoRA but cannot run it "
+                    "unmerged (leave them out with --exclude embed_positions to use the adapter "
+                    "unmerged)")
             write_adapter_config(tmp, config)
     result.config = config
     return result
