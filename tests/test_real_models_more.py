@@ -339,16 +339,9 @@ def _truncate_in_peft(pm, rank):
 def test_t5_checkpoint_storing_every_tied_copy(targets, tmp_path, capsys):
     """Older T5 checkpoints store shared, both stacks' embed_tokens and lm_head; transformers
     re-ties them on load from ``shared``, so an update of any must reach every copy."""
-    from safetensors.torch import load_file, save_file
-
     model = build("t5")
-    model.save_pretrained(tmp_path / "base")
-    f = tmp_path / "base" / "model.safetensors"
-    sd = load_file(f)
-    for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
-        assert k not in sd
-        sd[k] = sd["shared.weight"].clone()
-    save_file(sd, f, metadata={"format": "pt"})
+    _save_with_copies(model, tmp_path / "base", "shared.weight", [
+        "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"])
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
         target_modules=targets, r=2, lora_alpha=4, init_lora_weights=False))
     pm.save_pretrained(tmp_path / "ad")
@@ -359,6 +352,44 @@ def test_t5_checkpoint_storing_every_tied_copy(targets, tmp_path, capsys):
     moved = (logits(model, "t5") - want).abs().max().item()
     d = (logits(load("t5", tmp_path / "m"), "t5") - want).abs().max().item()
     assert moved > 1 and d <= 1e-4 * want.abs().max().item(), (d, moved)
+
+
+def _save_with_copies(model, folder, source, copies):
+    """save_pretrained, then the tied copies stored too, as older checkpoints have them."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(folder)
+    sd = load_file(folder / "model.safetensors")
+    for k in copies:
+        assert k not in sd
+        sd[k] = sd[source].clone()
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("arch,source,copies", [
+    ("t5", "shared.weight", ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+                             "lm_head.weight"]),
+    ("gemma", "model.embed_tokens.weight", ["lm_head.weight"]),
+])
+def test_extract_from_checkpoints_storing_tied_copies(arch, source, copies, tmp_path):
+    """Tied weights stored once per copy in BASE and TUNED: one LoRA, on the weight transformers
+    keeps (a LoRA per copy would add the update once per copy to the one shared weight)."""
+    model = build(arch)
+    _save_with_copies(model, tmp_path / "base", source, copies)
+    tuned, _ = hm.low_rank_tuned(model, r"", rank=2)
+    _save_with_copies(tuned, tmp_path / "tuned", source, copies)
+    assert cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "ad", "--rank",
+               "2", "-q") == 0
+    targets = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["target_modules"]
+    assert source[: -len(".weight")] in targets
+    assert not {k[: -len(".weight")] for k in copies} & set(targets)
+    want = logits(tuned, arch)
+    scale = want.abs().max().item()
+    assert (logits(model, arch) - want).abs().max().item() > 0.05
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ad").eval()
+    assert (logits(pm.merge_and_unload(), arch) - want).abs().max().item() <= 1e-4 * scale
+    assert cli("merge", tmp_path / "base", tmp_path / "ad", "-o", tmp_path / "m", "-q") == 0
+    assert (logits(load(arch, tmp_path / "m"), arch) - want).abs().max().item() <= 1e-4 * scale
 
 
 # -- MoE: experts fused into 3-D parameters ------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError
 from .layouts import (EMBEDDING_NAMES, RENAMED_MODULES, layout_evidence, model_config,
-                      stored_conv1d)
+                      stored_conv1d, stored_ties)
 from .naming import match_modules, parse_prefix
 from .factor_stream import FactorStream
 from .peft_format import peft_config, write_adapter_config
@@ -113,7 +113,7 @@ def _check_same_model(base, tuned, cb, ct, result):
 
 
 def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: ExtractResult,
-          prefix=None, model_type=None, saved=frozenset()):
+          prefix=None, model_type=None, saved=frozenset(), cfg=None):
     """The modules to extract, checked before any work: names, shapes, dtypes, layouts.
 
     Returns ``[(adapter module name, base key, tuned key, layout)]``. TUNED's keys are matched
@@ -135,6 +135,11 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
     mapped_b = set(key_map.values())
     rewrite = parse_prefix(prefix)
     evidence = layout_evidence(tuned)
+    # Tied weights saved more than once: transformers keeps the source, and an adapter with a
+    # LoRA per copy would add the update once per copy to the one shared weight.
+    weights = {k: tuned.shape(k) for k in tuned.keys() if k.endswith(".weight")}
+    copies = {m: src for src, group in stored_ties({k[: -len(".weight")] for k in weights},
+                                                   weights, cfg or {}) for m in group if m != src}
     modules = []
     for kt in list(tuned.keys()):
         if kt in saved:
@@ -181,6 +186,10 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
             result.skipped[stem] = f"outside --prefix (does not start with {rewrite[1]!r})"
             continue
         if name is None or not selected:
+            continue
+        if stem in copies:
+            result.skipped[name] = (f"a saved copy of {copies[stem]}, tied to it (transformers "
+                                    "keeps that one on load): its update is that one's")
             continue
         for ck, key in ((base, kb), (tuned, kt)):
             if ck.dtype(key) not in FLOAT_CODES:
@@ -331,11 +340,13 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
     result = ExtractResult(out_dir=out, config={})
     parse_prefix(prefix)
     with Checkpoint(base) as cb, Checkpoint(tuned) as ct:
-        model_type = _check_same_model(base, tuned, cb, ct, result).get("model_type")
+        cfg = _check_same_model(base, tuned, cb, ct, result)
+        model_type = cfg.get("model_type")
         renames = RENAMED_MODULES.get(str(model_type), {})
         saved = _saved_keys(ct, modules_to_save, prefix, renames) \
             if modules_to_save is not None else {}
-        modules = _plan(cb, ct, inc, exc, result, prefix, model_type, frozenset(saved.values()))
+        modules = _plan(cb, ct, inc, exc, result, prefix, model_type, frozenset(saved.values()),
+                        cfg)
         only = [f"{len(names)} weight(s) only in {side}, e.g. {names[0]!r}" for side, names in
                 (("TUNED", result.only_in_tuned), ("BASE", result.only_in_base)) if names]
         if only and on_missing == "error":

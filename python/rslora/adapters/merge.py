@@ -23,7 +23,8 @@ import numpy as np
 
 from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError
-from .layouts import RENAMED_MODULES, decide_conv1d, model_config
+from .layouts import (RENAMED_MODULES, SHARED, STACK_EMBEDDING, WORD_EMBEDDINGS,
+                      decide_conv1d, model_config, stored_ties)
 from .naming import match_modules
 from .parallel import run_items
 from .peft_format import LoraAdapter, LoraModule, load_adapter
@@ -32,11 +33,6 @@ from ..linear import merge
 
 __all__ = ["merge_adapter", "merge_checkpoint", "MergePlan", "plan_merge"]
 
-#: Input-embedding names an output layer (lm_head) may be tied to.
-_WORD_EMBEDDINGS = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|shared)$")
-#: The embeddings of an encoder-decoder's two stacks, which share (and are saved as) ``shared``.
-_STACK_EMBEDDING = re.compile(r"(^|\.)(encoder|decoder)\.embed_tokens$")
-_SHARED = re.compile(r"(^|\.)shared$")
 #: Files in a model folder that hold weights in other formats: never copied into a merged model
 #: (they would be the unmerged weights).
 _OTHER_WEIGHTS = re.compile(r"\.(bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|safetensors)$|"
@@ -67,14 +63,14 @@ def _tied_embedding(name: str, mod: LoraModule, shapes: dict, stems: set, cfg: d
     if any(s == name or s.endswith("." + name) or name.endswith("." + s) for s in stems):
         return None
     if mod.kind == "embedding":
-        if not _STACK_EMBEDDING.search(name):
+        if not STACK_EMBEDDING.search(name):
             return None
-        cand = [s for s in stems if _SHARED.search(s) and shapes[f"{s}.weight"] == mod.shape]
+        cand = [s for s in stems if SHARED.search(s) and shapes[f"{s}.weight"] == mod.shape]
         return f"{cand[0]}.weight" if len(cand) == 1 else None
     if cfg and not cfg.get("tie_word_embeddings", True):  # transformers' default: tied
         return None
     d_out, d_in = mod.B.shape[0], mod.A.shape[1]
-    cand = [s for s in stems if _WORD_EMBEDDINGS.search(s) and shapes[f"{s}.weight"] == (d_out, d_in)]
+    cand = [s for s in stems if WORD_EMBEDDINGS.search(s) and shapes[f"{s}.weight"] == (d_out, d_in)]
     return f"{cand[0]}.weight" if len(cand) == 1 else None
 
 
@@ -163,37 +159,14 @@ def plan_merge(adapter: LoraAdapter, shapes: dict, *, model_cfg=None, evidence=f
 
 
 def _stored_ties(plan: MergePlan, shapes: dict, stems: set, cfg: dict) -> None:
-    """Tied weights saved more than once (older checkpoints): transformers re-ties them on load
-    and keeps one copy, so an update to any of them must go to all, as PEFT's shared weight gets
-    it. The ties: an encoder-decoder's ``shared`` embedding with its stacks' ``embed_tokens`` (T5
-    always; others unless config.json unties the embeddings), and ``lm_head`` with the input
-    embedding when config.json says ``tie_word_embeddings``."""
-    weight = lambda s: f"{s}.weight"  # noqa: E731
-    groups: list[set] = []
-    shared = [s for s in stems if _SHARED.search(s)]
-    if len(shared) == 1 and (cfg.get("tie_word_embeddings", True) or
-                             str(cfg.get("model_type", "")).endswith("t5")):
-        stacks = {s for s in stems if _STACK_EMBEDDING.search(s)
-                  and shapes[weight(s)] == shapes[weight(shared[0])]}
-        if stacks:
-            groups.append({shared[0], *stacks})
-    if cfg.get("tie_word_embeddings") and "lm_head" in stems:
-        emb = [s for s in (shared or [s for s in stems if _WORD_EMBEDDINGS.search(s)])
-               if shapes[weight(s)] == shapes["lm_head.weight"]]
-        if len(emb) == 1:
-            group = next((g for g in groups if emb[0] in g), None)
-            if group is None:
-                groups.append({emb[0], "lm_head"})
-            else:
-                group.add("lm_head")
-    for group in groups:
-        mods = [m for s in sorted(group) for m in plan.updates.get(weight(s), [])]
+    """Tied weights saved more than once (:func:`.layouts.stored_ties`): transformers keeps one
+    copy on load, so an update to any of them must go to all, as PEFT's shared weight gets it."""
+    for source, group in stored_ties(stems, shapes, cfg):
+        mods = [m for s in sorted(group) for m in plan.updates.get(f"{s}.weight", [])]
         if not mods:
             continue
-        source = next(s for s in sorted(group) if s not in ("lm_head",) and
-                      not _STACK_EMBEDDING.search(s))
         for s in group:
-            plan.updates[weight(s)] = list(mods)
+            plan.updates[f"{s}.weight"] = list(mods)
         plan.notes.append(f"{' and '.join(sorted(group - {source}))} tied to {source}: the update "
                           "of any is merged into all (as PEFT's merge_and_unload changes the "
                           "shared weight)")
