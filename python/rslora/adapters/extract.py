@@ -162,12 +162,8 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
         if rewrite is not None:
             old, new = rewrite
             name = old + stem[len(new):] if stem.startswith(new) else None
-        renamed = RENAMED_MODULES.get(str(model_type), {}).get(name or "")
-        if renamed is not None and len(st) == 2:
-            # PEFT names modules as the model does, and transformers >= 5 renames this one on load
-            result.notes.append(f"{name} is named {renamed} in the adapter, as transformers >= 5 "
-                                "names the module (rslora merge accepts either name)")
-            name = renamed
+        # PEFT names modules as the model does, and transformers >= 5 renames a few on load
+        stored_name, name = name, RENAMED_MODULES.get(str(model_type), {}).get(name or "", name)
         selected = name is not None and not (include is not None and not include.search(name) or
                                              exclude is not None and exclude.search(name))
         if len(st) != 2 or param != "weight":
@@ -195,6 +191,9 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
             if ck.dtype(key) not in FLOAT_CODES:
                 raise CheckpointError(f"{ck.file_of(key)}: tensor {key!r} is {ck.dtype(key)}, not "
                                       "a float tensor; leave it out with --exclude")
+        if name != stored_name:
+            result.notes.append(f"{stored_name} is named {name} in the adapter, as transformers "
+                                ">= 5 names the module (rslora merge accepts either name)")
         if EMBEDDING_NAMES.search(stem):
             layout = "embedding"
         else:
