@@ -394,6 +394,42 @@ def test_extract_from_checkpoints_storing_tied_copies(arch, source, copies, tmp_
     assert (logits(load(arch, tmp_path / "m"), arch) - want).abs().max().item() <= 1e-4 * scale
 
 
+def test_mamba_embeddings_and_parameters_no_lora_carries(tmp_path, capsys):
+    """Mamba: its nn.Embedding is ``embeddings`` (an embedding LoRA, or PEFT loads none of it);
+    a change of A_log (2-D, not a .weight) or conv1d (3-D) is refused by name, not dropped."""
+    if not hasattr(tf, "MambaConfig"):
+        pytest.skip(f"transformers {tf.__version__} has no MambaConfig")
+    torch.manual_seed(0)
+    cfg = tf.MambaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, state_size=4)
+    model = tf.MambaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "base")
+    # (PEFT refuses LoRA on Mamba's out_proj: left unchanged here)
+    tuned, changed = hm.low_rank_tuned(model, r"(embeddings|in_proj|x_proj|dt_proj)\.weight$", rank=2)
+    assert "backbone.embeddings.weight" in changed
+    tuned.save_pretrained(tmp_path / "tuned")
+    more = copy.deepcopy(tuned)
+    with torch.no_grad():
+        more.backbone.layers[0].mixer.A_log.add_(0.1)
+    more.save_pretrained(tmp_path / "more")
+    capsys.readouterr()
+    assert cli("extract", tmp_path / "base", tmp_path / "more", "-o", tmp_path / "x", "--rank",
+               "2", "-q") == 2
+    err = capsys.readouterr().err
+    assert "A_log" in err and "--exclude 'mixer$'" in err and not (tmp_path / "x").exists(), err
+    assert cli("extract", tmp_path / "base", tmp_path / "more", "-o", tmp_path / "x", "--rank",
+               "2", "-q", "--exclude", "mixer$") == 0
+    assert cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "ad", "--rank",
+               "2", "-q") == 0
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ad").eval()
+    assert any(m.lora_embedding_A for m in pm.modules()
+               if isinstance(m, peft.tuners.lora.LoraLayer))
+    x = hm.ids()
+    want = tuned(input_ids=x).logits
+    assert (model(input_ids=x).logits - want).abs().max().item() > 0.05
+    got = pm.merge_and_unload()(input_ids=x).logits  # tied lm_head: compared merged
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
 # -- MoE: experts fused into 3-D parameters ------------------------------------------------------
 def test_changed_3d_experts_are_refused_not_dropped(tmp_path, capsys):
     """A checkpoint in transformers 5's in-memory layout (3-D fused experts): a LoRA adapter

@@ -164,19 +164,20 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
             name = old + stem[len(new):] if stem.startswith(new) else None
         # PEFT names modules as the model does, and transformers >= 5 renames a few on load
         stored_name, name = name, RENAMED_MODULES.get(str(model_type), {}).get(name or "", name)
-        selected = name is not None and not (include is not None and not include.search(name) or
-                                             exclude is not None and exclude.search(name))
+        chosen = name if stem else kt  # what --include/--exclude see (a top-level tensor: its key)
+        selected = chosen is not None and not (include is not None and not include.search(chosen)
+                                               or exclude is not None and exclude.search(chosen))
         if len(st) != 2 or param != "weight":
             floats = base.dtype(kb) in FLOAT_CODES and tuned.dtype(kt) in FLOAT_CODES
-            if len(st) <= 1 and floats and not _same(base, kb, tuned, kt):
-                result.changed_not_extracted.append(kt)
+            if (len(st) <= 1 or "bias" in param) and floats and not _same(base, kb, tuned, kt):
+                result.changed_not_extracted.append(kt)  # biases: --biases carries them
             elif len(st) >= 2 and selected and floats and not _same(base, kb, tuned, kt):
                 # Fused MoE experts (E, out, in) as transformers >= 5 stores them, a convolution,
                 # a 2-D parameter of another name: dropping its change would be silent.
                 raise CheckpointError(f"tensor {kt!r} ({len(st)}-D {tuple(st)}) differs between "
                                       "BASE and TUNED, but it is not the 2-D .weight of a Linear, "
                                       "Conv1D or Embedding layer, so a LoRA adapter cannot carry it; "
-                                      "leave it out with --exclude")
+                                      f"leave it out with --exclude '{stem.rpartition('.')[2] or kt}$'")
             continue
         if rewrite is not None and not stem.startswith(rewrite[1]):
             result.skipped[stem] = f"outside --prefix (does not start with {rewrite[1]!r})"

@@ -33,10 +33,12 @@ CONV1D_MODULES = {
 RENAMED_MODULES = {"gpt_neox": {"embed_out": "lm_head"}}
 
 #: Module names of nn.Embedding layers in common architectures (T5's per-layer
-#: ``relative_attention_bias`` is one too: written as a Linear LoRA, PEFT would load none of it).
+#: ``relative_attention_bias`` is one too, and Mamba's ``embeddings``, XLNet's ``word_embedding``:
+#: written as a Linear LoRA, PEFT would load none of it).
 EMBEDDING_NAMES = re.compile(r"(^|\.)(embed_tokens|embed_positions|embed_in|word_embeddings|"
                              r"position_embeddings|token_type_embeddings|wte|wpe|shared|"
-                             r"relative_attention_bias|token_embedding|position_embedding)$")
+                             r"relative_attention_bias|token_embedding|position_embedding|"
+                             r"embeddings|word_embedding)$")
 
 
 #: Input-embedding names an output layer (lm_head) may be tied to.
