@@ -430,6 +430,54 @@ def test_mamba_embeddings_and_parameters_no_lora_carries(tmp_path, capsys):
     assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
 
 
+def _vlm(arch):
+    """A tiny vision-language model (text-only inputs run its language model)."""
+    torch.manual_seed(0)
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                num_key_value_heads=2, num_hidden_layers=1, max_position_embeddings=64)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                  image_size=28, patch_size=14)
+    if arch == "gemma3":
+        cfg = tf.Gemma3Config(text_config=tf.Gemma3TextConfig(**text, head_dim=8),
+                              vision_config=tf.SiglipVisionConfig(**vision), mm_tokens_per_image=4,
+                              image_token_index=299, boi_token_index=297, eoi_token_index=298)
+        return tf.Gemma3ForConditionalGeneration(cfg).eval()
+    cfg = tf.LlavaConfig(text_config=tf.LlamaConfig(**text), image_token_index=299,
+                         vision_config=tf.CLIPVisionConfig(**vision, projection_dim=32))
+    return tf.LlavaForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llava"])
+def test_vision_language_models_renamed_by_transformers(arch, tmp_path):
+    """transformers 5 saves these checkpoints as language_model.model.*, vision_tower.*, and
+    names the modules model.language_model.*, model.vision_tower.*: extracted adapters must say
+    the latter (PEFT did not find language_model.model.* and dropped it), and merge takes both."""
+    model = _vlm(arch)
+    model.save_pretrained(tmp_path / "base")
+    tuned, _ = hm.low_rank_tuned(model, r"(q_proj|v_proj|o_proj|down_proj|fc1|linear_1|out_proj|"
+                                 r"lm_head)\.weight$", rank=2)
+    tuned.save_pretrained(tmp_path / "tuned")
+    assert cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "ad", "--rank",
+               "2", "-q") == 0
+    x = torch.randint(3, 200, (1, 7))
+    want = tuned(input_ids=x).logits
+    scale = want.abs().max().item()
+    assert (model(input_ids=x).logits - want).abs().max().item() > 0.1 * scale
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ad").eval()
+    assert (pm(input_ids=x).logits - want).abs().max().item() <= 1e-4 * scale
+    assert cli("merge", tmp_path / "base", tmp_path / "ad", "-o", tmp_path / "m", "-q") == 0
+    merged = type(model).from_pretrained(tmp_path / "m").eval()
+    assert (merged(input_ids=x).logits - want).abs().max().item() <= 1e-4 * scale
+    # a PEFT adapter made on the model (its names) merged into the checkpoint (its names)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        target_modules=["q_proj", "v_proj", "lm_head"], r=2, lora_alpha=4, init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "pa")
+    want = pm.merge_and_unload()(input_ids=x).logits
+    assert cli("merge", tmp_path / "base", tmp_path / "pa", "-o", tmp_path / "m2", "-q") == 0
+    merged = type(model).from_pretrained(tmp_path / "m2").eval()
+    assert (merged(input_ids=x).logits - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
 # -- MoE: experts fused into 3-D parameters ------------------------------------------------------
 def test_changed_3d_experts_are_refused_not_dropped(tmp_path, capsys):
     """A checkpoint in transformers 5's in-memory layout (3-D fused experts): a LoRA adapter

@@ -14,7 +14,7 @@ import numpy as np
 from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError
 from .layouts import (EMBEDDING_NAMES, RENAMED_MODULES, layout_evidence, model_config,
-                      stored_conv1d, stored_ties)
+                      rename_module, stored_conv1d, stored_ties)
 from .naming import match_modules, parse_prefix
 from .factor_stream import FactorStream
 from .peft_format import peft_config, write_adapter_config
@@ -163,7 +163,9 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
             old, new = rewrite
             name = old + stem[len(new):] if stem.startswith(new) else None
         # PEFT names modules as the model does, and transformers >= 5 renames a few on load
-        stored_name, name = name, RENAMED_MODULES.get(str(model_type), {}).get(name or "", name)
+        stored_name = name
+        if name is not None:
+            name = rename_module(name, RENAMED_MODULES.get(str(model_type), {}))
         chosen = name if stem else kt  # what --include/--exclude see (a top-level tensor: its key)
         selected = chosen is not None and not (include is not None and not include.search(chosen)
                                                or exclude is not None and exclude.search(chosen))
@@ -388,7 +390,7 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
             if biases:
                 config["bias"] = "all"
             if saved:
-                config["modules_to_save"] = list(dict.fromkeys(_rename(n, renames)
+                config["modules_to_save"] = list(dict.fromkeys(rename_module(n, renames)
                                                                for n in modules_to_save))
             if not any(result.layouts[m] == "embedding" for m in ranks):
                 result.notes = [n for n in result.notes if "ties lm_head" not in n]
@@ -426,17 +428,9 @@ def _bias_keys(ct: Checkpoint, kept: set, prefix, renames=None) -> dict:
             if not stem.startswith(new):
                 continue
             stem = old + stem[len(new):]
-        stem = _rename(stem, renames or {}) if stem else stem
+        stem = rename_module(stem, renames or {}) if stem else stem
         full[f"{stem}.base_layer.{param}" if stem in kept else _join(stem, param)] = key
     return full
-
-
-def _rename(name: str, renames: dict) -> str:
-    """``name`` with a leading module that transformers >= 5 renames (RENAMED_MODULES) renamed."""
-    for old, new in renames.items():
-        if name == old or name.startswith(old + "."):
-            return new + name[len(old):]
-    return name
 
 
 def _saved_keys(ct: Checkpoint, names, prefix, renames=None) -> dict:
@@ -457,11 +451,11 @@ def _saved_keys(ct: Checkpoint, names, prefix, renames=None) -> dict:
             if not key.startswith(new):
                 continue
             name = old + key[len(new):]
-        adapter_names[_rename(name, renames or {})] = key
+        adapter_names[rename_module(name, renames or {})] = key
     modules = {".".join(parts[:i]) for parts in (n.split(".") for n in adapter_names)
                for i in range(1, len(parts))}
     out = {}
-    for n in dict.fromkeys(_rename(n, renames or {}) for n in names):
+    for n in dict.fromkeys(rename_module(n, renames or {}) for n in names):
         inside = {a: k for a, k in adapter_names.items() if a.startswith(n + ".")}
         if not inside:
             near = sorted(m for m in modules if m.endswith("." + n) or n.endswith("." + m))[:3]

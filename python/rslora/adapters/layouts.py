@@ -16,7 +16,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError, read_json_object
 
 __all__ = ["model_config", "conv1d_by_type", "layout_evidence", "decide_conv1d", "EMBEDDING_NAMES",
-           "RENAMED_MODULES", "WORD_EMBEDDINGS", "STACK_EMBEDDING", "SHARED", "stored_ties"]
+           "RENAMED_MODULES", "rename_module", "WORD_EMBEDDINGS", "STACK_EMBEDDING", "SHARED", "stored_ties"]
 
 #: model_type -> leaf names of transformers' Conv1D modules (read from transformers' modeling files).
 CONV1D_MODULES = {
@@ -27,10 +27,21 @@ CONV1D_MODULES = {
     "clvp": {"c_fc", "c_proj"},
 }
 
-#: model_type -> {module name in the checkpoint: its name in the model transformers >= 5 builds}.
-#: transformers renames these keys on load (and back on save), and PEFT names an adapter's modules
-#: after the model: an adapter that says ``embed_out`` loads with that LoRA silently dropped.
-RENAMED_MODULES = {"gpt_neox": {"embed_out": "lm_head"}}
+#: model_type -> {module path prefix in the checkpoint: its name in the model transformers >= 5
+#: builds}. transformers renames these keys on load (and back on save), and PEFT names an adapter's
+#: modules after the model: an adapter that says ``embed_out`` loads with that LoRA silently
+#: dropped. (Vision-language models checked here: Gemma 3 and LLaVA.)
+_VLM = {"language_model.model": "model.language_model", "language_model.lm_head": "lm_head",
+        "vision_tower": "model.vision_tower", "multi_modal_projector": "model.multi_modal_projector"}
+RENAMED_MODULES = {"gpt_neox": {"embed_out": "lm_head"}, "gemma3": _VLM, "llava": _VLM}
+
+
+def rename_module(name: str, renames: dict) -> str:
+    """``name`` with its leading module path renamed by ``renames`` ({old prefix: new})."""
+    for old, new in renames.items():
+        if name == old or name.startswith(old + "."):
+            return new + name[len(old):]
+    return name
 
 #: Module names of nn.Embedding layers in common architectures (T5's per-layer
 #: ``relative_attention_bias`` is one too, and Mamba's ``embeddings``, XLNet's ``word_embedding``:

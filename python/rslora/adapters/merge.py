@@ -24,7 +24,7 @@ import numpy as np
 from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError
 from .layouts import (RENAMED_MODULES, SHARED, STACK_EMBEDDING, WORD_EMBEDDINGS,
-                      decide_conv1d, model_config, stored_ties)
+                      decide_conv1d, model_config, rename_module, stored_ties)
 from .naming import match_modules
 from .parallel import run_items
 from .peft_format import LoraAdapter, LoraModule, load_adapter
@@ -86,8 +86,14 @@ def plan_merge(adapter: LoraAdapter, shapes: dict, *, model_cfg=None, evidence=f
     plan = MergePlan({}, {}, [])
     # A module transformers >= 5 renames on load (PEFT's name for it) found under the
     # checkpoint's own name.
-    renamed = {m: c for c, m in RENAMED_MODULES.get(str(model_type), {}).items()
-               if m not in stems and c in stems and prefix is None}
+    back = {m: c for c, m in RENAMED_MODULES.get(str(model_type), {}).items()}
+
+    def ckpt_name(n: str, have) -> str | None:
+        """The checkpoint's name of a module transformers >= 5 renames (PEFT's name for it)."""
+        c = rename_module(n, back)
+        return c if prefix is None and n not in have and c != n and c in have else None
+
+    renamed = {n: c for n in adapter.modules if (c := ckpt_name(n, stems)) is not None}
     tied, found = {}, {}
     for name, mod in adapter.modules.items():
         key = None if prefix is not None or name in renamed else \
@@ -139,7 +145,7 @@ def plan_merge(adapter: LoraAdapter, shapes: dict, *, model_cfg=None, evidence=f
         avail = {k[: -len(param) - 1] for k in shapes if k.endswith("." + param)}
         tied_names = {n: tied[n] for n in names if n in tied and param == "weight"}
         got = match_modules([n for n in names if n and n not in tied_names
-                             and renamed.get(n) not in avail],
+                             and ckpt_name(n, avail) is None],
                             avail, prefix=prefix, what="saved tensor", where="the base",
                             suffix="." + param)
         for n in names:
@@ -147,7 +153,7 @@ def plan_merge(adapter: LoraAdapter, shapes: dict, *, model_cfg=None, evidence=f
             if not n and param not in shapes:
                 raise CheckpointError(f"adapter tensor {param!r} has no tensor of that name in the "
                                       "base")
-            key = tied_names.get(n) or (param if not n else f"{got.get(n) or renamed[n]}.{param}")
+            key = tied_names.get(n) or (param if not n else f"{got.get(n) or ckpt_name(n, avail)}.{param}")
             arr = adapter.tensors[name]
             if tuple(arr.shape) != tuple(shapes[key]):
                 raise CheckpointError(f"adapter tensor {name} has shape {tuple(arr.shape)} "
