@@ -30,10 +30,13 @@ CONV1D_MODULES = {
 #: model_type -> {module path prefix in the checkpoint: its name in the model transformers >= 5
 #: builds}. transformers renames these keys on load (and back on save), and PEFT names an adapter's
 #: modules after the model: an adapter that says ``embed_out`` loads with that LoRA silently
-#: dropped. (Vision-language models checked here: Gemma 3 and LLaVA.)
+#: dropped. (The vision-language models below were checked against transformers 5.24's own
+#: save and load; others of the family may rename the same way.)
 _VLM = {"language_model.model": "model.language_model", "language_model.lm_head": "lm_head",
         "vision_tower": "model.vision_tower", "multi_modal_projector": "model.multi_modal_projector"}
-RENAMED_MODULES = {"gpt_neox": {"embed_out": "lm_head"}, "gemma3": _VLM, "llava": _VLM}
+RENAMED_MODULES = {"gpt_neox": {"embed_out": "lm_head"},
+                   **{t: _VLM for t in ("gemma3", "llava", "llava_next", "mistral3", "paligemma",
+                                        "aya_vision", "internvl")}}
 
 
 def rename_module(name: str, renames: dict) -> str:
