@@ -140,7 +140,7 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
     weights = {k: tuned.shape(k) for k in tuned.keys() if k.endswith(".weight")}
     copies = {m: src for src, group in stored_ties({k[: -len(".weight")] for k in weights},
                                                    weights, cfg or {}) for m in group if m != src}
-    modules = []
+    modules, renamed = [], []
     for kt in list(tuned.keys()):
         if kt in saved:
             continue
@@ -195,8 +195,7 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
                 raise CheckpointError(f"{ck.file_of(key)}: tensor {key!r} is {ck.dtype(key)}, not "
                                       "a float tensor; leave it out with --exclude")
         if name != stored_name:
-            result.notes.append(f"{stored_name} is named {name} in the adapter, as transformers "
-                                ">= 5 names the module (rslora merge accepts either name)")
+            renamed.append((stored_name, name))
         if EMBEDDING_NAMES.search(stem):
             layout = "embedding"
         else:
@@ -205,6 +204,10 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
             layout = "conv1d" if stored_conv1d(stem, st, blen, model_type=model_type,
                                                evidence=evidence) else "linear"
         modules.append((name, kb, kt, layout))
+    if renamed:
+        result.notes.append(f"{len(renamed)} module(s) named in the adapter as transformers >= 5 "
+                            f"names them, e.g. {renamed[0][0]} as {renamed[0][1]} (rslora merge "
+                            "accepts either name)")
     for kb in base.keys():
         if kb not in mapped_b:
             stem, param = _split(kb)
