@@ -13,7 +13,8 @@ import numpy as np
 
 from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError
-from .layouts import EMBEDDING_NAMES, layout_evidence, model_config, stored_conv1d
+from .layouts import (EMBEDDING_NAMES, RENAMED_MODULES, layout_evidence, model_config,
+                      rename_module, stored_conv1d, stored_ties)
 from .naming import match_modules, parse_prefix
 from .factor_stream import FactorStream
 from .peft_format import peft_config, write_adapter_config
@@ -90,6 +91,12 @@ def _split(key: str) -> tuple[str, str]:
     return stem, param
 
 
+def _join(stem: str, param: str) -> str:
+    """The inverse of :func:`_split`: a top-level tensor (BART's ``final_logits_bias``) has no
+    module part."""
+    return f"{stem}.{param}" if stem else param
+
+
 def _check_same_model(base, tuned, cb, ct, result):
     """Refuse two checkpoints whose config.json name different architectures; return the config."""
     fb, ft = model_config(base), model_config(tuned)
@@ -106,7 +113,7 @@ def _check_same_model(base, tuned, cb, ct, result):
 
 
 def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: ExtractResult,
-          prefix=None, model_type=None, saved=frozenset()):
+          prefix=None, model_type=None, saved=frozenset(), cfg=None):
     """The modules to extract, checked before any work: names, shapes, dtypes, layouts.
 
     Returns ``[(adapter module name, base key, tuned key, layout)]``. TUNED's keys are matched
@@ -123,10 +130,17 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
         stem, param = _split(k)
         if stem in found and f"{found[stem]}.{param}" in base:
             key_map[k] = f"{found[stem]}.{param}"
+        elif not stem and k in base:  # a top-level tensor: no module path to match
+            key_map[k] = k
     mapped_b = set(key_map.values())
     rewrite = parse_prefix(prefix)
     evidence = layout_evidence(tuned)
-    modules = []
+    # Tied weights saved more than once: transformers keeps the source, and an adapter with a
+    # LoRA per copy would add the update once per copy to the one shared weight.
+    weights = {k: tuned.shape(k) for k in tuned.keys() if k.endswith(".weight")}
+    copies = {m: src for src, group in stored_ties({k[: -len(".weight")] for k in weights},
+                                                   weights, cfg or {}) for m in group if m != src}
+    modules, renamed = [], []
     for kt in list(tuned.keys()):
         if kt in saved:
             continue
@@ -144,25 +158,44 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
                                       f"{tuned.path}")
             result.structure_differs.append(kt)
             continue
-        if len(st) != 2 or param != "weight":
-            if len(st) <= 1 and base.dtype(kb) in FLOAT_CODES and tuned.dtype(kt) in FLOAT_CODES \
-                    and not np.array_equal(base.read(kb), tuned.read(kt)):
-                result.changed_not_extracted.append(kt)
-            continue
-        name = stem
+        name: str | None = stem
         if rewrite is not None:
             old, new = rewrite
-            if not stem.startswith(new):
-                result.skipped[stem] = f"outside --prefix (does not start with {new!r})"
-                continue
-            name = old + stem[len(new):]
-        if include is not None and not include.search(name) or \
-                exclude is not None and exclude.search(name):
+            name = old + stem[len(new):] if stem.startswith(new) else None
+        # PEFT names modules as the model does, and transformers >= 5 renames a few on load
+        stored_name = name
+        if name is not None:
+            name = rename_module(name, RENAMED_MODULES.get(str(model_type), {}))
+        chosen = name if stem else kt  # what --include/--exclude see (a top-level tensor: its key)
+        selected = chosen is not None and not (include is not None and not include.search(chosen)
+                                               or exclude is not None and exclude.search(chosen))
+        if len(st) != 2 or param != "weight":
+            floats = base.dtype(kb) in FLOAT_CODES and tuned.dtype(kt) in FLOAT_CODES
+            if (len(st) <= 1 or "bias" in param) and floats and not _same(base, kb, tuned, kt):
+                result.changed_not_extracted.append(kt)  # biases: --biases carries them
+            elif len(st) >= 2 and selected and floats and not _same(base, kb, tuned, kt):
+                # Fused MoE experts (E, out, in) as transformers >= 5 stores them, a convolution,
+                # a 2-D parameter of another name: dropping its change would be silent.
+                raise CheckpointError(f"tensor {kt!r} ({len(st)}-D {tuple(st)}) differs between "
+                                      "BASE and TUNED, but it is not the 2-D .weight of a Linear, "
+                                      "Conv1D or Embedding layer, so a LoRA adapter cannot carry it; "
+                                      f"leave it out with --exclude '{stem.rpartition('.')[2] or kt}$'")
+            continue
+        if rewrite is not None and not stem.startswith(rewrite[1]):
+            result.skipped[stem] = f"outside --prefix (does not start with {rewrite[1]!r})"
+            continue
+        if name is None or not selected:
+            continue
+        if stem in copies:
+            result.skipped[name] = (f"a saved copy of {copies[stem]}, tied to it (transformers "
+                                    "keeps that one on load): its update is that one's")
             continue
         for ck, key in ((base, kb), (tuned, kt)):
             if ck.dtype(key) not in FLOAT_CODES:
                 raise CheckpointError(f"{ck.file_of(key)}: tensor {key!r} is {ck.dtype(key)}, not "
                                       "a float tensor; leave it out with --exclude")
+        if name != stored_name:
+            renamed.append((stored_name, name))
         if EMBEDDING_NAMES.search(stem):
             layout = "embedding"
         else:
@@ -171,12 +204,47 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
             layout = "conv1d" if stored_conv1d(stem, st, blen, model_type=model_type,
                                                evidence=evidence) else "linear"
         modules.append((name, kb, kt, layout))
+    if renamed:
+        result.notes.append(f"{len(renamed)} module(s) named in the adapter as transformers >= 5 "
+                            f"names them, e.g. {renamed[0][0]} as {renamed[0][1]} (rslora merge "
+                            "accepts either name)")
     for kb in base.keys():
         if kb not in mapped_b:
             stem, param = _split(kb)
             (result.only_in_base if len(base.shape(kb)) == 2 and param == "weight"
              else result.structure_differs).append(kb)
     return modules
+
+
+#: Per-expert projections (checkpoint names), which transformers >= 5 fuses into 3-D parameters
+#: on load; group 1: the gate/up ones it concatenates into one gate_up_proj.
+_EXPERT = re.compile(r"\.experts\.\d+\.(?:(w1|w3|gate_proj|up_proj)|\w+)$")
+
+
+def _expert_notes(modules: list, rule: str) -> list:
+    """What to know before loading per-expert MoE LoRA into PEFT on transformers >= 5."""
+    experts = [m for m in modules if _EXPERT.search(m)]
+    if not experts:
+        return []
+    notes = [f"{len(experts)} module(s) are per-expert MoE projections (e.g. {experts[0]!r}): "
+             "transformers >= 5 fuses each layer's experts into 3-D parameters, and PEFT loads "
+             "per-expert LoRA onto them only for the model types it converts (PEFT 0.21: Mixtral, "
+             "Qwen3-MoE and others, not Qwen2-MoE, where it leaves them out without a word; nor "
+             "can it wrap a router there); `rslora merge` applies them exactly"]
+    if rule == "rslora" and any(_EXPERT.search(m)[1] for m in experts):  # type: ignore[index]
+        notes.append("PEFT loads each expert's gate and up LoRA into one fused gate_up_proj LoRA "
+                     "with r and lora_alpha doubled, which keeps alpha/r but scales an "
+                     "alpha/sqrt(r) update by sqrt(2): extract MoE adapters with --rule standard "
+                     "to use them unmerged there (merging is right either way)")
+    return notes
+
+
+def _same(base: Checkpoint, kb: str, tuned: Checkpoint, kt: str) -> bool:
+    """Whether two tensors hold the same values (compared as stored when the dtypes agree: no
+    float32 copy of a large expert tensor)."""
+    if base.dtype(kb) == tuned.dtype(kt):
+        return bool(np.array_equal(base.read_raw(kb)[0], tuned.read_raw(kt)[0]))
+    return bool(np.array_equal(base.read(kb), tuned.read(kt)))
 
 
 def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float | None = None,
@@ -277,9 +345,13 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
     result = ExtractResult(out_dir=out, config={})
     parse_prefix(prefix)
     with Checkpoint(base) as cb, Checkpoint(tuned) as ct:
-        model_type = _check_same_model(base, tuned, cb, ct, result).get("model_type")
-        saved = _saved_keys(ct, modules_to_save, prefix) if modules_to_save is not None else {}
-        modules = _plan(cb, ct, inc, exc, result, prefix, model_type, frozenset(saved.values()))
+        cfg = _check_same_model(base, tuned, cb, ct, result)
+        model_type = cfg.get("model_type")
+        renames = RENAMED_MODULES.get(str(model_type), {})
+        saved = _saved_keys(ct, modules_to_save, prefix, renames) \
+            if modules_to_save is not None else {}
+        modules = _plan(cb, ct, inc, exc, result, prefix, model_type, frozenset(saved.values()),
+                        cfg)
         only = [f"{len(names)} weight(s) only in {side}, e.g. {names[0]!r}" for side, names in
                 (("TUNED", result.only_in_tuned), ("BASE", result.only_in_base)) if names]
         if only and on_missing == "error":
@@ -293,7 +365,7 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
         emb = {j.module for j in jobs if j.layout == "embedding"}
 
         def bias_keys(kept: set) -> dict:  # and the modules saved whole
-            return {**(_bias_keys(ct, kept, prefix) if biases else {}), **saved}
+            return {**(_bias_keys(ct, kept, prefix, renames) if biases else {}), **saved}
 
         with atomic_output_dir(out, force, inputs=(base, tuned)) as tmp:
             stream = FactorStream(
@@ -321,9 +393,18 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
             if biases:
                 config["bias"] = "all"
             if saved:
-                config["modules_to_save"] = list(dict.fromkeys(modules_to_save))
+                config["modules_to_save"] = list(dict.fromkeys(rename_module(n, renames)
+                                                               for n in modules_to_save))
             if not any(result.layouts[m] == "embedding" for m in ranks):
                 result.notes = [n for n in result.notes if "ties lm_head" not in n]
+            result.notes += _expert_notes(list(ranks), rule)
+            positions = [m for m in ranks if m.endswith("embed_positions")]
+            if positions:
+                result.notes.append(
+                    f"{', '.join(positions)}: learned positional embeddings (OPT, BART, ...) "
+                    "whose forward takes no token ids: PEFT merges their LoRA but cannot run it "
+                    "unmerged (leave them out with --exclude embed_positions to use the adapter "
+                    "unmerged)")
             write_adapter_config(tmp, config)
     result.config = config
     return result
@@ -335,7 +416,7 @@ def _peft_shape(job) -> tuple[int, int]:
     return tuple(job.shape) if job.layout == "linear" else tuple(job.shape[::-1])
 
 
-def _bias_keys(ct: Checkpoint, kept: set, prefix) -> dict:
+def _bias_keys(ct: Checkpoint, kept: set, prefix, renames=None) -> dict:
     """TUNED's bias tensors under the keys PEFT's ``bias="all"`` saves, ``{PEFT key: TUNED key}``:
     every float tensor whose name holds "bias", ``<module>.base_layer.bias`` for the modules
     ``kept`` (those that carry LoRA)."""
@@ -350,11 +431,12 @@ def _bias_keys(ct: Checkpoint, kept: set, prefix) -> dict:
             if not stem.startswith(new):
                 continue
             stem = old + stem[len(new):]
-        full[f"{stem}.base_layer.{param}" if stem in kept else f"{stem}.{param}"] = key
+        stem = rename_module(stem, renames or {}) if stem else stem
+        full[f"{stem}.base_layer.{param}" if stem in kept else _join(stem, param)] = key
     return full
 
 
-def _saved_keys(ct: Checkpoint, names, prefix) -> dict:
+def _saved_keys(ct: Checkpoint, names, prefix, renames=None) -> dict:
     """TUNED's tensors under the modules saved whole (PEFT's ``modules_to_save``), under the keys
     PEFT saves them with, ``{<module>.<rest>: TUNED key}`` in the adapter's naming (TUNED's,
     rewritten by ``prefix``). Every name must hold float tensors in TUNED and, since PEFT picks
@@ -372,11 +454,11 @@ def _saved_keys(ct: Checkpoint, names, prefix) -> dict:
             if not key.startswith(new):
                 continue
             name = old + key[len(new):]
-        adapter_names[name] = key
+        adapter_names[rename_module(name, renames or {})] = key
     modules = {".".join(parts[:i]) for parts in (n.split(".") for n in adapter_names)
                for i in range(1, len(parts))}
     out = {}
-    for n in dict.fromkeys(names):
+    for n in dict.fromkeys(rename_module(n, renames or {}) for n in names):
         inside = {a: k for a, k in adapter_names.items() if a.startswith(n + ".")}
         if not inside:
             near = sorted(m for m in modules if m.endswith("." + n) or n.endswith("." + m))[:3]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, read_json_object
 
-__all__ = ["model_config", "conv1d_by_type", "layout_evidence", "decide_conv1d", "EMBEDDING_NAMES"]
+__all__ = ["model_config", "conv1d_by_type", "layout_evidence", "decide_conv1d", "EMBEDDING_NAMES",
+           "RENAMED_MODULES", "rename_module", "WORD_EMBEDDINGS", "STACK_EMBEDDING", "SHARED", "stored_ties"]
 
 #: model_type -> leaf names of transformers' Conv1D modules (read from transformers' modeling files).
 CONV1D_MODULES = {
@@ -26,9 +27,68 @@ CONV1D_MODULES = {
     "clvp": {"c_fc", "c_proj"},
 }
 
-#: Module names of nn.Embedding layers in common architectures.
+#: model_type -> {module path prefix in the checkpoint: its name in the model transformers >= 5
+#: builds}. transformers renames these keys on load (and back on save), and PEFT names an adapter's
+#: modules after the model: an adapter that says ``embed_out`` loads with that LoRA silently
+#: dropped. (The vision-language models below were checked against transformers 5.24's own
+#: save and load; others of the family may rename the same way.)
+_VLM = {"language_model.model": "model.language_model", "language_model.lm_head": "lm_head",
+        "vision_tower": "model.vision_tower", "multi_modal_projector": "model.multi_modal_projector"}
+RENAMED_MODULES = {"gpt_neox": {"embed_out": "lm_head"},
+                   **{t: _VLM for t in ("gemma3", "llava", "llava_next", "mistral3", "paligemma",
+                                        "aya_vision", "internvl")}}
+
+
+def rename_module(name: str, renames: dict) -> str:
+    """``name`` with its leading module path renamed by ``renames`` ({old prefix: new})."""
+    for old, new in renames.items():
+        if name == old or name.startswith(old + "."):
+            return new + name[len(old):]
+    return name
+
+#: Module names of nn.Embedding layers in common architectures (T5's per-layer
+#: ``relative_attention_bias`` is one too, and Mamba's ``embeddings``, XLNet's ``word_embedding``:
+#: written as a Linear LoRA, PEFT would load none of it).
 EMBEDDING_NAMES = re.compile(r"(^|\.)(embed_tokens|embed_positions|embed_in|word_embeddings|"
-                             r"position_embeddings|token_type_embeddings|wte|wpe|shared)$")
+                             r"position_embeddings|token_type_embeddings|wte|wpe|shared|"
+                             r"relative_attention_bias|token_embedding|position_embedding|"
+                             r"embeddings|word_embedding)$")
+
+
+#: Input-embedding names an output layer (lm_head) may be tied to.
+WORD_EMBEDDINGS = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|shared)$")
+#: The embeddings of an encoder-decoder's two stacks, which share (and are saved as) ``shared``.
+STACK_EMBEDDING = re.compile(r"(^|\.)(encoder|decoder)\.embed_tokens$")
+SHARED = re.compile(r"(^|\.)shared$")
+
+
+def stored_ties(stems, shapes: dict, cfg: dict) -> list[tuple[str, set]]:
+    """Tied weights a checkpoint saves more than once (older checkpoints), as
+    ``[(source, {every copy, source included})]`` by module name: transformers re-ties them on
+    load and keeps the source (the input embedding). The ties: an encoder-decoder's ``shared``
+    embedding with its stacks' ``embed_tokens`` (T5 always; others unless config.json unties the
+    embeddings), and ``lm_head`` with the input embedding when config.json says
+    ``tie_word_embeddings``. ``shapes`` maps ``<module>.weight`` keys to shapes."""
+    def shape(s):
+        return tuple(shapes[f"{s}.weight"])
+
+    groups: list[tuple[str, set]] = []
+    shared = [s for s in stems if SHARED.search(s)]
+    if len(shared) == 1 and (cfg.get("tie_word_embeddings", True) or
+                             str(cfg.get("model_type", "")).endswith("t5")):
+        stacks = {s for s in stems if STACK_EMBEDDING.search(s) and shape(s) == shape(shared[0])}
+        if stacks:
+            groups.append((shared[0], {shared[0], *stacks}))
+    if cfg.get("tie_word_embeddings") and "lm_head" in stems:
+        emb = [s for s in (shared or [s for s in stems if WORD_EMBEDDINGS.search(s)])
+               if shape(s) == shape("lm_head")]
+        if len(emb) == 1:
+            group = next((g for src, g in groups if src == emb[0]), None)
+            if group is None:
+                groups.append((emb[0], {emb[0], "lm_head"}))
+            else:
+                group.add("lm_head")
+    return groups
 
 
 def model_config(path) -> dict:

@@ -23,7 +23,8 @@ import numpy as np
 
 from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError
-from .layouts import decide_conv1d, model_config
+from .layouts import (RENAMED_MODULES, SHARED, STACK_EMBEDDING, WORD_EMBEDDINGS,
+                      decide_conv1d, model_config, rename_module, stored_ties)
 from .naming import match_modules
 from .parallel import run_items
 from .peft_format import LoraAdapter, LoraModule, load_adapter
@@ -32,8 +33,6 @@ from ..linear import merge
 
 __all__ = ["merge_adapter", "merge_checkpoint", "MergePlan", "plan_merge"]
 
-#: Input-embedding names an output layer (lm_head) may be tied to.
-_WORD_EMBEDDINGS = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|shared)$")
 #: Files in a model folder that hold weights in other formats: never copied into a merged model
 #: (they would be the unmerged weights).
 _OTHER_WEIGHTS = re.compile(r"\.(bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|safetensors)$|"
@@ -58,14 +57,20 @@ class MergePlan:
 
 
 def _tied_embedding(name: str, mod: LoraModule, shapes: dict, stems: set, cfg: dict):
-    """The input-embedding key an output layer ``name`` is tied to, or None."""
-    if mod.kind != "linear" or any(s == name or s.endswith("." + name) or name.endswith("." + s)
-                                   for s in stems):
+    """The input-embedding key an output layer ``name`` is tied to, or None; or, for the
+    encoder's or decoder's ``embed_tokens`` of an encoder-decoder model (T5, BART), the one
+    ``shared`` embedding both are saved as."""
+    if any(s == name or s.endswith("." + name) or name.endswith("." + s) for s in stems):
         return None
+    if mod.kind == "embedding":
+        if not STACK_EMBEDDING.search(name):
+            return None
+        cand = [s for s in stems if SHARED.search(s) and shapes[f"{s}.weight"] == mod.shape]
+        return f"{cand[0]}.weight" if len(cand) == 1 else None
     if cfg and not cfg.get("tie_word_embeddings", True):  # transformers' default: tied
         return None
     d_out, d_in = mod.B.shape[0], mod.A.shape[1]
-    cand = [s for s in stems if _WORD_EMBEDDINGS.search(s) and shapes[f"{s}.weight"] == (d_out, d_in)]
+    cand = [s for s in stems if WORD_EMBEDDINGS.search(s) and shapes[f"{s}.weight"] == (d_out, d_in)]
     return f"{cand[0]}.weight" if len(cand) == 1 else None
 
 
@@ -79,17 +84,33 @@ def plan_merge(adapter: LoraAdapter, shapes: dict, *, model_cfg=None, evidence=f
     model_type = cfg.get("model_type")
     stems = {k[: -len(".weight")] for k, s in shapes.items() if k.endswith(".weight")}
     plan = MergePlan({}, {}, [])
-    tied = {}
+    # A module transformers >= 5 renames on load (PEFT's name for it) found under the
+    # checkpoint's own name.
+    back = {m: c for c, m in RENAMED_MODULES.get(str(model_type), {}).items()}
+
+    def ckpt_name(n: str, have) -> str | None:
+        """The checkpoint's name of a module transformers >= 5 renames (PEFT's name for it)."""
+        c = rename_module(n, back)
+        return c if prefix is None and n not in have and c != n and c in have else None
+
+    renamed = {n: c for n in adapter.modules if (c := ckpt_name(n, stems)) is not None}
+    tied, found = {}, {}
     for name, mod in adapter.modules.items():
-        key = None if prefix is not None else _tied_embedding(name, mod, shapes, stems, cfg)
+        key = None if prefix is not None or name in renamed else \
+            _tied_embedding(name, mod, shapes, stems, cfg)
         if key is not None:
             tied[name] = key
             plan.notes.append(f"{name} is tied to {key[: -len('.weight')]}: its update is merged "
-                              "into the shared weight, so the input embedding changes too (as "
-                              "PEFT's merge_and_unload does)")
-    found = match_modules([n for n in adapter.modules if n not in tied], stems, prefix=prefix,
-                          where="the base", suffix=".weight")
-    found = {n: f"{s}.weight" for n, s in found.items()} | tied
+                              "into the shared weight, so " + ("every module that shares it "
+                                                               if mod.kind == "embedding" else
+                                                               "the input embedding ") +
+                              "changes too (as PEFT's merge_and_unload does)")
+        elif name in renamed:
+            found[name] = f"{renamed[name]}.weight"
+    found |= {n: f"{s}.weight" for n, s in match_modules(
+        [n for n in adapter.modules if n not in tied and n not in found], stems, prefix=prefix,
+        where="the base", suffix=".weight").items()}
+    found |= tied
     flag = adapter.config.get("fan_in_fan_out")
     for name, mod in adapter.modules.items():
         key = found[name]
@@ -123,13 +144,19 @@ def plan_merge(adapter: LoraAdapter, shapes: dict, *, model_cfg=None, evidence=f
     for param, names in by_param.items():
         avail = {k[: -len(param) - 1] for k in shapes if k.endswith("." + param)}
         tied_names = {n: tied[n] for n in names if n in tied and param == "weight"}
-        got = match_modules([n for n in names if n not in tied_names], avail, prefix=prefix,
-                            what="saved tensor", where="the base", suffix="." + param)
+        got = match_modules([n for n in names if n and n not in tied_names
+                             and ckpt_name(n, avail) is None],
+                            avail, prefix=prefix, what="saved tensor", where="the base",
+                            suffix="." + param)
         for n in names:
-            key = tied_names.get(n) or f"{got[n]}.{param}"
-            arr = adapter.tensors[f"{n}.{param}"]
+            name = f"{n}.{param}" if n else param  # "": a top-level tensor (final_logits_bias)
+            if not n and param not in shapes:
+                raise CheckpointError(f"adapter tensor {param!r} has no tensor of that name in the "
+                                      "base")
+            key = tied_names.get(n) or (param if not n else f"{got.get(n) or ckpt_name(n, avail)}.{param}")
+            arr = adapter.tensors[name]
             if tuple(arr.shape) != tuple(shapes[key]):
-                raise CheckpointError(f"adapter tensor {n}.{param!s} has shape {tuple(arr.shape)} "
+                raise CheckpointError(f"adapter tensor {name} has shape {tuple(arr.shape)} "
                                       f"but base {key!r} has {tuple(shapes[key])} (shape mismatch)")
             if key in plan.replace and not np.array_equal(plan.replace[key], arr):
                 raise CheckpointError(f"the adapter saves two different values for {key!r}")
@@ -138,21 +165,17 @@ def plan_merge(adapter: LoraAdapter, shapes: dict, *, model_cfg=None, evidence=f
 
 
 def _stored_ties(plan: MergePlan, shapes: dict, stems: set, cfg: dict) -> None:
-    """A tied model saved with both lm_head and the embedding (older checkpoints): transformers
-    re-ties them on load, so an update to either must go to both, as PEFT's shared weight gets."""
-    if not cfg.get("tie_word_embeddings") or "lm_head" not in stems:
-        return
-    out_key = "lm_head.weight"
-    emb = [s for s in stems if _WORD_EMBEDDINGS.search(s) and shapes[f"{s}.weight"] ==
-           shapes[out_key]]
-    if len(emb) != 1:
-        return
-    emb_key = f"{emb[0]}.weight"
-    a, b = plan.updates.get(out_key, []), plan.updates.get(emb_key, [])
-    if a or b:
-        plan.updates[out_key] = plan.updates[emb_key] = a + b
-        plan.notes.append(f"lm_head is tied to {emb[0]}: the update of either is merged into "
-                          "both (as PEFT's merge_and_unload changes the shared weight)")
+    """Tied weights saved more than once (:func:`.layouts.stored_ties`): transformers keeps one
+    copy on load, so an update to any of them must go to all, as PEFT's shared weight gets it."""
+    for source, group in stored_ties(stems, shapes, cfg):
+        mods = [m for s in sorted(group) for m in plan.updates.get(f"{s}.weight", [])]
+        if not mods:
+            continue
+        for s in group:
+            plan.updates[f"{s}.weight"] = list(mods)
+        plan.notes.append(f"{' and '.join(sorted(group - {source}))} tied to {source}: the update "
+                          "of any is merged into all (as PEFT's merge_and_unload changes the "
+                          "shared weight)")
 
 
 def _apply(W: np.ndarray, key: str, plan: MergePlan) -> np.ndarray:

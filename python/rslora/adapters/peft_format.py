@@ -125,9 +125,12 @@ def _read_config(folder: Path) -> dict:
     if peft_type != "LORA":
         raise CheckpointError(f"{path}: peft_type is {cfg['peft_type']!r}; only LORA adapters "
                               "are supported")
+    if cfg.get("target_parameters"):  # PEFT's ParamWrapper: 3-D MoE experts, transformers 5 routers
+        raise CheckpointError(f"{path}: LoRA on parameters (target_parameters "
+                              f"{cfg['target_parameters']!r}, e.g. fused 3-D MoE experts) is not "
+                              "supported")
     for flag, what in (("use_dora", "DoRA"), ("lora_bias", "lora_bias"),
-                       ("use_qalora", "QALoRA"), ("target_parameters", "target_parameters"),
-                       ("ensure_weight_tying", "ensure_weight_tying")):
+                       ("use_qalora", "QALoRA"), ("ensure_weight_tying", "ensure_weight_tying")):
         if cfg.get(flag):
             raise CheckpointError(f"{path}: {what} adapters ({flag}=true) are not supported")
     if cfg.get("layer_replication"):
