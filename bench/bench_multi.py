@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -115,6 +116,11 @@ PEERS = {"numpy masks": numpy_masks, "numpy einsum gather": numpy_einsum}
 
 
 def run(benchmark, fn, rounds=10):
+    # Each entry first checks its result with threaded float64 NumPy products, after which
+    # OpenBLAS's worker spins for ~0.1 s on the other core: rounds timed then ran at one core's
+    # speed (2x, in some runs and not others). Half a second of sleep lets it go to sleep.
+    if not benchmark.disabled:
+        time.sleep(0.5)
     return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
 
 
