@@ -174,3 +174,46 @@ def test_static_table_without_a_mapping(static_only):
     assert layouts.module_renames({"model_type": "gpt_neox"}, ["embed_out.weight"]) == \
         {"embed_out": "lm_head"}
     assert layouts.module_renames({"model_type": "llama"}, ["lm_head.weight"]) == {}
+
+
+def _saved_names(model):
+    """{checkpoint key: model key} as transformers' save_pretrained names the model's tensors
+    (its conversion mapping reversed), for the tensors it renames without fusing or splitting."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (PrefixChange, WeightConverter, WeightRenaming,
+                                                 apply_converters, apply_renamings)
+    conv = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+            if not isinstance(c, PrefixChange)]
+    rev = [c.reverse_transform() for c in conv[::-1]]
+    renamings = [c for c in rev if isinstance(c, WeightRenaming)]
+    converters = [c for c in rev if isinstance(c, WeightConverter)]
+    return {apply_renamings(k, renamings): k for k in model.state_dict()
+            if apply_converters(k, converters)[1] is None}
+
+
+# default configs, built on the meta device: a ViT sub-model (scoped renames), a VLM with a
+# GroupWeightRename (fc0 -> fc1 -> fc2: applied in part, it would give an existing wrong name),
+# Qwen2-VL's negative lookahead, prefixes that do not hold for every module
+@pytest.mark.parametrize("model_type", ["vit", "kimi_k25", "qwen2_vl", "unlimited_ocr",
+                                        "hy_v4_vl", "mllama"])
+def test_every_module_named_as_transformers_loads_it(model_type):
+    from transformers.models.auto import modeling_auto as ma
+    cls_name = (ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
+                or ma.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(model_type))
+    if cls_name is None or not hasattr(tf, cls_name):
+        pytest.skip(f"transformers {tf.__version__} has no {model_type}")
+    cfg = tf.AutoConfig.for_model(model_type)
+    with torch.device("meta"):
+        model = getattr(tf, cls_name)(cfg)
+    saved = _saved_names(model)
+    assert any(s != k for s, k in saved.items())
+    modules = dict(model.named_modules())
+    cfg_json = {**cfg.to_dict(), "architectures": [cls_name]}
+    renames = layouts.module_renames(cfg_json, saved)
+    checked = 0
+    for s, k in saved.items():
+        stem, param = k.rsplit(".", 1)
+        if param == "weight" and getattr(getattr(modules.get(stem), "weight", None), "ndim", 0) == 2:
+            assert layouts.rename_module(s.rsplit(".", 1)[0], renames) == stem, s
+            checked += 1
+    assert checked

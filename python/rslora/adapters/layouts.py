@@ -57,11 +57,11 @@ def rename_module(name: str, renames: dict) -> str:
 
 
 def _plain_renames(transforms) -> list:
-    """The transforms that only rename keys (WeightRenaming, PrefixChange): converters fuse or
-    split tensors (MoE experts, Concatenate, Chunk), and the renames with state (a guard key) or
-    index arithmetic are left out."""
-    from transformers.core_model_loading import PrefixChange, WeightRenaming
-    return [t for t in transforms if type(t) in (WeightRenaming, PrefixChange)]
+    """The transforms that only rename keys (WeightRenaming and its kinds, PrefixChange,
+    GroupWeightRename, ...), as transformers sorts them: converters (WeightConverter) fuse or
+    split tensors (MoE experts, Concatenate, Chunk) and are left out."""
+    from transformers.core_model_loading import WeightRenaming
+    return [t for t in transforms if isinstance(t, WeightRenaming)]
 
 
 def _model_on_meta(cfg: dict):
@@ -129,36 +129,35 @@ def _transformers_key_renames(cfg: dict, keys) -> dict | None:
 
 
 def derive_renames(key_renames: dict, keys) -> dict:
-    """{checkpoint module path: the model's} as prefixes, from {checkpoint key: model key}
-    (``key_renames``) over the tensors ``keys``: a key whose tensor name (``weight``, ``bias``)
-    changes is no module rename; every key comes out of ``rename_module`` as ``key_renames``
-    says (renamed or not)."""
-    pairs: dict[str, str] = {}
-    exact: dict[str, str] = {}
-    moved = {}
+    """{checkpoint module path: the model's} from {checkpoint key: model key} (``key_renames``)
+    over the tensors ``keys``, as prefixes where they hold (so that a parent module, e.g. one
+    saved whole, is renamed too), else per module: every module of ``keys`` comes out of
+    ``rename_module`` as ``key_renames`` says, renamed or not. A key whose tensor name
+    (``weight``, ``bias``) changes is no module rename."""
+    moved: dict[str, str] = {}
     for key, new in key_renames.items():
-        if "." not in key or "." not in new:
-            continue
-        (stem, param), (nstem, nparam) = key.rsplit(".", 1), new.rsplit(".", 1)
-        if param != nparam or stem == nstem:
-            continue
-        moved[stem] = nstem
+        if "." in key and "." in new:
+            (stem, param), (nstem, nparam) = key.rsplit(".", 1), new.rsplit(".", 1)
+            if param == nparam and stem != nstem:
+                moved[stem] = nstem
+    stems = {k.rsplit(".", 1)[0] for k in keys if "." in k}
+    pairs: dict[str, str] = {}
+    for stem, nstem in moved.items():
         a, b = stem.split("."), nstem.split(".")
         n = 0  # the common trailing path, dropped unless a side would be left empty
         while n < min(len(a), len(b)) - 1 and a[-1 - n] == b[-1 - n]:
             n += 1
         old, to = ".".join(a[: len(a) - n]), ".".join(b[: len(b) - n])
-        if pairs.setdefault(old, to) != to:
-            exact[stem] = nstem
-    renames = {**pairs, **exact}
-    for stem, nstem in moved.items():  # a prefix that says otherwise: the module's own name
-        if rename_module(stem, renames) != nstem:
-            renames[stem] = nstem
-    for key in keys:  # nothing transformers leaves alone is renamed
-        stem = key.rsplit(".", 1)[0] if "." in key else None
-        if stem is not None and stem not in moved and rename_module(stem, renames) != stem:
-            renames[stem] = stem
-    return renames
+        pairs[old] = to if pairs.get(old, to) == to else ""  # "": prefixes that disagree
+    for renames in ({o: t for o, t in pairs.items() if t}, {}):
+        renames = {**renames, **{s: n for s, n in moved.items()
+                                 if rename_module(s, renames) != n}}
+        keep = {s: s for s in stems - moved.keys() if rename_module(s, renames) != s}
+        if not keep.keys() & renames.keys():  # an identity entry would undo a prefix
+            renames |= keep
+            if all(rename_module(s, renames) == moved.get(s, s) for s in stems):
+                return renames
+    raise AssertionError("unreachable: per-module renames always hold")
 
 
 def module_renames(cfg: dict, keys) -> dict:
