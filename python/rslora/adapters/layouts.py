@@ -92,6 +92,8 @@ def _transformers_key_renames(cfg: dict, keys) -> dict | None:
     (sub-models' renames scoped to their paths) and a check: a key is renamed only to a name
     the model has, from one it has not. Without it, the mapping transformers keeps for the
     ``architectures`` class, else the ``model_type``, at the root only."""
+    if not cfg.get("model_type") and not cfg.get("architectures"):
+        return None  # no config.json: nothing to look up (and no transformers import)
     try:
         from transformers import conversion_mapping as cm
         from transformers.core_model_loading import WeightRenaming  # noqa: F401
