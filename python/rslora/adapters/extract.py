@@ -13,7 +13,7 @@ import numpy as np
 
 from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError
-from .layouts import (EMBEDDING_NAMES, RENAMED_MODULES, layout_evidence, model_config,
+from .layouts import (EMBEDDING_NAMES, layout_evidence, model_config, module_renames,
                       rename_module, stored_conv1d, stored_ties)
 from .naming import match_modules, parse_prefix
 from .factor_stream import FactorStream
@@ -113,7 +113,7 @@ def _check_same_model(base, tuned, cb, ct, result):
 
 
 def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: ExtractResult,
-          prefix=None, model_type=None, saved=frozenset(), cfg=None):
+          prefix=None, model_type=None, saved=frozenset(), cfg=None, renames=None):
     """The modules to extract, checked before any work: names, shapes, dtypes, layouts.
 
     Returns ``[(adapter module name, base key, tuned key, layout)]``. TUNED's keys are matched
@@ -165,7 +165,7 @@ def _plan(base: Checkpoint, tuned: Checkpoint, include, exclude, result: Extract
         # PEFT names modules as the model does, and transformers >= 5 renames a few on load
         stored_name = name
         if name is not None:
-            name = rename_module(name, RENAMED_MODULES.get(str(model_type), {}))
+            name = rename_module(name, renames or {})
         chosen = name if stem else kt  # what --include/--exclude see (a top-level tensor: its key)
         selected = chosen is not None and not (include is not None and not include.search(chosen)
                                                or exclude is not None and exclude.search(chosen))
@@ -347,11 +347,11 @@ def extract_adapter(base, tuned, out_dir, *, rank: int | None = None, tol: float
     with Checkpoint(base) as cb, Checkpoint(tuned) as ct:
         cfg = _check_same_model(base, tuned, cb, ct, result)
         model_type = cfg.get("model_type")
-        renames = RENAMED_MODULES.get(str(model_type), {})
+        renames = module_renames(cfg, ct.keys())
         saved = _saved_keys(ct, modules_to_save, prefix, renames) \
             if modules_to_save is not None else {}
         modules = _plan(cb, ct, inc, exc, result, prefix, model_type, frozenset(saved.values()),
-                        cfg)
+                        cfg, renames)
         only = [f"{len(names)} weight(s) only in {side}, e.g. {names[0]!r}" for side, names in
                 (("TUNED", result.only_in_tuned), ("BASE", result.only_in_base)) if names]
         if only and on_missing == "error":

@@ -11,12 +11,14 @@ side is ``out``; a square weight with nothing to decide it is refused, never gue
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 from .checkpoint import CheckpointError, read_json_object
 
 __all__ = ["model_config", "conv1d_by_type", "layout_evidence", "decide_conv1d", "EMBEDDING_NAMES",
-           "RENAMED_MODULES", "rename_module", "WORD_EMBEDDINGS", "STACK_EMBEDDING", "SHARED", "stored_ties"]
+           "RENAMED_MODULES", "rename_module", "module_renames",
+           "derive_renames", "WORD_EMBEDDINGS", "STACK_EMBEDDING", "SHARED", "stored_ties"]
 
 #: model_type -> leaf names of transformers' Conv1D modules (read from transformers' modeling files).
 CONV1D_MODULES = {
@@ -31,7 +33,8 @@ CONV1D_MODULES = {
 #: builds}. transformers renames these keys on load (and back on save), and PEFT names an adapter's
 #: modules after the model: an adapter that says ``embed_out`` loads with that LoRA silently
 #: dropped. (The vision-language models below were checked against transformers 5.24's own
-#: save and load; others of the family may rename the same way.)
+#: save and load.) Only the fallback: ``module_renames`` derives them from transformers' own
+#: conversion mapping, for every model it has one for, when transformers is installed.
 _VLM = {"language_model.model": "model.language_model", "language_model.lm_head": "lm_head",
         "vision_tower": "model.vision_tower", "multi_modal_projector": "model.multi_modal_projector"}
 RENAMED_MODULES = {"gpt_neox": {"embed_out": "lm_head"},
@@ -40,11 +43,134 @@ RENAMED_MODULES = {"gpt_neox": {"embed_out": "lm_head"},
 
 
 def rename_module(name: str, renames: dict) -> str:
-    """``name`` with its leading module path renamed by ``renames`` ({old prefix: new})."""
-    for old, new in renames.items():
-        if name == old or name.startswith(old + "."):
-            return new + name[len(old):]
+    """``name`` with its leading module path renamed by ``renames`` ({old prefix: new}; the
+    longest matching prefix wins)."""
+    if not renames:
+        return name
+    cut = len(name)
+    while cut > 0:
+        new = renames.get(name[:cut])
+        if new is not None:
+            return new + name[cut:]
+        cut = name.rfind(".", 0, cut)
     return name
+
+
+def _plain_renames(transforms) -> list:
+    """The transforms that only rename keys (WeightRenaming and its kinds, PrefixChange,
+    GroupWeightRename, ...), as transformers sorts them: converters (WeightConverter) fuse or
+    split tensors (MoE experts, Concatenate, Chunk) and are left out."""
+    from transformers.core_model_loading import WeightRenaming
+    return [t for t in transforms if isinstance(t, WeightRenaming)]
+
+
+def _model_on_meta(cfg: dict):
+    """The model class ``architectures`` names in ``cfg``, built on the meta device (no memory,
+    no weights), or None when transformers cannot build it."""
+    import torch
+    import transformers
+    arch = cfg.get("architectures")
+    cls = getattr(transformers, arch[0], None) if isinstance(arch, list) and arch and \
+        isinstance(arch[0], str) else None
+    if cls is None or not hasattr(cls, "config_class"):
+        return None
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return cls(cls.config_class.from_dict(dict(cfg)))
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _transformers_key_renames(cfg: dict, keys) -> dict | None:
+    """{checkpoint key: the model's key} for the ``keys`` transformers renames on load, by its
+    own conversion mapping; None without transformers or a mapping for the model.
+
+    With the model transformers builds for ``cfg`` (on the meta device), its exact mapping
+    (sub-models' renames scoped to their paths) and a check: a key is renamed only to a name
+    the model has, from one it has not. Without it, the mapping transformers keeps for the
+    ``architectures`` class, else the ``model_type``, at the root only."""
+    if not cfg.get("model_type") and not cfg.get("architectures"):
+        return None  # no config.json: nothing to look up (and no transformers import)
+    try:
+        from transformers import conversion_mapping as cm
+        from transformers.core_model_loading import WeightRenaming  # noqa: F401
+    except Exception:  # noqa: BLE001 - no (or an older) transformers: the static table
+        return None
+    try:
+        model = _model_on_meta(cfg)
+    except Exception:  # noqa: BLE001 - a config this transformers cannot build
+        model = None
+    try:
+        if model is not None:
+            renamings = _plain_renames(cm.get_model_conversion_mapping(model))
+            have = set(model.state_dict())
+        else:
+            arch = cfg.get("architectures")
+            names = [arch[0]] if isinstance(arch, list) and arch and isinstance(arch[0], str) \
+                else []
+            found = next((m for n in [*names, str(cfg.get("model_type"))]
+                          if (m := cm.get_checkpoint_conversion_mapping(n))), None)
+            if found is None:
+                return None
+            renamings = _plain_renames([*found, *(cm.get_checkpoint_conversion_mapping("legacy")
+                                                  or [])])
+            have = None
+        out = {}
+        for key in sorted(keys):
+            new = key
+            for t in renamings:
+                new, _ = t.rename_source_key(new)
+            if new != key and (have is None or new in have and key not in have):
+                out[key] = new
+    except Exception:  # noqa: BLE001 - a transformers whose mapping API changed
+        return None
+    return out
+
+
+def derive_renames(key_renames: dict, keys) -> dict:
+    """{checkpoint module path: the model's} from {checkpoint key: model key} (``key_renames``)
+    over the tensors ``keys``, as prefixes where they hold (so that a parent module, e.g. one
+    saved whole, is renamed too), else per module: every module of ``keys`` comes out of
+    ``rename_module`` as ``key_renames`` says, renamed or not. A key whose tensor name
+    (``weight``, ``bias``) changes is no module rename."""
+    moved: dict[str, str] = {}
+    for key, new in key_renames.items():
+        if "." in key and "." in new:
+            (stem, param), (nstem, nparam) = key.rsplit(".", 1), new.rsplit(".", 1)
+            if param == nparam and stem != nstem:
+                moved[stem] = nstem
+    stems = {k.rsplit(".", 1)[0] for k in keys if "." in k}
+    pairs: dict[str, str] = {}
+    for stem, nstem in moved.items():
+        a, b = stem.split("."), nstem.split(".")
+        n = 0  # the common trailing path, dropped unless a side would be left empty
+        while n < min(len(a), len(b)) - 1 and a[-1 - n] == b[-1 - n]:
+            n += 1
+        old, to = ".".join(a[: len(a) - n]), ".".join(b[: len(b) - n])
+        pairs[old] = to if pairs.get(old, to) == to else ""  # "": prefixes that disagree
+    for renames in ({o: t for o, t in pairs.items() if t}, {}):
+        renames = {**renames, **{s: n for s, n in moved.items()
+                                 if rename_module(s, renames) != n}}
+        keep = {s: s for s in stems - moved.keys() if rename_module(s, renames) != s}
+        if not keep.keys() & renames.keys():  # an identity entry would undo a prefix
+            renames |= keep
+            if all(rename_module(s, renames) == moved.get(s, s) for s in stems):
+                return renames
+    raise AssertionError("unreachable: per-module renames always hold")
+
+
+def module_renames(cfg: dict, keys) -> dict:
+    """{checkpoint module path: its name in the model transformers >= 5 builds} for a checkpoint
+    with config.json ``cfg`` and tensors ``keys``: derived from transformers' own load-time
+    renames when it is installed and has them for the model, else the static table."""
+    keys = list(keys)
+    key_renames = _transformers_key_renames(cfg, keys)
+    if key_renames is None:
+        return dict(RENAMED_MODULES.get(str(cfg.get("model_type")), {}))
+    return derive_renames(key_renames, keys)
 
 #: Module names of nn.Embedding layers in common architectures (T5's per-layer
 #: ``relative_attention_bias`` is one too, and Mamba's ``embeddings``, XLNet's ``word_embedding``:

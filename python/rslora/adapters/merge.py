@@ -23,8 +23,9 @@ import numpy as np
 
 from .atomic import atomic_output_dir, check_output_dir
 from .checkpoint import DTYPE_CODES, FLOAT_CODES, Checkpoint, CheckpointError
-from .layouts import (RENAMED_MODULES, SHARED, STACK_EMBEDDING, WORD_EMBEDDINGS,
-                      decide_conv1d, model_config, rename_module, stored_ties)
+from .layouts import (SHARED, STACK_EMBEDDING, WORD_EMBEDDINGS,
+                      decide_conv1d, model_config, module_renames, rename_module,
+                      stored_ties)
 from .naming import match_modules
 from .parallel import run_items
 from .peft_format import LoraAdapter, LoraModule, load_adapter
@@ -86,7 +87,7 @@ def plan_merge(adapter: LoraAdapter, shapes: dict, *, model_cfg=None, evidence=f
     plan = MergePlan({}, {}, [])
     # A module transformers >= 5 renames on load (PEFT's name for it) found under the
     # checkpoint's own name.
-    back = {m: c for c, m in RENAMED_MODULES.get(str(model_type), {}).items()}
+    back = {m: c for c, m in module_renames(cfg, shapes).items()}
 
     def ckpt_name(n: str, have) -> str | None:
         """The checkpoint's name of a module transformers >= 5 renames (PEFT's name for it)."""
