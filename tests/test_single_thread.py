@@ -8,13 +8,13 @@ threads (measured with NumPy alone: `Q.T @ W`, Q and W 1024 x 74 float64, differ
 between threadpool_limits(1) and (2); the sgemm and all other calls here were bit-identical).
 """
 
-import threading
 
 import numpy as np
 import pytest
 
 import rslora
 from rslora import _core
+from testutil import run_in_threads
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
 
@@ -143,21 +143,12 @@ def test_concurrent_calls_restore_the_count():
     before = _blas_threads()
     M = np.random.default_rng(2).standard_normal((256, 200)).astype(np.float32)
     ref = rslora.rsvd(M, 8, seed=4)
-    errors = []
 
     def work():
-        try:
-            for _ in range(15):
-                out = rslora.rsvd(M, 8, seed=4)
-                for a, b in zip(out, ref):
-                    np.testing.assert_array_equal(a, b)
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for _ in range(15):
+            out = rslora.rsvd(M, 8, seed=4)
+            for a, b in zip(out, ref):
+                np.testing.assert_array_equal(a, b)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    run_in_threads(work)
     assert _blas_threads() == before

@@ -22,6 +22,7 @@ import pytest
 
 import rslora
 from rslora import _core
+from testutil import run_in_threads
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
 if not _core.blas_has_local_thread_setter():
@@ -112,23 +113,14 @@ def test_concurrent_callers_share_the_helpers():
     M = _inputs(np.float32)["wide"]
     ref = _rsvd(M, 2)
     before = threadpoolctl.threadpool_info()
-    errors = []
 
     def work():
-        try:
-            for _ in range(4):
-                for a, b in zip(rslora.rsvd(M, 40, seed=3), ref):
-                    np.testing.assert_array_equal(a, b)
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for _ in range(4):
+            for a, b in zip(rslora.rsvd(M, 40, seed=3), ref):
+                np.testing.assert_array_equal(a, b)
 
     with threadpoolctl.threadpool_limits(2, user_api="blas"):
-        threads = [threading.Thread(target=work) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors, errors[0]
+        run_in_threads(work)
     assert [i["num_threads"] for i in threadpoolctl.threadpool_info()] == \
         [i["num_threads"] for i in before]
 

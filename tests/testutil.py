@@ -37,3 +37,23 @@ for cls, meth in ((s.TensorFile, "write"), (s.Spill, "put")):
     setattr(cls, meth, patched)
 """
 CLI_MAIN = "import sys, rslora.cli; sys.exit(rslora.cli.main(sys.argv[1:]))"
+
+
+def run_in_threads(work, n: int = 4) -> None:
+    """work() in n threads at once; the first exception any of them raised, re-raised here."""
+    import threading
+    errors: list[BaseException] = []
+
+    def guarded():
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - reported below, in the calling thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
